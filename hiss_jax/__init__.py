@@ -1,0 +1,1 @@
+"""HiSS: hierarchical state space models for sensor sequence-to-sequence prediction."""
