@@ -1,0 +1,46 @@
+"""Train and evaluate HiSS / flat baselines.
+
+    python train.py --config configs/mamba2.py [--workdir runs/mamba2] [--config.train.batch_size=32]
+    python train.py --config configs/csp.py:vector --config.data.dir=/data/csp
+
+The workdir defaults to runs/<config file stem>[_<arg>]; a run found there is resumed.
+Multi-host: pass --multihost (or set JAX_COORDINATOR_ADDRESS) to call jax.distributed.initialize().
+"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from hiss_jax.train.config_check import explain_flag_error
+
+config_flags.DEFINE_config_file("config", "configs/mamba2.py", "Config file[:arg].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (default runs/<config stem>[_<arg>]).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host launch).")
+
+
+def default_workdir(config_path: str) -> str:
+    path, _, arg = config_path.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", stem + ("_" + arg.replace(",", "_") if arg else ""))
+
+
+def main(argv):
+    del argv
+    import jax
+    if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    from hiss_jax.train import train_and_evaluate
+    workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+    train_and_evaluate(flags.FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names an unknown key
+        message = explain_flag_error(e, sys.argv[1:])
+        if message is None:
+            raise
+        raise SystemExit(message) from e
