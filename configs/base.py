@@ -140,6 +140,7 @@ def apply_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.train.batch_size = 4
     config.train.eval_batch_size = 4
     config.train.num_steps = 20
+    config.optim.warmup_steps = 0
     config.train.eval_every = 10
     config.train.log_every = 5
     config.train.plot_episodes = 1
