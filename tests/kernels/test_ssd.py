@@ -43,11 +43,17 @@ def run(fn, args, **kw):
 
 
 def vjp_all(fn, args, key, **kw):
-    """(y, h_L) and the gradient of every float input under a random cotangent."""
+    """(y, h_L) and the gradient of every float input under a random cotangent (jitted)."""
+    return _vjp_all_jit(functools.partial(fn, dt_softplus=True, return_final_state=True, **kw),
+                        args, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vjp_all_jit(fn, args, key):
     names = [k for k in FLOAT_ARGS if k in args]
 
     def f(*vals):
-        return run(fn, dict(zip(names, vals)), return_final_state=True, dt_softplus=True, **kw)
+        return run(fn, dict(zip(names, vals)))
 
     (y, h_last), pull = jax.vjp(f, *[args[k] for k in names])
     k1, k2 = jax.random.split(key)
