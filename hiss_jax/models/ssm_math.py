@@ -1,0 +1,284 @@
+"""Pure SSM math for S4 (DPLR / NPLR) and S4D (diagonal) layers.
+
+Shape legend: H channels (one SSM each), N state size of the real system, N2 = N // 2 the
+conjugate-pair representatives actually stored, L kernel / sequence length, B batch.
+
+Conventions (S4, Gu et al. 2022, arXiv 2111.00396; S4D, Gu et al. 2022, arXiv 2206.11893):
+  continuous  x'(t) = A x(t) + B u(t),  y(t) = C x(t) + D u(t)                     (S4 eq. 1)
+  discrete    x_k = A_bar x_{k-1} + B_bar u_k,  y_k = C x_k + D u_k                (S4 eq. 3)
+  kernel      K_k = C A_bar^k B_bar,  y = K * u + D u                              (S4 eq. 4-5)
+
+The real N-dimensional system is stored in the eigenbasis of the normal part of HiPPO-LegS,
+where it is complex and conjugate-symmetric: state (x, conj x), A = diag(Lambda, conj Lambda)
+- p p^* with p = (P, conj P), B_full = (B, conj B), C_full = (C, conj C). Only the first half
+(N2 entries) is stored and the conjugate half is implicit, so C_full x_full = 2 Re(C x).
+Note that the rank-1 term couples the two halves: the "conj" Cauchy kernel below sums over
+both, which keeps the system exactly the real HiPPO-LegS one at initialisation.
+
+Everything here is a pure function of arrays (no flax); math runs in complex64 for float32
+inputs (complex128 under x64), i.e. float32 accumulation.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+
+DISCRETIZATIONS = ("bilinear", "zoh")
+
+
+def _check_disc(disc: str) -> None:
+    if disc not in DISCRETIZATIONS:
+        raise ValueError(f"{disc=} is not a known discretisation; use one of {DISCRETIZATIONS}")
+
+
+# --------------------------------------------------------------------------------------------
+# HiPPO initialisation
+# --------------------------------------------------------------------------------------------
+def hippo_legs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense HiPPO-LegS matrices (HiPPO, Gu et al. 2020, eq. 2 / S4 eq. 2), float64.
+
+    A: (n, n)  B: (n,)
+    A_nk = -sqrt(2n+1) sqrt(2k+1) for n > k, -(n+1) for n = k, 0 for n < k;  B_n = sqrt(2n+1).
+    """
+    if n < 1:
+        raise ValueError(f"{n=} must be a positive state size")
+    q = np.sqrt(2.0 * np.arange(n) + 1.0)
+    a = -np.tril(np.outer(q, q), -1) - np.diag(np.arange(n) + 1.0)
+    return a, q.copy()
+
+
+def hippo_legs_nplr(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NPLR form of HiPPO-LegS, conjugate half kept (S4 Theorem 1 / Corollary 1), complex128.
+
+    Lambda, P, B: (n // 2,)   V: (n, n // 2)
+    With p = sqrt(k + 1/2), A_LegS + p p^T = S is normal (-1/2 I + skew-symmetric), so
+    S = V_f diag(Lambda_f) V_f^* with V_f = [V, conj V] unitary, Lambda_f = [Lambda, conj Lambda]
+    and A_LegS = V_f (diag(Lambda_f) - P_f P_f^*) V_f^*, P_f = V_f^* p = (P, conj P),
+    B_f = V_f^* b = (B, conj B). Every Lambda has real part -1/2 and positive imaginary part.
+    """
+    if n < 2 or n % 2:
+        raise ValueError(f"d_state={n} must be even and >= 2 (conjugate pairs are stored)")
+    a, b = hippo_legs(n)
+    p = np.sqrt(np.arange(n) + 0.5)
+    skew = a + np.outer(p, p) + 0.5 * np.eye(n)
+    # -i * skew is Hermitian, so eigh gives an orthonormal basis and real frequencies.
+    w, v = np.linalg.eigh(-1j * skew)
+    order = np.argsort(-w)[: n // 2]
+    if not np.all(w[order] > 1e-6 * max(1.0, np.abs(w).max())):
+        raise ValueError(f"HiPPO-LegS with n={n} has a zero frequency; cannot pair conjugates")
+    w, v = w[order], v[:, order]
+    lam = -0.5 + 1j * w
+    vh = v.conj().T
+    return lam, vh @ p, vh @ b, v
+
+
+def s4d_init(n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Diagonal S4D initialisations (S4D paper, Sec. 4 and eq. 9-10), complex128.
+
+    Lambda, B: (n // 2,)
+    'legs': Lambda, B of the NPLR form of HiPPO-LegS with the low-rank term dropped (S4D-LegS).
+    'lin':  Lambda_k = -1/2 + i pi k, B = 1 (S4D-Lin).
+    'inv':  Lambda_k = -1/2 + i (n/pi) (n/(2k+1) - 1), B = 1 (S4D-Inv).
+    """
+    kinds = ("legs", "lin", "inv")
+    if kind not in kinds:
+        raise ValueError(f"diag_init={kind!r} is not a known S4D init; use one of {kinds}")
+    if n < 2 or n % 2:
+        raise ValueError(f"d_state={n} must be even and >= 2 (conjugate pairs are stored)")
+    if kind == "legs":
+        lam, _, b, _ = hippo_legs_nplr(n)
+        return lam, b
+    k = np.arange(n // 2)
+    if kind == "lin":
+        imag = np.pi * k
+    else:
+        imag = n / np.pi * (n / (2 * k + 1) - 1)
+    return -0.5 + 1j * imag, np.ones(n // 2, np.complex128)
+
+
+def dplr_dense(lam, p, b):
+    """Conjugate-completed dense state matrix of a DPLR SSM in its eigenbasis.
+
+    lam, p, b: (..., N2) complex  ->  A_f: (..., N, N)  B_f: (..., N),  N = 2 N2
+    A_f = diag(Lambda, conj Lambda) - p_f p_f^*, p_f = (p, conj p)  (S4 eq. 6, rank 1, P = Q).
+    """
+    lam_f = jnp.concatenate([lam, jnp.conj(lam)], axis=-1)
+    p_f = jnp.concatenate([p, jnp.conj(p)], axis=-1)
+    b_f = jnp.concatenate([b, jnp.conj(b)], axis=-1)
+    eye = jnp.eye(lam_f.shape[-1], dtype=lam_f.dtype)
+    a_f = eye * lam_f[..., None, :] - p_f[..., :, None] * jnp.conj(p_f)[..., None, :]
+    return a_f, b_f
+
+
+# --------------------------------------------------------------------------------------------
+# Discretisation
+# --------------------------------------------------------------------------------------------
+def discretize_diag(lam, b, dt, disc: str):
+    """Discretise a diagonal SSM elementwise (S4D paper, Sec. 3.1).
+
+    lam, b: (..., N) complex   dt: broadcastable to (..., N)   ->  dA, dB: (..., N)
+    bilinear: dA = (1 + dt/2 lam) / (1 - dt/2 lam),  dB = dt b / (1 - dt/2 lam)   (S4 eq. 3)
+    zoh:      dA = exp(dt lam),  dB = (exp(dt lam) - 1) / lam * b
+    """
+    _check_disc(disc)
+    dtl = dt * lam
+    if disc == "bilinear":
+        denom = 1.0 - dtl / 2
+        return (1.0 + dtl / 2) / denom, dt * b / denom
+    # expm1 keeps (e^{dt lam} - 1)/lam accurate when |dt lam| is small.
+    return jnp.exp(dtl), jnp.expm1(dtl) / lam * b
+
+
+def discretize_dense(a, b, dt, disc: str):
+    """Discretise a dense SSM.
+
+    a: (..., N, N)  b: (..., N)  dt: (...)  ->  dA: (..., N, N)  dB: (..., N)
+    bilinear: dA = (I - dt/2 A)^{-1} (I + dt/2 A),  dB = (I - dt/2 A)^{-1} dt B     (S4 eq. 3)
+    zoh:      dA = exp(dt A),  dB = int_0^dt exp(s A) ds B, both read off one matrix
+              exponential of the augmented [[A, B], [0, 0]] dt (no inverse of A needed).
+    """
+    _check_disc(disc)
+    n = a.shape[-1]
+    dt = jnp.asarray(dt)[..., None, None]
+    eye = jnp.eye(n, dtype=a.dtype)
+    if disc == "bilinear":
+        lhs = eye - dt / 2 * a
+        rhs = jnp.concatenate([eye + dt / 2 * a, dt * b[..., :, None]], axis=-1)
+        sol = jnp.linalg.solve(lhs, rhs)
+        return sol[..., :, :n], sol[..., :, n]
+    top = jnp.concatenate([a, b[..., :, None]], axis=-1) * dt
+    aug = jnp.concatenate([top, jnp.zeros_like(top[..., :1, :])], axis=-2)
+    e = jsl.expm(aug)
+    return e[..., :n, :n], e[..., :n, n]
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution kernels
+# --------------------------------------------------------------------------------------------
+def cauchy_conj(v, alpha, beta, lam):
+    """Conjugate-pair Cauchy sum.
+
+    v, lam: (..., N2)   alpha, beta: (M,)   ->  (..., M)
+    out_m = sum_n v_n / (alpha_m - beta_m lam_n) + conj(v_n) / (alpha_m - beta_m conj(lam_n)).
+    (S4 Sec. 3.3: the Cauchy kernel over the full conjugate-symmetric state.)
+    """
+    a = alpha[:, None]
+    bb = beta[:, None]
+    v = v[..., None, :]
+    lam = lam[..., None, :]
+    terms = v / (a - bb * lam) + jnp.conj(v) / (a - bb * jnp.conj(lam))
+    return terms.sum(-1)
+
+
+def dplr_kernel_bilinear(lam, p, b, c_tilde, dt, length: int):
+    """S4 convolution kernel by Cauchy + Woodbury at the roots of unity (S4 Algorithm 1).
+
+    lam, p, b, c_tilde: (H, N2) complex   dt: (H,)   ->  K: (H, L) real
+    c_tilde is C~ = C (I - A_bar^L) (S4 Lemma C.2), for example from `dplr_c_tilde`.
+    At omega = exp(-2 pi i m / L) the truncated generating function is
+        K^(omega) = 2/(1+omega) C~ [g I - A]^{-1} B,  g = 2/dt (1-omega)/(1+omega)      (Lemma C.3)
+    and with A = Lambda - p p^* the inverse is the Woodbury identity (Lemma C.4). This writes
+    2/(1+omega)(g - lam)^{-1} = 1/((1-omega)/dt - (1+omega)/2 lam), finite at omega = -1
+    (even L), giving K^ = k00 - beta k01 k10 / (1 + beta k11), beta = (1+omega)/2.
+    K = irfft(K^, L).
+    """
+    if length < 1:
+        raise ValueError(f"kernel {length=} must be >= 1")
+    cdtype = lam.dtype
+    m = jnp.arange(length // 2 + 1)
+    omega = jnp.exp(-2j * jnp.pi * m / length).astype(cdtype)
+    dt = dt[:, None].astype(cdtype)
+    # One (alpha, beta) row per channel: alpha depends on that channel's dt.
+    alpha = (1.0 - omega)[None, :] / dt  # (H, M)
+    beta = (1.0 + omega) / 2  # (M,)
+
+    def per_channel(lam_h, p_h, b_h, c_h, alpha_h):
+        v = jnp.stack([c_h * b_h, c_h * p_h, jnp.conj(p_h) * b_h, jnp.conj(p_h) * p_h])
+        k = cauchy_conj(v, alpha_h, beta, lam_h)  # (4, M)
+        return k[0] - beta * k[1] * k[2] / (1.0 + beta * k[3])
+
+    k_hat = jax.vmap(per_channel)(lam, p, b, c_tilde, alpha)
+    return jnp.fft.irfft(k_hat, n=length, axis=-1)
+
+
+def dplr_c_tilde(lam, p, b, c, dt, length: int, disc: str = "bilinear"):
+    """C~ = C (I - A_bar^L), the output row the generating-function kernel needs (S4 Lemma C.2).
+
+    lam, p, b, c: (H, N2) complex   dt: (H,)   ->  C~: (H, N2) complex
+    The stored C is the true output row; C~ is derived per kernel length, so the convolution and
+    the recurrence (which uses C) agree for every length. A_bar^L by repeated squaring.
+    """
+    a_f, b_f = dplr_dense(lam, p, b)
+    da, _ = discretize_dense(a_f, b_f, dt, disc)
+    c_f = jnp.concatenate([c, jnp.conj(c)], axis=-1)
+    ct = c_f - jnp.einsum("hn,hnm->hm", c_f, jnp.linalg.matrix_power(da, length))
+    # The completed row stays conjugate-symmetric, so its first half represents it.
+    return ct[..., : lam.shape[-1]]
+
+
+def dense_kernel(da, db, c, length: int):
+    """Kernel of a dense discrete SSM by Krylov doubling: K_k = Re(C A_bar^k B_bar), k < L.
+
+    da: (..., N, N)  db, c: (..., N)  ->  K: (..., L) real
+    Doubling [v, A v, ..] with A^(2^j) takes log2(L) matrix products instead of L sequential steps.
+    """
+    v = db[..., :, None]
+    a_pow = da
+    while v.shape[-1] < length:
+        v = jnp.concatenate([v, a_pow @ v], axis=-1)
+        if v.shape[-1] < length:
+            a_pow = a_pow @ a_pow
+    v = v[..., :length]
+    return jnp.real(jnp.einsum("...n,...nl->...l", c, v))
+
+
+def vandermonde_kernel(da, db, c, length: int):
+    """S4D kernel by the Vandermonde product (S4D paper eq. 5), conjugate half implicit.
+
+    da, db, c: (H, N2) complex  ->  K: (H, L) real,  K_k = 2 Re(sum_n c_n db_n da_n^k)
+    Powers via exp(k log da) so that no sequential product is needed.
+    """
+    k = jnp.arange(length, dtype=jnp.real(da).dtype)
+    powers = jnp.exp(jnp.log(da)[..., None] * k)  # (H, N2, L)
+    return 2.0 * jnp.real(jnp.einsum("hn,hnl->hl", c * db, powers))
+
+
+def causal_fft_conv(u, k):
+    """Causal convolution y_t = sum_{s<=t} K_s u_{t-s} by FFT of length 2L (no wrap-around).
+
+    u: (B, L, H)  k: (H, L)  ->  y: (B, L, H), float32 accumulation.
+    """
+    length = u.shape[1]
+    if k.shape != (u.shape[2], length):
+        raise ValueError(f"kernel shape {k.shape} does not match (H, L) = {(u.shape[2], length)}")
+    n = 2 * length
+    uf = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)
+    kf = jnp.fft.rfft(k.astype(jnp.float32), n=n, axis=-1)
+    return jnp.fft.irfft(uf * kf.T[None], n=n, axis=1)[:, :length]
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent steps
+# --------------------------------------------------------------------------------------------
+def diag_step(x, u, da, db, c):
+    """One step of a diagonal discrete SSM with the conjugate half implicit (S4 eq. 3).
+
+    x: (B, H, N2) complex  u: (B, H)  da, db, c: (H, N2)  ->  x': (B, H, N2), y: (B, H) real
+    x' = da x + db u;  y = 2 Re(sum_n c_n x'_n)  (D u is added by the caller).
+    """
+    x = da * x + db * u[..., None]
+    return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))
+
+
+def dense_half_step(x, u, da_top, db_top, c):
+    """One step of a conjugate-symmetric dense discrete SSM kept as its first half.
+
+    x: (B, H, N2) complex  u: (B, H)  da_top: (H, N2, N) = rows :N2 of A_bar
+    db_top, c: (H, N2)  ->  x': (B, H, N2), y: (B, H) real
+    x'_half = A_bar[:N2] (x, conj x) + B_bar[:N2] u; the second half stays conj(x'_half).
+    """
+    x_f = jnp.concatenate([x, jnp.conj(x)], axis=-1)
+    x = jnp.einsum("hmn,bhn->bhm", da_top, x_f) + db_top * u[..., None]
+    return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))
