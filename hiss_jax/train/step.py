@@ -31,8 +31,8 @@ def make_train_step(model, tx, schedule, mesh, shardings, rules):
             loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params)}
+        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(params)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, P())

@@ -57,15 +57,22 @@ def make_dataset(n_train=12, n_val=5, t=6, k=10, d_in=3, d_out=2, seed=0) -> Dat
 
 
 class StandinModel(nn.Module):
-    """(B, T*k, D_in) -> (B, T, D_out): per-chunk MLP with dropout, one SSM-named param."""
+    """(B, T*k, D_in) -> (B, T, D_out): per-chunk MLP with dropout, one SSM-named param.
+
+    logical: annotate the hidden kernel with logical axes ('embed', 'mlp') for rule-based sharding.
+    """
     output_dim: int
     chunk_size: int = 10
+    logical: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic=True):
         b, l, d = x.shape
         h = x.reshape(b, l // self.chunk_size, self.chunk_size * d)
-        h = nn.gelu(nn.Dense(16)(h))
+        init = nn.initializers.lecun_normal()
+        if self.logical:
+            init = nn.with_logical_partitioning(init, ("embed", "mlp"))
+        h = nn.gelu(nn.Dense(16, kernel_init=init)(h))
         h = nn.Dropout(0.1, deterministic=deterministic)(h)
         A_log = self.param("A_log", nn.initializers.zeros, (16,))
         return nn.Dense(self.output_dim)(h * jnp.exp(A_log))
