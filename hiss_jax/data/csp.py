@@ -452,10 +452,14 @@ def load_dataset(data_cfg: Any, preset: Optional[Preset] = None) -> Dataset:
     """config.data -> Dataset(train, val, info); see the module docstring for the pipeline.
 
     data_cfg fields (attribute access; missing ones take defaults): name
-    ('synthetic:imu'), dir, file, val_file, cache_dir, seed, n_episodes, episode_seconds.
+    ('synthetic:imu'), dir, file, val_file, cache_dir, seed (synthetic generator and random
+    split; 0 = the paper's split), n_episodes, episode_seconds (synthetic only).
     `preset` overrides the lookup by name (tests, custom datasets).
     """
     preset = preset or get_preset(_cfg(data_cfg, "name", "synthetic:imu"))
+    if preset.split == "random":
+        # config.data.seed picks the random split; its default 0 is the paper's split seed.
+        preset = dataclasses.replace(preset, split_seed=int(_cfg(data_cfg, "seed", 0)))
     main, val_path = _source_files(data_cfg, preset)
     episodes, layout = file_episodes(main, preset)
     dropped = tuple(i for i, ep in enumerate(episodes) if ep is None)
