@@ -19,10 +19,22 @@ State and all accumulation are float32; the output has u's dtype.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import warnings
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
 _IMPLS = ("ref", "xla", "pallas", "auto")
+_LOG2E = math.log2(math.e)
+# The Pallas Triton backend is deprecated from jax 0.11 in favour of Mosaic GPU; it is still the
+# pallas_call GPU backend there and the only one whose kernels we can cross-lower on CPU.
+warnings.filterwarnings("ignore", message=".*jax-pallas-triton.*", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecated.*", category=DeprecationWarning)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +171,405 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 
 
 # --------------------------------------------------------------------------------------------
+# Pallas GPU kernels (Triton backend).
+#
+# One program per (batch, block of `block_d` channels); the state tile h (N, block_d) lives in
+# float32 registers and the program walks time sequentially. The only dependent operation per
+# step is one FMA on h; everything else (loads, exp2, the C contraction) can overlap across
+# steps, so the kernels prefetch the input rows `prefetch` steps ahead through the loop carry:
+# a row loaded in iteration t is consumed in iteration t + prefetch, which hides the global
+# load latency that made a plain per-step loop ~0.9 us/step (KERNELS.md).
+# The forward saves the state entering every `chunk` of steps; the backward walks the chunks
+# in reverse, recomputes the chunk's states from the saved entry state into a per-program
+# scratch tile (small enough to stay in L2), then runs the adjoint recurrence backwards.
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch parameters of the selective-scan kernels."""
+    block_d: int = 32          # channels per forward program (power of 2)
+    chunk: int = 32            # steps between saved states (power of 2); bwd scratch depth
+    prefetch: int = 2          # rows loaded ahead of use, through the loop carry (0 = off)
+    num_warps: int = 1         # forward; 1 warp keeps cross-channel reductions in shuffles
+    num_stages: int = 1
+    bwd_block_d: int = 32      # channels per backward program (power of 2)
+    bwd_num_warps: int = 1
+
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        return cls()
+
+    def __post_init__(self):
+        for name in ("block_d", "chunk", "bwd_block_d"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"BlockSizes.{name}={v} must be a power of 2 (Triton tiles)")
+        if self.prefetch < 0:
+            raise ValueError(f"BlockSizes.prefetch={self.prefetch} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static description of one padded problem (hashable: a custom_vjp nondiff argument)."""
+    length: int            # true length; steps >= length are identity steps
+    n_chunks: int          # padded length = n_chunks * chunk
+    chunk: int
+    n_groups: int
+    blocks_per_group: int  # channel blocks per group (fwd and bwd use the same block)
+    block_d: int
+    d_state: int           # padded to a power of 2
+    softplus: bool
+    has_z: bool
+    prefetch: int
+    num_warps: int
+    num_stages: int
+    bwd_num_warps: int
+    interpret: bool
+
+
+def _compiler_params(num_warps, num_stages):
+    # jax 0.10.2 and 0.11.2 both expose `CompilerParams`; older releases named it
+    # `TritonCompilerParams`.
+    cls = getattr(pltr, "CompilerParams", None) or getattr(pltr, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _softplus_f32(x):
+    # log1p(exp(x)) overflows for large x, where softplus(x) == x to float32 precision.
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _step_size(cfg, dt_raw, bias, t):
+    """delta (+ bias, softplus), zeroed on padded steps AFTER softplus so they are identity."""
+    x = dt_raw.astype(jnp.float32) + bias
+    dt = _softplus_f32(x) if cfg.softplus else x
+    return jnp.where(t < cfg.length, dt, 0.0), x
+
+
+def _prefetched_loop(lo, hi, load, body, carry, prefetch, reverse=False):
+    """fori_loop over steps lo..hi-1 (or reversed) with rows prefetched `prefetch` steps ahead.
+
+    `load(t)` returns a tuple of row values for step t (it must clamp t itself); `body(t, row,
+    carry)` returns the new carry. The queue of loaded rows rides in the loop carry.
+    """
+    n = hi - lo
+    step_of = (lambda i: hi - 1 - i) if reverse else (lambda i: lo + i)
+    queue = tuple(load(step_of(i)) for i in range(prefetch))
+
+    def it(i, state):
+        c, q = state
+        t = step_of(i)
+        if prefetch:
+            row, q = q[0], q[1:] + (load(step_of(i + prefetch)),)
+        else:
+            row = load(t)
+        return body(t, row, c), q
+
+    c, _ = jax.lax.fori_loop(0, n, it, (carry, queue))
+    return c
+
+
+def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
+    """Forward scan of one (batch, channel block): eq. 2a-2b, states saved per chunk.
+
+    Refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  AT: (Np, Dp)  D, bias: (Dp,)
+    h0: (B, Np, Dp) -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, n_chunks, Np, Dp)]
+    """
+    if cfg.has_z:
+        u_ref, dt_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, h0_ref, *outs = refs
+    else:
+        u_ref, dt_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, h0_ref, *outs = refs
+        z_ref = None
+    y_ref, hl_ref = outs[0], outs[1]
+    hs_ref = outs[2] if save_states else None
+    bi, j = pl.program_id(0), pl.program_id(1)
+    grp = j // cfg.blocks_per_group
+    cols = pl.ds(j * cfg.block_d, cfg.block_d)
+    last = cfg.n_chunks * cfg.chunk - 1
+    # exp2 with A pre-scaled by log2(e): one MUFU op per state update.
+    a2 = at_ref[:, cols].astype(jnp.float32) * _LOG2E
+    dskip = d_ref[cols].astype(jnp.float32)
+    bias = bias_ref[cols].astype(jnp.float32)
+
+    def load(t):
+        t = jnp.clip(t, 0, last)
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
+               c_ref[bi, t, grp, :])
+        return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
+
+    def body(t, row, h):
+        dt_raw, u, bt, ct = row[:4]
+        u = u.astype(jnp.float32)
+        dt, _ = _step_size(cfg, dt_raw, bias, t)
+        h = (jnp.exp2(dt[None, :] * a2) * h
+             + (dt * u)[None, :] * bt.astype(jnp.float32)[:, None])
+        y = jnp.sum(h * ct.astype(jnp.float32)[:, None], axis=0) + dskip * u
+        if cfg.has_z:
+            zt = row[4].astype(jnp.float32)
+            y = y * (zt * jax.nn.sigmoid(zt))
+        y_ref[bi, t, cols] = y.astype(y_ref.dtype)
+        return h
+
+    def chunk_body(c, h):
+        if save_states:
+            hs_ref[bi, c, :, cols] = h
+        return _prefetched_loop(c * cfg.chunk, (c + 1) * cfg.chunk, load, body, h,
+                                cfg.prefetch)
+
+    h = h0_ref[bi, :, cols].astype(jnp.float32)
+    h = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, h)
+    hl_ref[bi, :, cols] = h
+
+
+def _bwd_kernel(*refs, cfg: _Cfg):
+    """Backward of one (batch, channel block): chunks in reverse, recomputed from saved states.
+
+    Per step (adjoint g = dLoss/dh_t, accumulated backwards; x_t = dt_t u_t B_t):
+        g += C_t dy_t ;  dC_t = sum_d dy_t h_t ;  dB_t = sum_d g dt_t u_t
+        du_t = D dy_t + sum_n g dt_t B_t ;  ddt_t = sum_n g (B_t u_t + A a_t h_{t-1})
+        dA += g a_t h_{t-1} dt_t ;  g *= a_t          (a_t = exp(dt_t A))
+    Refs (inputs): u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  AT: (Np, Dp)
+    D, bias: (Dp,)  hs: (B, n_chunks, Np, Dp)  dhL: (B, Np, Dp)
+    Refs (outputs): du, ddt, [dz]: (B, Lp, Dp)  dB, dC: (B, Lp, n_blocks, Np) per-block partials
+    dAT: (B, Np, Dp)  dD, dbias: (B, Dp)  dh0: (B, Np, Dp)  scratch: (B, n_blocks, chunk, Np, bd)
+    """
+    it = iter(refs)
+    u_ref, dt_ref = next(it), next(it)
+    z_ref = next(it) if cfg.has_z else None
+    do_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, hs_ref, dhl_ref = (next(it) for _ in range(8))
+    du_ref, ddt_ref = next(it), next(it)
+    dz_ref = next(it) if cfg.has_z else None
+    db_ref, dc_ref, dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(7))
+
+    bi, j = pl.program_id(0), pl.program_id(1)
+    grp = j // cfg.blocks_per_group
+    cols = pl.ds(j * cfg.block_d, cfg.block_d)
+    last = cfg.n_chunks * cfg.chunk - 1
+    at = at_ref[:, cols].astype(jnp.float32)
+    a2 = at * _LOG2E
+    dskip = d_ref[cols].astype(jnp.float32)
+    bias = bias_ref[cols].astype(jnp.float32)
+    f32 = jnp.float32
+
+    def load_fwd(t):
+        t = jnp.clip(t, 0, last)
+        return dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :]
+
+    def recompute(t, row, h):
+        # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
+        dt_raw, u, bt = row
+        dt, _ = _step_size(cfg, dt_raw, bias, t)
+        scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :] = h
+        return (jnp.exp2(dt[None, :] * a2) * h
+                + (dt * u.astype(f32))[None, :] * bt.astype(f32)[:, None])
+
+    def load_bwd(t):
+        t = jnp.clip(t, 0, last)
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
+               c_ref[bi, t, grp, :], do_ref[bi, t, cols])
+        return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
+
+    def adjoint(t, row, carry):
+        g, dat, dd, dbias = carry
+        dt_raw, u, bt, ct, dout = row[:5]
+        u, bt, ct, dout = u.astype(f32), bt.astype(f32), ct.astype(f32), dout.astype(f32)
+        dt, x = _step_size(cfg, dt_raw, bias, t)
+        h_prev = scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :]
+        a = jnp.exp2(dt[None, :] * a2)
+        dtu = dt * u
+        h = a * h_prev + dtu[None, :] * bt[:, None]
+        if cfg.has_z:
+            zt = row[5].astype(f32)
+            sig = jax.nn.sigmoid(zt)
+            y = jnp.sum(h * ct[:, None], axis=0) + dskip * u
+            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+            dz_ref[bi, t, cols] = dz.astype(dz_ref.dtype)
+            dy = dout * zt * sig
+        else:
+            dy = dout
+        g = g + ct[:, None] * dy[None, :]
+        dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
+        db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
+        gb = jnp.sum(g * bt[:, None], axis=0)
+        ga = g * a * h_prev
+        du = dskip * dy + dt * gb
+        ddt = gb * u + jnp.sum(ga * at, axis=0)
+        if cfg.softplus:
+            ddt = ddt * jax.nn.sigmoid(x)
+        ddt = jnp.where(t < cfg.length, ddt, 0.0)
+        du_ref[bi, t, cols] = du.astype(du_ref.dtype)
+        ddt_ref[bi, t, cols] = ddt.astype(ddt_ref.dtype)
+        return g * a, dat + ga * dt[None, :], dd + dy * u, dbias + ddt
+
+    def chunk_body(i, carry):
+        c = cfg.n_chunks - 1 - i
+        lo, hi = c * cfg.chunk, (c + 1) * cfg.chunk
+        _prefetched_loop(lo, hi, load_fwd, recompute, hs_ref[bi, c, :, cols], cfg.prefetch)
+        if not cfg.interpret:
+            # Scratch written above is read back by other threads of the program.
+            pltr.debug_barrier()
+        carry = _prefetched_loop(lo, hi, load_bwd, adjoint, carry, cfg.prefetch, reverse=True)
+        if not cfg.interpret:
+            pltr.debug_barrier()
+        return carry
+
+    nb = cfg.block_d
+    init = (dhl_ref[bi, :, cols].astype(f32), jnp.zeros((cfg.d_state, nb), f32),
+            jnp.zeros((nb,), f32), jnp.zeros((nb,), f32))
+    g, dat, dd, dbias = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, init)
+    dh0_ref[bi, :, cols] = g
+    dat_ref[bi, :, cols] = dat
+    dd_ref[bi, cols] = dd
+    dbias_ref[bi, cols] = dbias
+
+
+def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
+    b, lp, dp = u.shape
+    np_ = cfg.d_state
+    n_blocks = cfg.n_groups * cfg.blocks_per_group
+    out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype),
+                 jax.ShapeDtypeStruct((b, np_, dp), jnp.float32)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((b, cfg.n_chunks, np_, dp), jnp.float32))
+    ins = (u, dt) + ((z,) if cfg.has_z else ()) + (Bm, Cm, AT, D, bias, h0)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, save_states=save_states),
+        out_shape=tuple(out_shape),
+        grid=(b, n_blocks),
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="selective_scan_fwd",
+    )(*ins)
+
+
+def _bwd_call(cfg, res, dy, dhl):
+    u, dt, z, Bm, Cm, AT, D, bias, hs = res
+    b, lp, dp = u.shape
+    np_ = cfg.d_state
+    n_blocks = cfg.n_groups * cfg.blocks_per_group
+    f32 = jnp.float32
+    out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
+                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
+                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                    jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                    jax.ShapeDtypeStruct((b, np_, dp), f32),
+                    jax.ShapeDtypeStruct((b, dp), f32),
+                    jax.ShapeDtypeStruct((b, dp), f32),
+                    jax.ShapeDtypeStruct((b, np_, dp), f32),
+                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, np_, cfg.block_d), f32)])
+    ins = (u, dt) + ((z,) if cfg.has_z else ()) + (dy, Bm, Cm, AT, D, bias, hs, dhl)
+    outs = pl.pallas_call(
+        functools.partial(_bwd_kernel, cfg=cfg),
+        out_shape=tuple(out_shape),
+        grid=(b, n_blocks),
+        compiler_params=_compiler_params(cfg.bwd_num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="selective_scan_bwd",
+    )(*ins)
+    return outs[:-1]    # drop the scratch
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan_padded(cfg, u, dt, z, Bm, Cm, AT, D, bias, h0):
+    y, hl = _fwd_call(cfg, False, u, dt, z, Bm, Cm, AT, D, bias, h0)
+    return y, hl
+
+
+def _scan_padded_fwd(cfg, u, dt, z, Bm, Cm, AT, D, bias, h0):
+    y, hl, hs = _fwd_call(cfg, True, u, dt, z, Bm, Cm, AT, D, bias, h0)
+    return (y, hl), (u, dt, z, Bm, Cm, AT, D, bias, hs)
+
+
+def _scan_padded_bwd(cfg, res, cts):
+    dy, dhl = cts
+    u, dt, z, Bm, Cm = res[:5]
+    outs = _bwd_call(cfg, res, dy.astype(u.dtype), dhl.astype(jnp.float32))
+    du, ddt = outs[0], outs[1]
+    dz = outs[2] if cfg.has_z else None
+    db, dc, dat, dd, dbias, dh0 = outs[3:] if cfg.has_z else outs[2:]
+    b, lp, _, np_ = db.shape
+    # Per-block partial sums of dB/dC reduced here (deterministic, no atomics).
+    db = db.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Bm.dtype)
+    dc = dc.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Cm.dtype)
+    return (du, ddt, dz, db, dc, dat.sum(0), dd.sum(0), dbias.sum(0), dh0)
+
+
+_scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _next_pow2(x):
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
+                          delta_softplus=False, initial_state=None, return_final_state=False,
+                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """Pallas (Triton) selective scan with its own backward kernels (`jax.custom_vjp`).
+
+    u, delta, z: (B, L, Di)  A: (Di, N)  B, C: (B, L, N) or (B, L, G, N)  D, delta_bias: (Di,)
+    initial_state: (B, Di, N).  Returns y (B, L, Di) [, h_L (B, Di, N) float32]; eq. 2a-2b.
+    Any length, width and d_state: the wrapper pads time to a multiple of the chunk (padded
+    steps get delta = 0 after softplus, i.e. identity steps), each group's channels to a
+    multiple of the block, and d_state to a power of 2 (A = B = C = 0 there).
+    `interpret=None` runs interpret mode when no GPU is present.
+    """
+    b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    bs = block_sizes or BlockSizes.get_default()
+    if interpret is None:
+        interpret = not _on_gpu()
+    f32 = jnp.float32
+    cg = di // g
+    # A block never straddles two groups; tiny widths use a smaller block rather than pad.
+    bd = max(min(bs.block_d, _next_pow2(cg)), 16)
+    cgp = _round_up(cg, bd)
+    np_ = max(_next_pow2(n), 2)
+    chunk = min(bs.chunk, _next_pow2(l))
+    lp = _round_up(l, chunk)
+    cfg = _Cfg(length=l, n_chunks=lp // chunk, chunk=chunk, n_groups=g,
+               blocks_per_group=cgp // bd, block_d=bd, d_state=np_,
+               softplus=bool(delta_softplus), has_z=z is not None, prefetch=bs.prefetch,
+               num_warps=bs.num_warps, num_stages=bs.num_stages,
+               bwd_num_warps=bs.bwd_num_warps, interpret=bool(interpret))
+
+    def chan(x, fill=0.0):
+        # (..., Di) -> (..., G * cgp): pad each group's channels (no copy when cg == cgp).
+        if cgp == cg:
+            return x
+        lead = x.shape[:-1]
+        x = x.reshape(lead + (g, cg))
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, cgp - cg)], constant_values=fill)
+        return x.reshape(lead + (g * cgp,))
+
+    def seq(x):
+        return x if lp == l else jnp.pad(x, [(0, 0), (0, lp - l), (0, 0)])
+
+    u_p = seq(chan(u))
+    dt_p = seq(chan(delta))
+    z_p = None if z is None else seq(chan(z))
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    pad_bc = [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)]
+    B_p = Bg if pad_bc == [(0, 0)] * 4 else jnp.pad(Bg, pad_bc)
+    C_p = Cg if pad_bc == [(0, 0)] * 4 else jnp.pad(Cg, pad_bc)
+    AT = jnp.pad(chan(A.astype(f32).T), [(0, np_ - n), (0, 0)])
+    D_p = chan(jnp.zeros((di,), f32) if D is None else D.astype(f32))
+    bias_p = chan(jnp.zeros((di,), f32) if delta_bias is None else delta_bias.astype(f32))
+    h0 = (jnp.zeros((b, np_, g * cgp), f32) if initial_state is None else
+          jnp.pad(chan(jnp.swapaxes(initial_state.astype(f32), 1, 2)),
+                  [(0, 0), (0, np_ - n), (0, 0)]))
+    y, hl = _scan_padded(cfg, u_p, dt_p, z_p, B_p, C_p, AT, D_p, bias_p, h0)
+    y = y[:, :l]
+    if cgp != cg:
+        y = y.reshape(b, l, g, cgp)[..., :cg].reshape(b, l, di)
+    if not return_final_state:
+        return y
+    hl = hl[:, :n].reshape(b, n, g, cgp)[..., :cg].reshape(b, n, di)
+    return y, jnp.swapaxes(hl, 1, 2)
+
+
+# --------------------------------------------------------------------------------------------
 # Public entry point.
 # --------------------------------------------------------------------------------------------
 def _on_gpu() -> bool:
@@ -192,5 +603,4 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     if impl == "xla":
         return selective_scan_associative(u, delta, A, B, C, D, z, delta_bias, **kwargs)
-    raise NotImplementedError("selective_scan impl='pallas' is not written yet; "
-                              "use impl='xla' or impl='ref'")
+    return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, **kwargs)

@@ -3,13 +3,15 @@
 Shapes stay tiny: the Pallas kernels run in interpret mode on CPU. Lengths are odd on purpose
 (not multiples of any block or chunk).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.selective_scan import (selective_scan, selective_scan_associative,
-                                    selective_scan_reference)
+from kernels.selective_scan import (BlockSizes, selective_scan, selective_scan_associative,
+                                    selective_scan_pallas, selective_scan_reference)
 from tests.conftest import TOLERANCES, assert_close
 
 FLOAT_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -41,16 +43,19 @@ def make_inputs(seed, b, l, di, n, g=None, dtype=jnp.float32, D=True, z=True, bi
 
 
 def run_with_grads(impl, args, softplus, seed=123):
-    """(y, h_L) and the vjp of a random cotangent w.r.t. every float input that is given."""
+    """(y, h_L) and the vjp of a random cotangent w.r.t. every float input that is given.
+
+    `impl` is an impl name of `selective_scan` or a function with its signature (minus impl).
+    """
     names = [k for k in FLOAT_ARGS if args[k] is not None]
+    fn = functools.partial(selective_scan, impl=impl) if isinstance(impl, str) else impl
 
     def f(*vals):
         kw = dict(args)
         kw.update(zip(names, vals))
-        return selective_scan(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
-                              kw["z"], kw["delta_bias"], delta_softplus=softplus,
-                              initial_state=kw["initial_state"], return_final_state=True,
-                              impl=impl)
+        return fn(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
+                  kw["delta_bias"], delta_softplus=softplus, initial_state=kw["initial_state"],
+                  return_final_state=True)
 
     (y, h), vjp = jax.vjp(f, *[args[k] for k in names])
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
@@ -73,6 +78,63 @@ def check_against_ref(impl, args, softplus, dtype):
         assert_close(g[k], g_ref[k], dtype, "grad", f"{impl} d{k}")
 
 
+# Pallas (interpret mode on CPU): odd lengths/widths/d_state, groups, every optional argument
+# on and off, bf16, and tile variants that exercise several chunks, blocks and prefetch depths.
+# (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus, BlockSizes)
+PALLAS_CASES = [
+    (1, 4, 3, None, jnp.float32, dict(), True, BlockSizes()),
+    (7, 6, 4, None, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
+     BlockSizes()),
+    (33, 40, 5, 2, jnp.float32, dict(z=False), True, BlockSizes(block_d=16, chunk=8)),
+    (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(chunk=16, prefetch=3)),
+    (21, 32, 8, None, jnp.float32, dict(h0=False), False, BlockSizes(chunk=4, prefetch=0)),
+    (19, 12, 2, 4, jnp.bfloat16, dict(D=False, bias=False), False, BlockSizes(chunk=8)),
+]
+
+
+@pytest.mark.parametrize("l,di,n,g,dtype,opts,softplus,bs", PALLAS_CASES)
+def test_pallas_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
+    args = make_inputs(l * 3 + di, 2, l, di, n, g, dtype, softplus=softplus, **opts)
+    check_against_ref(functools.partial(selective_scan_pallas, block_sizes=bs), args,
+                      softplus, dtype)
+
+
+def test_pallas_is_an_impl_of_selective_scan():
+    args = make_inputs(4, 1, 9, 8, 4)
+    y = selective_scan(**args, delta_softplus=True, impl="pallas")
+    assert_close(y, selective_scan(**args, delta_softplus=True, impl="ref"), jnp.float32)
+
+
+def test_block_sizes_validate():
+    assert BlockSizes.get_default() == BlockSizes()
+    with pytest.raises(ValueError, match="block_d=24 must be a power of 2"):
+        BlockSizes(block_d=24)
+    with pytest.raises(ValueError, match="prefetch=-1"):
+        BlockSizes(prefetch=-1)
+
+
+@pytest.mark.parametrize("dtype,g", [(jnp.bfloat16, None), (jnp.float32, 3)])
+def test_pallas_lowers_to_triton_without_gpu(dtype, g):
+    # Cross-lowering catches Triton lowering errors (unsupported ops, non power-of-2 values)
+    # on CPU; Triton compile failures (registers, shared memory) show only on a GPU.
+    args = make_inputs(0, 2, 45, 48, 5, g, dtype)
+    names = [k for k in FLOAT_ARGS if args[k] is not None]
+
+    def loss(*vals):
+        kw = dict(zip(names, vals))
+        y, h = selective_scan_pallas(**kw, delta_softplus=True, return_final_state=True,
+                                     interpret=False)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    grad = jax.grad(loss, argnums=tuple(range(len(names))))
+    lowered = jax.jit(grad).trace(*[args[k] for k in names]).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    for kernel in ("selective_scan_fwd", "selective_scan_bwd"):
+        assert kernel in text, kernel
+    assert text.count("__gpu$xla.gpu.triton") == 2
+
+
 # (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus)
 XLA_CASES = [
     (1, 4, 3, None, jnp.float32, dict(), True),
@@ -90,7 +152,7 @@ def test_xla_matches_reference(l, di, n, g, dtype, opts, softplus):
     check_against_ref("xla", args, softplus, dtype)
 
 
-@pytest.mark.parametrize("impl", ["ref", "xla"])
+@pytest.mark.parametrize("impl", ["ref", "xla", "pallas"])
 def test_two_halves_with_carried_state_equal_the_whole(impl):
     args = make_inputs(5, 2, 23, 6, 4, 3)
     kw = dict(delta_softplus=True, return_final_state=True, impl=impl)
@@ -119,7 +181,7 @@ def test_matches_hand_computed_single_channel():
         h = np.exp(float(delta[0, t, 0] * A[0, 0])) * h + float(delta[0, t, 0] * B[0, t, 0]
                                                               * u[0, t, 0])
         ys.append(float(C[0, t, 0]) * h)
-    for impl in ("ref", "xla"):
+    for impl in ("ref", "xla", "pallas"):
         y, hl = selective_scan(u, delta, A, B, C, return_final_state=True, impl=impl)
         np.testing.assert_allclose(np.asarray(y)[0, :, 0], ys, rtol=1e-6)
         np.testing.assert_allclose(float(hl[0, 0, 0]), h, rtol=1e-6)
