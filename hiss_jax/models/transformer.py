@@ -1,0 +1,160 @@
+"""Causal pre-norm Transformer encoder (the HiSS Transformer baseline), with a KV-cache step.
+
+Shapes: x (B, L, D), D = d_model; heads: (B, L, n_heads, D // n_heads); KV cache per layer
+k, v: (B, max_len, n_heads, D // n_heads).
+
+Vaswani et al. 2017: sinusoidal position encoding (Sec. 3.5) added at the input, then
+n_layers pre-norm encoder layers (PyTorch nn.TransformerEncoderLayer(norm_first=True),
+activation ReLU, dropout on attention weights, after attention, inside and after the
+feed-forward), a causal mask, and a final LayerNorm:
+  x = x + drop(MHA(LN(x), causal));  x = x + drop(W2 drop(relu(W1 LN(x))))
+  Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + mask) V   (eq. 1)
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYER_NORM_EPS = 1e-5  # PyTorch nn.LayerNorm default
+
+
+def sinusoidal_encoding(positions, d_model: int):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(same)  (Vaswani eq. Sec. 3.5).
+
+    positions: (...) integers -> (..., D) float32. Odd D drops the last cosine.
+    """
+    half = (d_model + 1) // 2
+    freq = jnp.exp(-np.log(10000.0) * (2.0 * jnp.arange(half, dtype=jnp.float32) / d_model))
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * freq
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return pe.reshape(*pe.shape[:-2], 2 * half)[..., :d_model]
+
+
+def attention_probs(q, k, mask):
+    """Softmax attention weights in float32.
+
+    q: (B, Q, h, d)  k: (B, T, h, d)  mask: broadcastable to (B, h, Q, T), True = attend
+    -> (B, h, Q, T)
+    """
+    logits = jnp.einsum("bqhd,bthd->bhqt", q, k, preferred_element_type=jnp.float32)
+    logits = logits / np.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+class EncoderLayer(nn.Module):
+    """One pre-norm causal encoder layer. x: (B, L, D) -> (B, L, D)."""
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    dropout: float = 0.0
+
+    def setup(self):
+        self.norm1 = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
+        self.qkv = nn.Dense(3 * self.d_model)
+        self.attn_out = nn.Dense(self.d_model)
+        self.ff_in = nn.Dense(self.d_ff)
+        self.ff_out = nn.Dense(self.d_model)
+        self.drop = nn.Dropout(self.dropout)
+
+    def _qkv(self, x):
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        heads = (self.n_heads, self.d_model // self.n_heads)
+        return tuple(t.reshape(*t.shape[:-1], *heads) for t in (q, k, v))
+
+    def _attend(self, probs, v, deterministic):
+        probs = self.drop(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqt,bthd->bqhd", probs, v.astype(jnp.float32))
+        out = out.reshape(*out.shape[:-2], self.d_model)
+        return self.drop(self.attn_out(out.astype(v.dtype)), deterministic=deterministic)
+
+    def _feed_forward(self, x, deterministic):
+        z = self.drop(jax.nn.relu(self.ff_in(self.norm2(x))), deterministic=deterministic)
+        return x + self.drop(self.ff_out(z), deterministic=deterministic)
+
+    def __call__(self, x, *, deterministic: bool = True):
+        q, k, v = self._qkv(self.norm1(x))
+        length = x.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        x = x + self._attend(attention_probs(q, k, causal), v, deterministic)
+        return self._feed_forward(x, deterministic)
+
+    def step(self, cache, x_t, pos):
+        """cache: {'k','v'}: (B, T, h, d); x_t: (B, D); pos: int32 () -> (cache', (B, D))."""
+        q, k, v = self._qkv(self.norm1(x_t[:, None]))
+        cache = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                              (0, pos, 0, 0)),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                              (0, pos, 0, 0)),
+        }
+        visible = jnp.arange(cache["k"].shape[1]) <= pos
+        x = x_t[:, None] + self._attend(attention_probs(q, cache["k"], visible), cache["v"], True)
+        return cache, self._feed_forward(x, True)[:, 0]
+
+
+class TransformerStack(nn.Module):
+    """Sinusoidal PE -> dropout -> n_layers pre-norm causal encoder layers -> LayerNorm.
+
+    x: (B, L, d_model) -> (B, L, d_model).  Streaming: `init_state(batch_size, max_len)` gives
+    {'pos': int32 (), 'layers': [{'k', 'v'}: (B, max_len, n_heads, d_model // n_heads)]};
+    `step(state, x_t)` with x_t: (B, d_model) returns (state', y_t), through
+    `apply(..., method=...)` with the `__call__` parameters. Steps past max_len return NaN.
+    """
+
+    d_model: int
+    n_layers: int
+    dropout: float = 0.0
+    n_heads: int = 2
+    d_ff: int = 128
+
+    def setup(self):
+        if self.n_heads < 1 or self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by "
+                             f"n_heads={self.n_heads}; pick n_heads dividing d_model")
+        if self.n_layers < 1 or self.d_ff < 1:
+            raise ValueError(f"need n_layers >= 1 and d_ff >= 1, got {self.n_layers=}, "
+                             f"{self.d_ff=}")
+        self.layers = [EncoderLayer(self.d_model, self.n_heads, self.d_ff, self.dropout)
+                       for _ in range(self.n_layers)]
+        self.final_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
+        self.drop = nn.Dropout(self.dropout)
+
+    def __call__(self, x, *, deterministic: bool = True):
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"TransformerStack expects x (B, L, d_model={self.d_model}), "
+                             f"got {x.shape}")
+        pe = sinusoidal_encoding(jnp.arange(x.shape[1]), self.d_model)
+        x = self.drop((x + pe).astype(x.dtype), deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(x, deterministic=deterministic)
+        return self.final_norm(x)
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        """Zero KV caches of length max_len (the longest stream to be stepped) and pos = 0."""
+        if max_len is None or max_len < 1:
+            raise ValueError(f"TransformerStack.init_state needs the KV cache length, got "
+                             f"{max_len=}; pass max_len >= the number of steps to run")
+        shape = (batch_size, max_len, self.n_heads, self.d_model // self.n_heads)
+        zeros = jnp.zeros(shape, jnp.float32)
+        return {"pos": jnp.zeros((), jnp.int32),
+                "layers": [{"k": zeros, "v": zeros} for _ in range(self.n_layers)]}
+
+    def step(self, state, x_t):
+        """state from `init_state`, x_t: (B, d_model) -> (state', y_t: (B, d_model))."""
+        if x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
+            raise ValueError(f"step expects x_t (B, d_model={self.d_model}), got {x_t.shape}")
+        pos = state["pos"]
+        x = (x_t + sinusoidal_encoding(pos, self.d_model)).astype(x_t.dtype)
+        caches = []
+        for layer, cache in zip(self.layers, state["layers"]):
+            cache, x = layer.step(cache, x, pos)
+            caches.append(cache)
+        y = self.final_norm(x)
+        # dynamic_update_slice clamps out-of-range writes; make an overflow visible instead.
+        y = jnp.where(pos < state["layers"][0]["k"].shape[1], y, jnp.nan)
+        return {"pos": pos + 1, "layers": caches}, y
