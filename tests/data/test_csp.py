@@ -309,3 +309,78 @@ def test_load_episode_matches_split(tmp_path, imu_raw):
         data.load_episode(cfg, "test", 0)
     with pytest.raises(IndexError, match="out of range"):
         data.load_episode(cfg, "val", 99)
+
+
+# ------------------------------ per-dataset rules end to end -------------------------------
+def _as_dataset(tmp_path, imu_raw, folder, stem, renames):
+    (tmp_path / folder).mkdir()
+    copy_renamed(imu_raw, tmp_path / folder / f"{folder}_{stem}.h5", renames)
+    return str(tmp_path)
+
+
+def test_joystick_rules_relative_targets_fixed_stats_and_seeded_split(tmp_path, imu_raw):
+    root = _as_dataset(tmp_path, imu_raw, "joystick_control_hiss_dataset", "processed",
+                       {"acce": "xela", "pose": "extreme3d"})
+    ds = data.load_dataset(make_cfg(name="csp:joystick", dir=root, seed=0))
+    np.testing.assert_array_equal(ds.info.input_mean, 0)
+    np.testing.assert_array_equal(ds.info.input_std, 1000)
+    # Relative targets: the first step is zero before normalisation in every episode.
+    first = ds.info.unnormalize_targets(ds.train.targets[:, 0])
+    np.testing.assert_allclose(first, 0, atol=1e-6)
+    y = ds.info.unnormalize_targets(ds.train.targets[ds.train.mask])
+    np.testing.assert_allclose(ds.info.target_std, 2 * y.std(0, ddof=1), rtol=1e-4)
+    other = data.load_dataset(make_cfg(name="csp:joystick", dir=root, seed=1))
+    assert not np.array_equal(ds.val.episode_ids, other.val.episode_ids)
+
+
+def test_intrinsic_slip_and_marker_writing_rules(tmp_path, imu_raw):
+    root = _as_dataset(tmp_path, imu_raw, "intrinsic_slip_hiss_dataset", "processed",
+                       {"acce": "tactile", "pose": "kinova"})
+    ds = data.load_dataset(make_cfg(name="csp:intrinsic_slip", dir=root))
+    assert ds.info.output_dim == 3 and ds.info.target_names == ("dx", "dz", "dtheta_y")
+    np.testing.assert_array_equal(ds.info.target_mean, 0)
+    assert ds.info.target_std[1] == ds.info.target_std[0]
+    x = ds.train.inputs[np.repeat(ds.train.mask, 10, axis=1)]
+    np.testing.assert_allclose(x.max(0) - x.min(0), 5.0, rtol=1e-4)  # (max - min) / 5
+    os.rename(tmp_path / "intrinsic_slip_hiss_dataset", tmp_path / "marker_writing_hiss_dataset")
+    os.rename(tmp_path / "marker_writing_hiss_dataset" / "intrinsic_slip_hiss_dataset_processed.h5",
+              tmp_path / "marker_writing_hiss_dataset" / "marker_writing_hiss_dataset_processed.h5")
+    ds = data.load_dataset(make_cfg(name="csp:marker_writing", dir=root))
+    x = ds.train.inputs[np.repeat(ds.train.mask, 10, axis=1)]
+    np.testing.assert_allclose(x.std(0, ddof=1), 1 / 3, rtol=1e-3)  # input std x3
+    assert ds.info.output_dim == 2
+
+
+def test_totalcapture_layout_and_rules(tmp_path):
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(0)
+    p = presets.PRESETS["csp:totalcapture"]
+
+    def file(path, n_eps):
+        mods = {}
+        for key in p.input_keys + p.target_keys:
+            ts, rows, offs = [], [], [0]
+            for e in range(n_eps):
+                t = 50.0 * e + np.arange(0, 3.4, 1 / 60)
+                if key.startswith("rot"):
+                    r = Rotation.from_rotvec(0.3 * np.sin(t[:, None] + rng.uniform(0, 6, 3)))
+                    rows.append(r.as_quat())
+                else:
+                    rows.append(rng.normal(0, 1, (len(t), 3)).cumsum(0))
+                ts.append(t)
+                offs.append(offs[-1] + len(t))
+            mods[key] = (np.concatenate(ts), np.concatenate(rows), np.array(offs), 60.0)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return write_h5(path, mods)
+    file(str(tmp_path / "total_capture" / "total_capture_processed.h5"), 3)
+    file(str(tmp_path / "total_capture_test" / "total_capture_test_processed.h5"), 2)
+    ds = data.load_dataset(make_cfg(name="csp:totalcapture", dir=str(tmp_path)))
+    assert ds.train.inputs.shape == (3, 150, 234) and ds.val.inputs.shape == (2, 150, 234)
+    assert ds.train.targets.shape == (3, 15, 63)
+    np.testing.assert_array_equal(ds.info.input_std[39:156], 1)
+    x = ds.train.inputs[np.repeat(ds.train.mask, 10, axis=1)]
+    np.testing.assert_allclose((x.max(0) - x.min(0))[:39], 1.0, rtol=1e-4)  # std = max - min
+    # Rotation columns are entries of unit rotation-matrix columns: |.| <= 1.
+    assert np.all(np.abs(x[:, 39:117]) <= 1 + 1e-5)
+    y = ds.info.unnormalize_targets(ds.train.targets[ds.train.mask])
+    np.testing.assert_allclose(ds.info.target_std, 3 * y.std(0, ddof=1), rtol=1e-3)
