@@ -9,7 +9,7 @@ Multi-host: pass --multihost (or set JAX_COORDINATOR_ADDRESS) to call jax.distri
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hiss_jax.train.config_check import explain_flag_error
@@ -28,6 +28,8 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows it
+        logging.set_verbosity(logging.WARNING)
     import jax
     if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()

@@ -5,6 +5,8 @@ The batch at training step s depends only on (seed, s): epoch e = s // steps_per
 permutation np.random.default_rng([seed, e]).permutation(N), so a resumed run replays the same
 order. Optional windows: `window` target steps (window * k input steps) cut at a random start
 inside each episode's valid part, drawn from np.random.default_rng([seed, e, s]).
+Optional augmentation (RoNIN's random yaw): augment(inputs, targets, mask, rng) with
+rng = np.random.default_rng([seed, e, s, 1]), also a pure function of the step.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import numpy as np
 
 
 class TrainBatches:
-    def __init__(self, split, batch_size: int, seed: int, chunk_size: int, window: int = 0):
+    def __init__(self, split, batch_size: int, seed: int, chunk_size: int, window: int = 0,
+                 augment=None):
         n = split.inputs.shape[0]
         if n < batch_size:
             raise ValueError(f"the training split has {n} sequences, fewer than "
@@ -24,6 +27,7 @@ class TrainBatches:
                              f"chunk_size {chunk_size}")
         self.split, self.batch_size, self.seed, self.k = split, batch_size, seed, chunk_size
         self.window = window if 0 < window < t else 0
+        self.augment = augment
         self.steps_per_epoch = n // batch_size  # the remainder of an epoch is dropped
         # valid target steps per episode (mask is a prefix of True after padding at the end)
         self.valid = split.mask.sum(axis=1)
@@ -39,14 +43,17 @@ class TrainBatches:
     def __call__(self, step: int) -> dict:
         idx = self.indices(step)
         s = self.split
+        key = [self.seed, self.epoch(step), int(step)]
         if not self.window:
-            return {"inputs": s.inputs[idx], "targets": s.targets[idx], "mask": s.mask[idx]}
-        w, k = self.window, self.k
-        rng = np.random.default_rng([self.seed, self.epoch(step), int(step)])
-        starts = rng.integers(0, np.maximum(self.valid[idx] - w, 0) + 1)
-        inputs = np.stack([s.inputs[j, a * k:(a + w) * k] for j, a in zip(idx, starts)])
-        targets = np.stack([s.targets[j, a:a + w] for j, a in zip(idx, starts)])
-        mask = np.stack([s.mask[j, a:a + w] for j, a in zip(idx, starts)])
+            inputs, targets, mask = s.inputs[idx], s.targets[idx], s.mask[idx]
+        else:
+            w, k = self.window, self.k
+            starts = np.random.default_rng(key).integers(0, np.maximum(self.valid[idx] - w, 0) + 1)
+            inputs = np.stack([s.inputs[j, a * k:(a + w) * k] for j, a in zip(idx, starts)])
+            targets = np.stack([s.targets[j, a:a + w] for j, a in zip(idx, starts)])
+            mask = np.stack([s.mask[j, a:a + w] for j, a in zip(idx, starts)])
+        if self.augment is not None:
+            inputs, targets = self.augment(inputs, targets, mask, np.random.default_rng(key + [1]))
         return {"inputs": inputs, "targets": targets, "mask": mask}
 
 

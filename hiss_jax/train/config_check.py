@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 S4_MODES = ("dplr", "diag")
 S4_DISCS = ("bilinear", "zoh")
-# Used when hiss_jax.data does not export DATASET_NAMES.
+# Used when hiss_jax.data cannot be imported.
 _DEFAULT_DATASETS = ("synthetic:imu", "synthetic:tactile", "csp:marker_writing",
                      "csp:intrinsic_slip", "csp:joystick", "csp:ronin", "csp:vector",
                      "csp:totalcapture")
@@ -26,11 +26,10 @@ class ConfigError(ValueError):
 
 def dataset_names() -> tuple[str, ...]:
     try:
-        from hiss_jax import data
-        names = getattr(data, "DATASET_NAMES", None)
+        from hiss_jax.data import PRESETS
     except ImportError:
-        names = None
-    return tuple(names) if names else _DEFAULT_DATASETS
+        return _DEFAULT_DATASETS
+    return tuple(sorted(PRESETS))
 
 
 def _one_of(key, value, allowed):
@@ -127,9 +126,10 @@ def check_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
 
     names = dataset_names()
     _one_of("data.name", config.data.name, names)
-    if config.data.name.startswith("csp:") and not config.data.dir:
+    if config.data.name.startswith("csp:") and not (config.data.dir or config.data.get("file")):
         raise ConfigError(f"config.data.name={config.data.name!r} reads CSP-Bench files: set "
-                          "--config.data.dir=/path/to/csp (the folder holding <name>/<name>_*.h5)")
+                          "--config.data.dir=/path/to/csp (the folder holding <name>/<name>_*.h5) "
+                          "or --config.data.file=/path/to/file.h5")
 
     _one_of("kernels.impl", config.kernels.impl, IMPLS)
 

@@ -31,6 +31,14 @@ def _build_model(config, info):
                        scan_impl=config.kernels.impl)
 
 
+def _augmenter(info):
+    """RoNIN-style training augmentation declared by the dataset (info.augment), else None."""
+    if getattr(info, "augment", None) is None:
+        return None
+    from hiss_jax.data import augment_batch
+    return lambda x, y, m, rng: augment_batch(info, x, y, m, rng)
+
+
 def total_steps(config, steps_per_epoch: int) -> int:
     if config.train.num_steps > 0:
         return int(config.train.num_steps)
@@ -91,7 +99,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
     mesh = state_lib.make_mesh(config)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     batches = batching.TrainBatches(dataset.train, tc.batch_size, tc.seed, info.chunk_size,
-                                    tc.window)
+                                    tc.window, augment=_augmenter(info))
     n_steps = total_steps(config, batches.steps_per_epoch)
     eval_every = tc.eval_every or batches.steps_per_epoch
     ckpt_every = tc.checkpoint_every or eval_every
