@@ -347,7 +347,8 @@ def preprocess_episode(ep: Mapping[str, np.ndarray], preset: Preset
     x = preset.make_input(ep)
     y = preset.make_target(ep)
     if len(x) != preset.chunk_size * len(y):
-        raise AssertionError(f"{len(x)=} != {preset.chunk_size=} * {len(y)=}")
+        raise ValueError(f"{preset.name}: {len(x)=} input rows != {preset.chunk_size=} * "
+                         f"{len(y)=} target rows; make_input / make_target must keep the rows")
     x = np.clip(with_deltas(x), -preset.clip, preset.clip)
     return x, target_transform(y, preset.target_mode)
 

@@ -102,6 +102,7 @@ def test_cache_builds_once_and_keys_on_parameters(tmp_path, monkeypatch):
         synthetic.ensure_synthetic("imu", bigger)  # changed size -> new key -> rebuild
     monkeypatch.setenv("HISS_JAX_CACHE", str(tmp_path / "env"))
     assert synthetic.cache_dir(make_cfg(cache_dir="")) == str(tmp_path / "env")
+    assert synthetic.cache_dir(make_cfg(cache_dir="~/.cache/hiss_jax")) == str(tmp_path / "env")
     assert synthetic.cache_dir(make_cfg(cache_dir=str(tmp_path / "c"))) == str(tmp_path / "c")
     monkeypatch.delenv("HISS_JAX_CACHE")
     assert synthetic.cache_dir(make_cfg(cache_dir="")) == os.path.expanduser("~/.cache/hiss_jax")
