@@ -17,10 +17,18 @@ State and all accumulation are float32; the output has x's dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+# The Triton backend of pallas_call is deprecated from jax 0.11 (Mosaic GPU is the future);
+# it is the backend these kernels are written for.
+warnings.filterwarnings("ignore", message=".*jax-pallas-triton.*", category=DeprecationWarning)
 
 _IMPLS = ("ref", "xla", "pallas", "auto")
 
@@ -278,7 +286,334 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus
     return ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)
 
 
+# --------------------------------------------------------------------------------------------
+# Pallas GPU kernels (Triton backend).
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the Pallas kernels.
+
+    chunk: the kernel's chunk length Q (a power of two >= 16). None: the caller's chunk_size
+      rounded up to a power of two within [16, 128]. The result does not depend on the chunk
+      (it only regroups exact arithmetic), so the kernel may use its own.
+    num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters.
+    """
+    chunk: int | None = None
+    num_warps_fwd: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        return cls()
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _kernel_chunk(chunk_size: int, block_sizes: BlockSizes) -> int:
+    q = block_sizes.chunk if block_sizes.chunk is not None else chunk_size
+    q = min(max(_next_pow2(q), 16), 128) if block_sizes.chunk is None else q
+    if q < 16 or q & (q - 1):
+        raise ValueError(f"BlockSizes.chunk must be a power of two >= 16 (Triton dot minimum); "
+                         f"got {block_sizes.chunk=}")
+    return q
+
+
+def _compiler_params(num_warps, num_stages):
+    # 0.10.2 and 0.11.x name it CompilerParams; older releases TritonCompilerParams.
+    cls = getattr(pltr, "CompilerParams", None) or getattr(pltr, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a, b, dims=((1,), (0,))):
+    """2-D dot with float32 accumulation; both operands share a dtype (a Triton requirement)."""
+    return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _chunk_common(dt, a, C, B, q):
+    """Per-chunk quantities shared by the forward and backward kernels.
+
+    dt: (Q,) f32  C, B: (Q, N)  ->  cs (Q,) inclusive cumsum of dt*A, total = cs_Q,
+    causal (Q, Q) mask i >= j, decay (Q, Q) = exp(cs_i - cs_j) on the causal part, else 0,
+    cb (Q, Q) = C B^T (f32 accumulation).
+    """
+    dA = dt * a
+    cs = jnp.cumsum(dA)
+    total = jnp.sum(dA)           # cs_Q as a reduction: Triton cannot index a loaded value
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+    # Mask the exponent, never the product: exp(cs_i) * exp(-cs_j) overflows within a chunk.
+    decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+    cb = _dot(C, B, ((1,), (1,)))
+    return cs, total, causal, decay, cb
+
+
+def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
+                    y_ref, hT_ref, st_ref, *, q, nc, rep):
+    """One program per (batch, head): a sequential pass over the chunks (Mamba-2 sec. 6).
+
+    x, z, y: (B, Lp, H, P)  dt: (B, Lp, H) f32  B, C: (B, Lp, G, N)  D: (H, P) f32
+    h0, hT: (B, H, P, N) f32  st: (B, nc, H, P, N) chunk-entry states (only for the backward).
+    Per chunk: y = (C B^T o decay) (dt x) + exp(cs) C h^T + D x, gated by silu(z);
+    h <- exp(cs_Q) h + (exp(cs_Q - cs) dt x)^T B. Fusing the state pass with the output
+    keeps the state in registers: no (B, nc, H, P, N) round trip through memory.
+    """
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    gi = hi // rep
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    dot_dtype = x_ref.dtype
+
+    def body(c, h):
+        t = pl.ds(pl.multiple_of(c * q, q), q)
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        Bc = b_ref[bi, t, gi, :]
+        Cc = c_ref[bi, t, gi, :]
+        cs, total, _, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+        xf = x.astype(jnp.float32)
+        xdt = xf * dt[:, None]
+        y = _dot((cb * decay).astype(dot_dtype), xdt.astype(dot_dtype))
+        y = y + jnp.exp(cs)[:, None] * _dot(Cc, h.astype(dot_dtype), ((1,), (1,)))
+        y = y + d[None, :] * xf
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(jnp.float32)
+            y = y * (zf * jax.nn.sigmoid(zf))
+        y_ref[bi, t, hi, :] = y.astype(y_ref.dtype)
+        if st_ref is not None:
+            st_ref[bi, c, hi, :, :] = h.astype(st_ref.dtype)
+        w = jnp.exp(total - cs)
+        return jnp.exp(total) * h + _dot((xdt * w[:, None]).astype(dot_dtype), Bc,
+                                         ((0,), (0,)))
+
+    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, :, :])
+
+
+def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy_ref, dhT_ref,
+                    dx_ref, ddt_ref, db_ref, dc_ref, dz_ref, da_ref, dd_ref, dh0_ref,
+                    *, q, nc, rep):
+    """One program per (batch, head): the chunks in reverse, carrying dL/dh (P, N) in f32.
+
+    Shapes as in `_ssd_fwd_kernel`; dy: (B, Lp, H, P); outputs dx, dz like x; ddt: (B, Lp, H);
+    dB, dC: (B, Lp, H, N) per-head partials (summed over a group's heads in XLA);
+    dA: (B, H, 1); dD: (B, H, P); dh0: (B, H, P, N).
+    d(dA) is formed without cancellation: for cs_i - cs_j the pairs (i >= k > j) are summed
+    with an in-kernel exclusive cumsum and a causal mask (as the Triton SSD original does),
+    never as out * dout - ddt * dt.
+    """
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    gi = hi // rep
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    dot_dtype = x_ref.dtype
+    f32 = jnp.float32
+
+    def body(i, carry):
+        dh, da_acc, dd_acc = carry
+        c = nc - 1 - i
+        t = pl.ds(pl.multiple_of(c * q, q), q)
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        Bc = b_ref[bi, t, gi, :]
+        Cc = c_ref[bi, t, gi, :]
+        h_prev = st_ref[bi, c, hi, :, :].astype(f32)
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+        ecs = jnp.exp(cs)
+        xf = x.astype(f32)
+        xdt = xf * dt[:, None]
+        m = cb * decay
+        if z_ref is not None:
+            # Recompute the pre-gate output (cheaper than storing it in the forward).
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            y = _dot(m.astype(dot_dtype), xdt.astype(dot_dtype))
+            y = y + ecs[:, None] * _dot(Cc, h_prev.astype(dot_dtype), ((1,), (1,)))
+            y = y + d[None, :] * xf
+            sz = jax.nn.sigmoid(zf)
+            dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(
+                dz_ref.dtype)
+            dout = dout * zf * sz
+        dd_acc = dd_acc + jnp.sum(dout * xf, axis=0)
+        dout_c = dout.astype(dot_dtype)
+        # Intra-chunk term y = M (dt x), M = C B^T o decay.
+        dm = _dot(dout_c, xdt.astype(dot_dtype), ((1,), (1,)))              # (Q, Q)
+        dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))              # (Q, P)
+        dcb = (dm * decay).astype(dot_dtype)
+        dC = _dot(dcb, Bc)
+        dB = _dot(dcb, Cc, ((0,), (0,)))
+        # Inter-chunk term y_i += exp(cs_i) h_prev C_i.
+        dC_inter = ecs[:, None] * _dot(dout_c, h_prev.astype(dot_dtype))   # (Q, N)
+        dC = dC + dC_inter
+        t_inter = jnp.sum(dC_inter * Cc.astype(f32), axis=1)                # d/dcs_i
+        dh_from_out = _dot((dout * ecs[:, None]).astype(dot_dtype), Cc, ((0,), (0,)))
+        # State write h = exp(cs_Q) h_prev + sum_j exp(cs_Q - cs_j) (dt x)_j B_j^T.
+        w = jnp.exp(total - cs)
+        dh_c = dh.astype(dot_dtype)
+        bdh = _dot(Bc, dh_c, ((1,), (1,)))                                  # (Q, P)
+        dxdt = dxdt + w[:, None] * bdh
+        dB = dB + w[:, None] * _dot(xdt.astype(dot_dtype), dh_c)
+        f_write = w * jnp.sum(xdt * bdh, axis=1)
+        s_prev = jnp.exp(total) * jnp.sum(dh * h_prev)
+        # d(dA_k): cs_i depends on dA_k for k <= i.
+        e = dm * m                                                           # pair (i, j)
+        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
+        dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+        ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+        dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+        db_ref[bi, t, hi, :] = dB.astype(db_ref.dtype)
+        dc_ref[bi, t, hi, :] = dC.astype(dc_ref.dtype)
+        dh = jnp.exp(total) * dh + dh_from_out
+        return dh, da_acc + jnp.sum(dda * dt), dd_acc
+
+    p = x_ref.shape[-1]
+    init = (dhT_ref[bi, hi, :, :], jnp.zeros((), f32), jnp.zeros((p,), f32))
+    dh, da, dd = jax.lax.fori_loop(0, nc, body, init)
+    dh0_ref[bi, hi, :, :] = dh
+    da_ref[bi, hi, :] = jnp.full((16,), da, f32)
+    dd_ref[bi, hi, :] = dd
+
+
+def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name,
+        compiler_params=None if interpret else _compiler_params(num_warps, num_stages))
+
+
+def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
+    """Launches `_ssd_fwd_kernel` on padded operands; returns y, hT [, chunk-entry states]."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]
+    if save_states:
+        # Stored in the input dtype: bf16 entry states halve the largest residual and stay
+        # within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
+        out_shape.append(jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype))
+
+    has_z = z is not None
+    n_in = 7 + has_z
+
+    def kernel(*refs):
+        ins = list(refs[:6]) + [refs[6] if has_z else None, refs[n_in - 1]]
+        outs = list(refs[n_in:]) + ([] if save_states else [None])
+        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
+
+    args = [x, dt, A, B, C, D] + ([z] if z is not None else []) + [h0]
+    return _pallas_call(kernel, out_shape, (b, h), bs.num_warps_fwd, bs.num_stages, interpret,
+                        "ssd_fwd")(*args)
+
+
+def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
+    """Launches `_ssd_bwd_kernel`; returns padded-shape gradients (per-head dB/dC partials)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    part = x.dtype      # per-head dB/dC partials: f32 for f32 inputs, bf16 halves the traffic
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
+                 jax.ShapeDtypeStruct((b, lp, h), jnp.float32),          # ddt
+                 jax.ShapeDtypeStruct((b, lp, h, n), part),              # dB partials
+                 jax.ShapeDtypeStruct((b, lp, h, n), part)]              # dC partials
+    if z is not None:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
+    out_shape += [jax.ShapeDtypeStruct((b, h, 16), jnp.float32),         # dA (16 copies)
+                  jax.ShapeDtypeStruct((b, h, p), jnp.float32),          # dD
+                  jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]       # dh0
+    has_z = z is not None
+
+    def kernel(*refs):
+        refs = list(refs)
+        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
+        outs = refs[9:]
+        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
+        _ssd_bwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
+
+    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dy, dhT]
+    res = _pallas_call(kernel, out_shape, (b, h), bs.num_warps_bwd, bs.num_stages, interpret,
+                       "ssd_bwd")(*args)
+    res = list(res)
+    dz = res.pop(4) if has_z else None
+    dx, ddt, dbp, dcp, da, dd, dh0 = res
+    return dx, ddt, dbp, dcp, dz, da, dd, dh0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _ssd_core(x, dt, A, B, C, D, z, h0, q, bs, interpret):
+    """Padded operands (Lp % q == 0, P and N powers of two >= 16) -> (y, hT)."""
+    return _fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
+                     save_states=False)
+
+
+def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
+    y, hT, states = _fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
+                              save_states=True)
+    return (y, hT), (x, dt, A, B, C, D, z, states)
+
+
+def _ssd_core_bwd(q, bs, interpret, res, cts):
+    x, dt, A, B, C, D, z, states = res
+    dy, dhT = cts
+    dx, ddt, dbp, dcp, dz, da, dd, dh0 = _bwd_call(
+        x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,
+        interpret=interpret)
+    b, lp, h, _ = x.shape
+    g, n = B.shape[2:]
+    # Sum the per-head partials over each group's heads (head h reads group h // (H // G)).
+    dB = dbp.astype(jnp.float32).reshape(b, lp, g, h // g, n).sum(3).astype(B.dtype)
+    dC = dcp.astype(jnp.float32).reshape(b, lp, g, h // g, n).sum(3).astype(C.dtype)
+    return (dx, ddt, da[:, :, 0].sum(0).astype(A.dtype), dB, dC, dd.sum(0).astype(D.dtype),
+            dz, dh0)
+
+
+_ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
+
+
+def _pad_to(t, axis, size):
+    if t.shape[axis] == size:
+        return t
+    widths = [(0, 0)] * t.ndim
+    widths[axis] = (0, size - t.shape[axis])
+    return jnp.pad(t, widths)
+
+
 def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
                dt_softplus=False, initial_state=None, return_final_state=False,
                block_sizes=None, interpret=None):
-    raise NotImplementedError("ssd impl='pallas' is not written yet; use impl='xla' or 'ref'")
+    """SSD with the Pallas kernels (Triton backend); interpret mode when no GPU is present.
+
+    x, z: (B, L, H, P)  dt: (B, L, H)  A: (H,)  B, C: (B, L, G, N)  D: (H,) or (H, P)
+    The wrapper applies dt's bias and softplus in XLA (autodiff carries them), zero-pads
+    time to a multiple of the kernel chunk (padded steps have dt = 0: no decay, no write) and
+    P, N to powers of two >= 16 (Triton's smallest dot), then calls the fused kernels under
+    `jax.custom_vjp`. Returns y (B, L, H, P) [, h_L (B, H, P, N) float32].
+    """
+    b, l, h, p, g, n = _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state)
+    bs = block_sizes or BlockSizes.get_default()
+    if interpret is None:
+        interpret = not _on_gpu()
+    q = _kernel_chunk(chunk_size, bs)
+    lp = -(-l // q) * q
+    pp, nn = max(16, _next_pow2(p)), max(16, _next_pow2(n))
+    f32 = jnp.float32
+    dt_eff = _pad_to(_effective_dt(dt, dt_bias, dt_softplus), 1, lp)
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"ssd_pallas supports float32/bfloat16/float16 x; got {x.dtype=}")
+    # Triton dots need one operand dtype: B and C follow x.
+    xp = _pad_to(_pad_to(x, 1, lp), 3, pp)
+    Bp = _pad_to(_pad_to(B.astype(x.dtype), 1, lp), 3, nn)
+    Cp = _pad_to(_pad_to(C.astype(x.dtype), 1, lp), 3, nn)
+    if D is None:
+        Dp = jnp.zeros((h, pp), f32)
+    else:
+        Dp = _pad_to(jnp.broadcast_to((D[:, None] if D.ndim == 1 else D).astype(f32), (h, p)),
+                     1, pp)
+    zp = None if z is None else _pad_to(_pad_to(z, 1, lp), 3, pp)
+    h0 = (jnp.zeros((b, h, pp, nn), f32) if initial_state is None
+          else _pad_to(_pad_to(initial_state.astype(f32), 2, pp), 3, nn))
+    y, hT = _ssd_core(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q, bs, interpret)
+    y = y[:, :l, :, :p]
+    return (y, hT[:, :, :p, :n]) if return_final_state else y
