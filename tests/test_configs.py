@@ -80,7 +80,7 @@ def _set(config, key, value):
     ("optim.weight_decay", 0.1, 1, r"config.optim.weight_decay=0.1 needs config.optim.name='adamw'"),
     ("train.batch_size", 6, 4, r"config.train.batch_size=6 is not divisible by the data-axis size 4"),
     ("mesh.data", 3, 4, r"config.mesh.data=3 x config.mesh.model=1 does not match the 4"),
-    ("model.low.mamba2.headdim", 48, 1, r"config.model.low.mamba2.headdim=48 must divide d_inner"),
+    ("model.low.mamba2.n_groups", 3, 1, r"config.model.low.mamba2.n_groups=3 must divide the number of heads 4.*\[1, 2, 4\]"),
     ("model.low.s4.mode", "nplr", 1, r"config.model.low.s4.mode='nplr'.*\['dplr', 'diag'\]"),
 ])
 def test_impossible_values_name_the_key_and_allowed_values(key, value, n_devices, match):

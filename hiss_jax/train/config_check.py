@@ -80,14 +80,15 @@ def _check_level(key: str, lvl) -> None:
         for f in ("d_state", "d_conv", "expand", "headdim", "n_groups", "chunk_size"):
             _positive_int(f"{key}.mamba2.{f}", m[f])
         d_inner = m.expand * lvl.d_model
-        if d_inner % m.headdim:
-            raise ConfigError(
-                f"config.{key}.mamba2.headdim={m.headdim} must divide d_inner = expand * d_model "
-                f"= {m.expand} * {lvl.d_model} = {d_inner}")
-        n_heads = d_inner // m.headdim
+        # headdim is a cap (hiss_jax.models.mamba2.pick_headdim): the largest divisor of d_inner
+        # that is <= headdim
+        head = max(p for p in range(1, min(m.headdim, d_inner) + 1) if d_inner % p == 0)
+        n_heads = d_inner // head
         if n_heads % m.n_groups:
-            raise ConfigError(f"config.{key}.mamba2.n_groups={m.n_groups} must divide the number "
-                              f"of heads d_inner / headdim = {n_heads}")
+            raise ConfigError(
+                f"config.{key}.mamba2.n_groups={m.n_groups} must divide the number of heads "
+                f"{n_heads} (d_inner {d_inner} / head dim {head}); use one of "
+                f"{[g for g in range(1, n_heads + 1) if n_heads % g == 0]}")
 
 
 def mesh_shape(config, n_devices: int) -> tuple[int, int]:
