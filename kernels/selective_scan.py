@@ -15,7 +15,8 @@ Implementations (`impl`):
     "pallas"  the Pallas GPU kernels (Triton backend) under `jax.custom_vjp`
               (interpret mode when no GPU is present).
     "auto"    pallas on GPU, xla elsewhere.
-State and all accumulation are float32; the output has u's dtype.
+State and all accumulation are float32 (the references switch to float64 when given float64
+inputs, for error measurements); the output has u's dtype.
 """
 from __future__ import annotations
 
@@ -76,22 +77,27 @@ def _as_groups(x):
     return x[:, :, None, :] if x.ndim == 3 else x
 
 
-def _discretize(delta, delta_bias, delta_softplus):
-    """delta (+ bias, softplus) in float32: the step size of eq. 4."""
-    dt = delta.astype(jnp.float32)
+def _acc_dtype(*xs):
+    """float32, or float64 when an input is float64 (the references then run in float64)."""
+    return jnp.result_type(jnp.float32, *[x.dtype for x in xs if x is not None])
+
+
+def _discretize(delta, delta_bias, delta_softplus, acc):
+    """delta (+ bias, softplus) in the accumulation dtype: the step size of eq. 4."""
+    dt = delta.astype(acc)
     if delta_bias is not None:
-        dt = dt + delta_bias.astype(jnp.float32)
+        dt = dt + delta_bias.astype(acc)
     if delta_softplus:
         dt = jax.nn.softplus(dt)
     return dt
 
 
 def _finish(y, u, D, z):
-    """y + D u, gated by silu(z); float32 in, float32 out."""
+    """y + D u, gated by silu(z), in y's (accumulation) dtype."""
     if D is not None:
-        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+        y = y + D.astype(y.dtype) * u.astype(y.dtype)
     if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
+        y = y * jax.nn.silu(z.astype(y.dtype))
     return y
 
 
@@ -109,8 +115,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Euler B-discretisation (delta * B), as mamba_ssm does.
     """
     b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    f32 = jnp.float32
-    dt = _discretize(delta, delta_bias, delta_softplus)
+    f32 = _acc_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dt = _discretize(delta, delta_bias, delta_softplus, f32)
     Bg = _as_groups(B).astype(f32)
     Cg = _as_groups(C).astype(f32)
     Ag = A.astype(f32).reshape(g, di // g, n)
@@ -145,8 +151,8 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
     Memory: two (B, L, Di, N) float32 arrays plus the scan's temporaries.
     """
     b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    f32 = jnp.float32
-    dt = _discretize(delta, delta_bias, delta_softplus).reshape(b, l, g, di // g, 1)
+    f32 = _acc_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dt = _discretize(delta, delta_bias, delta_softplus, f32).reshape(b, l, g, di // g, 1)
     u_g = u.astype(f32).reshape(b, l, g, di // g, 1)
     Bg = _as_groups(B).astype(f32)[:, :, :, None, :]
     Cg = _as_groups(C).astype(f32)
