@@ -300,7 +300,7 @@ class BlockSizes:
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
-    num_warps_bwd: int = 4
+    num_warps_bwd: int = 8
     num_stages: int = 2
 
     @classmethod
