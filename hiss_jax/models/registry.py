@@ -1,0 +1,111 @@
+"""The registry: level kind -> Stack class, model type -> builder.  The ONLY place that dispatches
+on `kind` / `type` strings (STYLE.md).
+
+A level config (`configs/base.py:level_config`) carries `kind`, `d_model`, `n_layers`, `dropout`
+and one sub-dict per family; `make_stack` passes exactly the chosen family's sub-dict to its Stack
+(plus `scan_impl` for the Stacks that take one), so `--config.model.low.kind=lstm` needs no edit.
+"""
+import dataclasses
+from typing import Any, Mapping
+
+from flax import linen as nn
+
+from hiss_jax.models.hiss import FlatModel, HierarchicalModel, LevelModel, MultiBranchModel
+from hiss_jax.models.lstm import LSTMStack
+from hiss_jax.models.mamba import MambaStack
+from hiss_jax.models.mamba2 import Mamba2Stack
+from hiss_jax.models.s4 import S4_SSM_PARAM_NAMES, S4Stack
+from hiss_jax.models.transformer import TransformerStack
+
+STACKS = {
+    "s4": S4Stack,
+    "mamba": MambaStack,
+    "mamba2": Mamba2Stack,
+    "lstm": LSTMStack,
+    "transformer": TransformerStack,
+}
+
+# Leaf names of SSM dynamics parameters: own learning rate, no weight decay (STYLE.md, Training).
+MAMBA_SSM_PARAM_NAMES = ("A_log", "dt_bias", "D")
+SSM_PARAM_NAMES = tuple(dict.fromkeys(MAMBA_SSM_PARAM_NAMES + tuple(S4_SSM_PARAM_NAMES)))
+
+
+def _as_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    return dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def make_stack(level_cfg, scan_impl: str = "auto") -> nn.Module:
+    """Level config -> unbound Stack module (x (B, L, d_model) -> (B, L, d_model))."""
+    kind = level_cfg["kind"]
+    if kind not in STACKS:
+        raise ValueError(f"unknown level kind {kind!r}; allowed kinds: {sorted(STACKS)}")
+    cls = STACKS[kind]
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    sub = _as_dict(level_cfg.get(kind))
+    unknown = sorted(set(sub) - fields)
+    if unknown:
+        raise ValueError(f"level.{kind} has settings {unknown} that {cls.__name__} does not take; "
+                         f"its fields are {sorted(fields)}")
+    kwargs = dict(d_model=int(level_cfg["d_model"]), n_layers=int(level_cfg["n_layers"]),
+                  dropout=float(level_cfg["dropout"]), **sub)
+    if "scan_impl" in fields:
+        kwargs["scan_impl"] = scan_impl
+    return cls(**kwargs)
+
+
+def _build_hiss(model_cfg, input_dim: int, output_dim: int, scan_impl: str) -> nn.Module:
+    del input_dim  # the low level's embed infers it
+    d_high = int(model_cfg.high.d_model)
+    low = LevelModel(stack=make_stack(model_cfg.low, scan_impl),
+                     embed_features=int(model_cfg.low.d_model), out_features=d_high)
+    return HierarchicalModel(low=low, high=make_stack(model_cfg.high, scan_impl),
+                             chunk_size=int(model_cfg.chunk_size), output_dim=output_dim)
+
+
+def _build_flat(model_cfg, input_dim: int, output_dim: int, scan_impl: str) -> nn.Module:
+    del input_dim
+    level = LevelModel(stack=make_stack(model_cfg.flat, scan_impl),
+                       embed_features=int(model_cfg.flat.d_model), out_features=output_dim)
+    return FlatModel(level=level, chunk_size=int(model_cfg.chunk_size))
+
+
+def branch_ranges(branches: Mapping[str, Any], input_dim: int):
+    """name -> [start, stop) mapping -> ((name, start, stop), ...) ordered by start, validated."""
+    out = []
+    for name, rng in _as_dict(branches).items():
+        if len(rng) != 2:
+            raise ValueError(f"branch {name!r}: expected [start, stop), got {rng!r}")
+        start, stop = int(rng[0]), int(rng[1])
+        if not 0 <= start < stop <= input_dim:
+            raise ValueError(f"branch {name!r}: channel range [{start}, {stop}) does not lie "
+                             f"inside the {input_dim} input channels; fix model.branches.{name}")
+        out.append((name, start, stop))
+    if not out:
+        raise ValueError("model.type='multibranch' needs model.branches (name -> [start, stop))")
+    return tuple(sorted(out, key=lambda b: (b[1], b[0])))
+
+
+def _build_multibranch(model_cfg, input_dim: int, output_dim: int, scan_impl: str) -> nn.Module:
+    branches = branch_ranges(model_cfg.branches, input_dim)
+    d_high = int(model_cfg.high.d_model)
+    # One low model per branch, each with its own parameters (same low config).
+    lows = tuple(LevelModel(stack=make_stack(model_cfg.low, scan_impl),
+                            embed_features=int(model_cfg.low.d_model), out_features=d_high)
+                 for _ in branches)
+    return MultiBranchModel(branches=branches, lows=lows, high=make_stack(model_cfg.high, scan_impl),
+                            chunk_size=int(model_cfg.chunk_size), d_high=d_high,
+                            output_dim=output_dim)
+
+
+MODEL_BUILDERS = {"hiss": _build_hiss, "flat": _build_flat, "multibranch": _build_multibranch}
+
+
+def build_model(model_cfg, *, input_dim: int, output_dim: int, scan_impl: str = "auto") -> nn.Module:
+    """config.model -> unbound linen model.  x (B, L, input_dim), L a multiple of chunk_size ->
+    y (B, L // chunk_size, output_dim).  Dropout rng name: 'dropout'."""
+    model_type = model_cfg["type"]
+    if model_type not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model.type {model_type!r}; allowed: {sorted(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[model_type](model_cfg, int(input_dim), int(output_dim), scan_impl)
