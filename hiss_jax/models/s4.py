@@ -149,7 +149,10 @@ class S4Layer(nn.Module):
         if self.mode == "diag":
             da, db = ssm_math.discretize_diag(lam, b, dt[:, None], self.disc)
             state, y = ssm_math.diag_step(state, u32, da, db, c)
+        elif self.disc == "bilinear":
+            state, y = ssm_math.dplr_bilinear_step(state, u32, lam, p, b, c, dt)
         else:
+            # exp of a DPLR matrix has no O(N) form: zero-order hold steps the dense matrix.
             a_f, b_f = ssm_math.dplr_dense(lam, p, b)
             da, db = ssm_math.discretize_dense(a_f, b_f, dt, self.disc)
             n2 = self.d_state // 2

@@ -282,3 +282,27 @@ def dense_half_step(x, u, da_top, db_top, c):
     x_f = jnp.concatenate([x, jnp.conj(x)], axis=-1)
     x = jnp.einsum("hmn,bhn->bhm", da_top, x_f) + db_top * u[..., None]
     return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))
+
+
+def dplr_bilinear_step(x, u, lam, p, b, c, dt):
+    """One bilinear step of the conjugate-completed DPLR SSM in O(N), no dense matrix.
+
+    x: (B, H, N2) complex  u: (B, H)  lam, p, b, c: (H, N2)  dt: (H,)
+    ->  x': (B, H, N2), y: (B, H) real                                   (S4 eq. 3, App. C.2)
+    x' = (I - dt/2 A)^{-1} [(I + dt/2 A) x + dt B u] with A = Lambda_f - p_f p_f^*:
+    the forward half is A x = Lambda x - p (p_f^* x_f), the backward half the Woodbury identity
+    (D^{-1} + h p p^*)^{-1} = D - h D p (1 + h p^* D p)^{-1} p^* D, D = (1 - h Lambda)^{-1},
+    h = dt/2. For a conjugate-symmetric vector v_f, p_f^* v_f = 2 Re(sum conj(p) v) is real.
+    """
+    h = (dt / 2)[:, None]
+    pc = jnp.conj(p)
+
+    def inner(w, v):  # conjugate-completed inner product w_f^* v_f over the state axis
+        return 2.0 * jnp.real(jnp.sum(w * v, axis=-1, keepdims=True))
+
+    v = x + h * (lam * x - p * inner(pc, x)) + 2 * h * b * u[..., None]
+    d = 1.0 / (1.0 - h * lam)
+    dv = d * v
+    q = inner(pc, dv) / (1.0 + h * inner(pc, d * p))
+    x = dv - h * d * p * q
+    return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 LAYER_NORM_EPS = 1e-5  # PyTorch nn.LayerNorm default
+# KV cache length when init_state gets none: ~7 min at 5 Hz, 40 s at 50 Hz (flat baseline).
+DEFAULT_CACHE_LEN = 2048
 
 
 def sinusoidal_encoding(positions, d_model: int):
@@ -93,7 +95,9 @@ class EncoderLayer(nn.Module):
                                               (0, pos, 0, 0)),
         }
         visible = jnp.arange(cache["k"].shape[1]) <= pos
-        x = x_t[:, None] + self._attend(attention_probs(q, cache["k"], visible), cache["v"], True)
+        att = self._attend(attention_probs(q, cache["k"], visible), cache["v"], True)
+        # The cache is float32; keep the residual stream in the input dtype as __call__ does.
+        x = x_t[:, None] + att.astype(x_t.dtype)
         return cache, self._feed_forward(x, True)[:, 0]
 
 
@@ -134,11 +138,15 @@ class TransformerStack(nn.Module):
             x = layer(x, deterministic=deterministic)
         return self.final_norm(x)
 
-    def init_state(self, batch_size: int, max_len: int | None = None):
-        """Zero KV caches of length max_len (the longest stream to be stepped) and pos = 0."""
-        if max_len is None or max_len < 1:
-            raise ValueError(f"TransformerStack.init_state needs the KV cache length, got "
-                             f"{max_len=}; pass max_len >= the number of steps to run")
+    def init_state(self, batch_size: int, max_len: int = DEFAULT_CACHE_LEN):
+        """Zero KV caches of length max_len (the longest stream to be stepped) and pos = 0.
+
+        The default lets callers that only pass batch_size (the uniform Stack interface) work;
+        pass max_len for longer streams (steps past it return NaN).
+        """
+        if max_len < 1:
+            raise ValueError(f"TransformerStack.init_state: KV cache length {max_len=} must be "
+                             f">= 1; pass max_len >= the number of steps to run")
         shape = (batch_size, max_len, self.n_heads, self.d_model // self.n_heads)
         zeros = jnp.zeros(shape, jnp.float32)
         return {"pos": jnp.zeros((), jnp.int32),

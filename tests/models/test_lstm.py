@@ -16,7 +16,7 @@ H, L, BATCH = 6, 37, 2
 def _stack(n_layers=2):
     model = LSTMStack(d_model=H, n_layers=n_layers, dropout=0.3)
     x = jax.random.normal(jax.random.key(0), (BATCH, L, H))
-    return model, model.init(jax.random.key(1), x), x
+    return model, jax.jit(model.init)(jax.random.key(1), x), x
 
 
 def _np_lstm(params, x, n_layers):
@@ -77,7 +77,8 @@ def test_dropout_only_between_layers_and_finite_grads():
     # A single layer has no "between": dropout must not touch its output (nn.LSTM semantics).
     assert_close(one.apply(one_vars, x, deterministic=False, rngs=rngs(2)),
                  one.apply(one_vars, x), jnp.float32, what="1-layer dropout")
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(variables["params"])
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     for g in jax.tree_util.tree_leaves(grads):
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
 

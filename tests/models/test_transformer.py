@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hiss_jax.models.transformer import TransformerStack, sinusoidal_encoding
+from hiss_jax.models.transformer import DEFAULT_CACHE_LEN, TransformerStack, sinusoidal_encoding
 from tests.conftest import assert_close, rel_err
 
 D, HEADS, FF, L, BATCH = 8, 2, 16, 37, 2
@@ -16,7 +16,7 @@ D, HEADS, FF, L, BATCH = 8, 2, 16, 37, 2
 def _stack():
     model = TransformerStack(d_model=D, n_layers=2, dropout=0.2, n_heads=HEADS, d_ff=FF)
     x = jax.random.normal(jax.random.key(0), (BATCH, L, D))
-    return model, model.init(jax.random.key(1), x), x
+    return model, jax.jit(model.init)(jax.random.key(1), x), x
 
 
 def _np_layer_norm(x, p, eps=1e-5):
@@ -109,7 +109,8 @@ def test_dropout_and_finite_grads():
     y_b = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
     assert rel_err(y_a, y_b) > 1e-3
     cot = jax.random.normal(jax.random.key(4), x.shape)
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) * cot))(variables["params"])
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) * cot)  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     for g in jax.tree_util.tree_leaves(grads):
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
 
@@ -119,5 +120,7 @@ def test_validates_options():
         TransformerStack(d_model=6, n_layers=1, n_heads=4).init(
             jax.random.key(0), jnp.zeros((1, 3, 6)))
     model, variables, _ = _stack()
-    with pytest.raises(ValueError, match="max_len=None"):
-        model.apply(variables, BATCH, method="init_state")
+    with pytest.raises(ValueError, match="max_len=0"):
+        model.apply(variables, BATCH, max_len=0, method="init_state")
+    default = model.apply(variables, BATCH, method="init_state")
+    assert default["layers"][0]["k"].shape == (BATCH, DEFAULT_CACHE_LEN, HEADS, D // HEADS)
