@@ -5,15 +5,17 @@ Shapes written per modality m: `m: (S, D_m)` float32, `m_timestamps: (S,)` float
 exactly like a real CSP-Bench file.
 
 'imu' (mirrors VECtor; modalities acce (3), gyro (3) at 100 Hz, pose (7 = xyz + quat xyzw)
-at 30 Hz): a smooth 3-D trajectory, a sum of random sinusoids per axis (periods 1.25-6.7 s)
-that starts at the origin, and a smooth orientation (yaw/pitch/roll sums of slow sinusoids
+at 30 Hz): a smooth 3-D trajectory starting at rest at the origin (velocity: random
+sinusoids per axis, periods 2-10 s, under a 1.5 s raised-cosine start ramp; position by
+integration), and a smooth orientation (yaw/pitch/roll sums of slow sinusoids
 starting at zero yaw, so the world frame is the initial heading and the target is
 observable from the IMU).  The IMU reports
     specific force  f_b = R^T (a_w - g_w),  g_w = (0, 0, -9.81) m/s^2,
-    angular rate    w_b = vee(R^T dR/dt)  (from R(t - h)^T R(t + h), h = 1 ms),
-each with a per-episode constant bias and white noise.  Velocity is a fixed linear filter of
-the acceleration history (per sinusoid v = -a' / w^2), so 0.2 s position deltas are
-recoverable from a few seconds of causal IMU history.
+    angular rate    w_b = vee(R^T dR/dt)  (closed form from the Euler angle rates),
+each with a per-episode constant bias and white noise.  Velocity is the integral of the
+acceleration from rest and, after the ramp, also a fixed linear filter of the recent
+acceleration (per sinusoid, v is a -90 degree phase shift of a scaled by 1 / w), so 0.2 s
+position deltas are recoverable from the causal IMU history.
 
 'tactile' (mirrors Marker Writing; modalities tactile (30) at 100 Hz, kinova (7) at 30 Hz):
 a magnet dipole m (mostly along z, small per-episode tilt) gliding 3-4 mm above a 5 x 2 grid
@@ -38,7 +40,7 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-GENERATOR_VERSION = 1  # bump when the generated data change; part of the cache key
+GENERATOR_VERSION = 3  # bump when the generated data change; part of the cache key
 KINDS = ("imu", "tactile")
 DEFAULT_N_EPISODES = 128
 DEFAULT_EPISODE_SECONDS = 30.0
@@ -50,6 +52,34 @@ def _sines(rng, n_axes, n_terms, f_lo, f_hi):
     return rng.uniform(f_lo, f_hi, (n_axes, n_terms)), rng.uniform(0, 2 * np.pi, (n_axes, n_terms))
 
 
+def euler_zyx_matrix(e: np.ndarray) -> np.ndarray:
+    """e: (n, 3) [yaw, pitch, roll] -> (n, 3, 3) body-to-world R = Rz(yaw) Ry(pitch) Rx(roll).
+
+    The intrinsic 'ZYX' convention of scipy's Rotation.from_euler, built directly because it
+    is ~10x faster for the per-sample rotations of the generator.
+    """
+    cy, sy = np.cos(e[:, 0]), np.sin(e[:, 0])
+    cp, sp = np.cos(e[:, 1]), np.sin(e[:, 1])
+    cr, sr = np.cos(e[:, 2]), np.sin(e[:, 2])
+    return np.stack([
+        np.stack([cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr], -1),
+        np.stack([sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr], -1),
+        np.stack([-sp, cp * sr, cp * cr], -1)], axis=-2)
+
+
+def body_rates_zyx(e: np.ndarray, de: np.ndarray) -> np.ndarray:
+    """e, de: (n, 3) ZYX Euler angles [yaw, pitch, roll] and rates -> (n, 3) body angular rate.
+
+    omega_b = vee(R^T dR/dt) = [roll' - yaw' sin(pitch),
+                                pitch' cos(roll) + yaw' cos(pitch) sin(roll),
+                                -pitch' sin(roll) + yaw' cos(pitch) cos(roll)].
+    """
+    cp, sp = np.cos(e[:, 1]), np.sin(e[:, 1])
+    cr, sr = np.cos(e[:, 2]), np.sin(e[:, 2])
+    dy, dp, dr = de[:, 0], de[:, 1], de[:, 2]
+    return np.stack([dr - dy * sp, dp * cr + dy * cp * sr, -dp * sr + dy * cp * cr], -1)
+
+
 def _imu_episode(rng: np.random.Generator, seconds: float, t_base: float) -> dict:
     """-> {m: (timestamps (S_m,), rows (S_m, D_m), rate)}: acce (S, 3), gyro (S, 3) at
     100 Hz, pose (S', 7) at 30 Hz; see the module docstring for the model."""
@@ -58,47 +88,64 @@ def _imu_episode(rng: np.random.Generator, seconds: float, t_base: float) -> dic
     t_imu = rng.uniform(0, 1 / imu_hz) + np.arange(int((seconds + extra) * imu_hz)) / imu_hz
     t_pose = rng.uniform(0, 1 / pose_hz) + np.arange(int((seconds + extra) * pose_hz)) / pose_hz
 
-    # Position: per axis K sinusoids whose ACCELERATION amplitudes are ~0.3-1.2 m/s^2
-    # (walking/handheld scale); z moves less.  Starts at the origin.
-    k = 4
-    freq, phase = _sines(rng, 3, k, 0.15, 0.8)
+    # Velocity: per axis K sinusoids of EQUAL velocity amplitude (0.1-0.35 m/s, z smaller),
+    # 0.1-0.5 Hz, under a raised-cosine envelope over the first 1.5 s so every episode starts
+    # at rest.  From rest, velocity is the integral of the acceleration, and after the ramp it
+    # is also a stationary linear filter of recent acceleration: either route generalises,
+    # where a nonzero start velocity could only be memorised per training episode.
+    k, ramp = 4, 1.5
+    freq, phase = _sines(rng, 3, k, 0.1, 0.5)
     w = 2 * np.pi * freq
-    acc_amp = rng.uniform(0.3, 1.2, (3, k)) * np.array([[1.0], [1.0], [0.4]])
-    pos_amp = acc_amp / w ** 2
+    v_amp = rng.uniform(0.1, 0.35, (3, k)) * np.array([[1.0], [1.0], [0.4]])
+
+    def envelope(t):  # (n,) and its time derivative
+        x = np.clip(t / ramp, 0.0, 1.0)
+        e = 0.5 * (1 - np.cos(np.pi * x))
+        de = np.where(t < ramp, 0.5 * np.pi / ramp * np.sin(np.pi * x), 0.0)
+        return e[:, None], de[:, None]
+
+    def vel_and_acc(t):  # (n, 3) each, world frame
+        arg = w * t[:, None, None] + phase
+        s_ = np.einsum("ak,tak->ta", v_amp, np.sin(arg))
+        ds = np.einsum("ak,tak->ta", v_amp * w, np.cos(arg))
+        e, de = envelope(t)
+        return e * s_, de * s_ + e * ds
+
+    # Position: trapezoid rule at 1 kHz through the ramp (error ~1e-8 m), closed form after
+    # it, where the envelope is 1: p(t) = p(ramp) + sum V / w (cos(w ramp + phi) - cos(w t + phi)).
+    t_ramp = np.linspace(0.0, ramp, 1501)
+    v_ramp, _ = vel_and_acc(t_ramp)
+    p_ramp = np.concatenate([np.zeros((1, 3)), np.cumsum(
+        0.5 * (v_ramp[1:] + v_ramp[:-1]) * (t_ramp[1] - t_ramp[0]), axis=0)])
 
     def pos(t):
-        return np.einsum("ak,tak->ta", pos_amp, np.sin(w * t[:, None, None] + phase))
+        late = p_ramp[-1] + np.einsum("ak,tak->ta", v_amp / w, np.cos(w * ramp + phase)
+                                      - np.cos(w * np.maximum(t, ramp)[:, None, None] + phase))
+        early = np.stack([np.interp(t, t_ramp, p_ramp[:, a]) for a in range(3)], axis=-1)
+        return np.where((t < ramp)[:, None], early, late)
 
-    def acc(t):
-        return -np.einsum("ak,tak->ta", acc_amp, np.sin(w * t[:, None, None] + phase))
-
-    p0 = pos(np.zeros(1))
-
-    # Orientation: yaw wanders by ~0.2 rad from 0, pitch/roll by ~0.05 rad.
+    # Orientation: yaw wanders by ~0.2 rad from 0, pitch/roll by ~0.05 rad (ZYX Euler angles).
     o_freq, o_phase = _sines(rng, 3, 2, 0.05, 0.4)
+    o_w = 2 * np.pi * o_freq
     o_amp = rng.uniform(0.5, 1.0, (3, 2)) * np.array([[0.12], [0.03], [0.03]])
-
-    def wander(t):  # (n, 3) yaw, pitch, roll
-        return np.einsum("ak,tak->ta", o_amp,
-                         np.sin(2 * np.pi * o_freq * t[:, None, None] + o_phase))
-
     # yaw(0) = 0 makes the world frame the initial heading (yaw is unobservable from an IMU);
     # the initial pitch/roll stay random since gravity reveals them.
-    yaw0 = wander(np.zeros(1)) * np.array([[1.0, 0.0, 0.0]])
+    yaw0 = np.einsum("k,k->", o_amp[0], np.sin(o_phase[0]))
 
-    def euler(t):
-        return wander(t) - yaw0
+    def euler_and_rate(t):  # (n, 3) [yaw, pitch, roll] and their time derivatives
+        arg = o_w * t[:, None, None] + o_phase
+        e = np.einsum("ak,tak->ta", o_amp, np.sin(arg)) - np.array([yaw0, 0.0, 0.0])
+        return e, np.einsum("ak,tak->ta", o_amp * o_w, np.cos(arg))
 
-    def rot(t):
-        return Rotation.from_euler("ZYX", euler(t))
-
-    r = rot(t_imu)
-    f_body = r.inv().apply(acc(t_imu) + np.array([0.0, 0.0, GRAVITY]))
-    h = 1e-3
-    w_body = (rot(t_imu - h).inv() * rot(t_imu + h)).as_rotvec() / (2 * h)
-    acce = f_body + rng.normal(0, 0.03, 3) + rng.normal(0, 0.05, f_body.shape)
-    gyro = w_body + rng.normal(0, 0.002, 3) + rng.normal(0, 0.004, w_body.shape)
-    pose = np.concatenate([pos(t_pose) - p0, rot(t_pose).as_quat()], axis=-1)
+    e, de = euler_and_rate(t_imu)
+    r = euler_zyx_matrix(e)  # body -> world
+    _, acc = vel_and_acc(t_imu)
+    f_body = np.einsum("tji,tj->ti", r, acc + np.array([0.0, 0.0, GRAVITY]))  # R^T (a - g)
+    acce = f_body + rng.normal(0, 0.01, 3) + rng.normal(0, 0.05, f_body.shape)
+    gyro = (body_rates_zyx(e, de) + rng.normal(0, 0.002, 3)
+            + rng.normal(0, 0.004, f_body.shape))
+    quat = Rotation.from_euler("ZYX", euler_and_rate(t_pose)[0]).as_quat()
+    pose = np.concatenate([pos(t_pose), quat], axis=-1)
     return {"acce": (t_base + t_imu, acce, imu_hz), "gyro": (t_base + t_imu, gyro, imu_hz),
             "pose": (t_base + t_pose, pose, pose_hz)}
 

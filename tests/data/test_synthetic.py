@@ -67,7 +67,6 @@ def test_imu_physics_at_rest_orientation_and_gravity():
     _, gyro, _ = ep["gyro"]
     tp, pose, _ = ep["pose"]
     np.testing.assert_allclose(np.linalg.norm(pose[:, 3:], axis=1), 1, atol=1e-9)
-    np.testing.assert_allclose(pose[0, :3], 0, atol=0.05)  # starts (within 1/30 s) at the origin
     # Mean specific force is gravity rotated into the body frame (upward, ~9.81).
     assert 9.0 < np.linalg.norm(acce.mean(0)) < 10.6 and acce.mean(0)[2] > 9.0
     # Gyro integration matches the orientation change between two poses (small angles).
@@ -76,6 +75,34 @@ def test_imu_physics_at_rest_orientation_and_gravity():
     sl = (t >= tp[0]) & (t < tp[60])
     integrated = gyro[sl].sum(0) / 100.0
     np.testing.assert_allclose(integrated, (r0.inv() * r1).as_rotvec(), atol=0.03)
+
+
+def test_euler_helpers_match_scipy_and_finite_differences():
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(0)
+    e, de = rng.uniform(-1, 1, (20, 3)), rng.normal(size=(20, 3))
+    np.testing.assert_allclose(synthetic.euler_zyx_matrix(e),
+                               Rotation.from_euler("ZYX", e).as_matrix(), atol=1e-12)
+    h = 1e-6
+    fd = (Rotation.from_euler("ZYX", e - h * de).inv()
+          * Rotation.from_euler("ZYX", e + h * de)).as_rotvec() / (2 * h)
+    np.testing.assert_allclose(synthetic.body_rates_zyx(e, de), fd, atol=1e-7)
+
+
+def test_imu_positions_are_the_double_integral_of_the_imu():
+    """Second differences of pose positions = R f + g (the world acceleration) within noise."""
+    from scipy.spatial.transform import Rotation
+    ep = synthetic._imu_episode(np.random.default_rng([0, 1]), 10.0, 0.0)
+    tp, pose, _ = ep["pose"]
+    ta, acce, _ = ep["acce"]
+    dt = tp[1] - tp[0]
+    acc_fd = (pose[2:, :3] - 2 * pose[1:-1, :3] + pose[:-2, :3]) / dt ** 2
+    f = np.stack([np.interp(tp[1:-1], ta, acce[:, i]) for i in range(3)], -1)
+    a_world = Rotation.from_quat(pose[1:-1, 3:]).apply(f) - [0.0, 0.0, synthetic.GRAVITY]
+    err = acc_fd - a_world
+    assert np.abs(err.mean(0)).max() < 0.03  # the per-episode bias is ~0.01 m/s^2
+    assert err.std() < 0.08 and np.abs(acc_fd).max() > 0.5  # noise 0.05 vs real motion
+    np.testing.assert_allclose(pose[0, :3], 0, atol=1e-4)  # starts at rest at the origin
 
 
 def test_dipole_field_matches_closed_form():
@@ -133,4 +160,5 @@ def test_imu_set_is_learnable_from_history_but_not_from_one_chunk(tmp_path):
     long_history = _ridge_ratio(ds, history=10)
     one_chunk = _ridge_ratio(ds, history=1)
     assert long_history < 1 / 3, long_history  # 2 s of history: well below a third of zeros
-    assert one_chunk > 0.4, one_chunk          # velocity needs history: not trivial
+    # Velocity needs history: one chunk leaves about twice the error (not trivial).
+    assert one_chunk > 1.8 * long_history and one_chunk > 0.25, (one_chunk, long_history)
