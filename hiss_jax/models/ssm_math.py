@@ -20,12 +20,26 @@ inputs (complex128 under x64), i.e. float32 accumulation.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
 DISCRETIZATIONS = ("bilinear", "zoh")
+
+
+def _full_precision(fn):
+    """Trace `fn` with float32-exact matmuls: on GPUs the default lets XLA use TF32 (10-bit
+    mantissa), which would wreck A_bar^L, the Krylov powers and the expm of ||dt A|| ~ N^2/2."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _check_disc(disc: str) -> None:
@@ -98,6 +112,7 @@ def s4d_init(n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return -0.5 + 1j * imag, np.ones(n // 2, np.complex128)
 
 
+@_full_precision
 def dplr_dense(lam, p, b):
     """Conjugate-completed dense state matrix of a DPLR SSM in its eigenbasis.
 
@@ -115,6 +130,7 @@ def dplr_dense(lam, p, b):
 # --------------------------------------------------------------------------------------------
 # Discretisation
 # --------------------------------------------------------------------------------------------
+@_full_precision
 def discretize_diag(lam, b, dt, disc: str):
     """Discretise a diagonal SSM elementwise (S4D paper, Sec. 3.1).
 
@@ -131,6 +147,7 @@ def discretize_diag(lam, b, dt, disc: str):
     return jnp.exp(dtl), jnp.expm1(dtl) / lam * b
 
 
+@_full_precision
 def discretize_dense(a, b, dt, disc: str):
     """Discretise a dense SSM.
 
@@ -157,6 +174,7 @@ def discretize_dense(a, b, dt, disc: str):
 # --------------------------------------------------------------------------------------------
 # Convolution kernels
 # --------------------------------------------------------------------------------------------
+@_full_precision
 def cauchy_conj(v, alpha, beta, lam):
     """Conjugate-pair Cauchy sum.
 
@@ -172,6 +190,7 @@ def cauchy_conj(v, alpha, beta, lam):
     return terms.sum(-1)
 
 
+@_full_precision
 def dplr_kernel_bilinear(lam, p, b, c_tilde, dt, length: int):
     """S4 convolution kernel by Cauchy + Woodbury at the roots of unity (S4 Algorithm 1).
 
@@ -203,6 +222,7 @@ def dplr_kernel_bilinear(lam, p, b, c_tilde, dt, length: int):
     return jnp.fft.irfft(k_hat, n=length, axis=-1)
 
 
+@_full_precision
 def dplr_c_tilde(lam, p, b, c, dt, length: int, disc: str = "bilinear"):
     """C~ = C (I - A_bar^L), the output row the generating-function kernel needs (S4 Lemma C.2).
 
@@ -218,6 +238,7 @@ def dplr_c_tilde(lam, p, b, c, dt, length: int, disc: str = "bilinear"):
     return ct[..., : lam.shape[-1]]
 
 
+@_full_precision
 def dense_kernel(da, db, c, length: int):
     """Kernel of a dense discrete SSM by Krylov doubling: K_k = Re(C A_bar^k B_bar), k < L.
 
@@ -234,6 +255,7 @@ def dense_kernel(da, db, c, length: int):
     return jnp.real(jnp.einsum("...n,...nl->...l", c, v))
 
 
+@_full_precision
 def vandermonde_kernel(da, db, c, length: int):
     """S4D kernel by the Vandermonde product (S4D paper eq. 5), conjugate half implicit.
 
@@ -245,6 +267,7 @@ def vandermonde_kernel(da, db, c, length: int):
     return 2.0 * jnp.real(jnp.einsum("hn,hnl->hl", c * db, powers))
 
 
+@_full_precision
 def causal_fft_conv(u, k):
     """Causal convolution y_t = sum_{s<=t} K_s u_{t-s} by FFT of length 2L (no wrap-around).
 
@@ -262,6 +285,7 @@ def causal_fft_conv(u, k):
 # --------------------------------------------------------------------------------------------
 # Recurrent steps
 # --------------------------------------------------------------------------------------------
+@_full_precision
 def diag_step(x, u, da, db, c):
     """One step of a diagonal discrete SSM with the conjugate half implicit (S4 eq. 3).
 
@@ -272,6 +296,7 @@ def diag_step(x, u, da, db, c):
     return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))
 
 
+@_full_precision
 def dense_half_step(x, u, da_top, db_top, c):
     """One step of a conjugate-symmetric dense discrete SSM kept as its first half.
 
@@ -284,6 +309,7 @@ def dense_half_step(x, u, da_top, db_top, c):
     return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))
 
 
+@_full_precision
 def dplr_bilinear_step(x, u, lam, p, b, c, dt):
     """One bilinear step of the conjugate-completed DPLR SSM in O(N), no dense matrix.
 
