@@ -148,6 +148,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
             host = jax.device_get(window)
             avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             avg["epoch"] = batches.epoch(step)
+            avg["elapsed_s"] = time.time() - t_start
             log.write("train", done, avg)
             bar.set_postfix(loss=f"{avg['loss']:.4f}")
             window = []
