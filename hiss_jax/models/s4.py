@@ -235,10 +235,12 @@ class S4Stack(nn.Module):
     def __call__(self, x, *, deterministic: bool = True):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"S4Stack expects x (B, L, d_model={self.d_model}), got {x.shape}")
+        # Float32 residual stream (as mamba_ssm's residual_in_fp32); blocks see x.dtype.
+        dtype, x = x.dtype, x.astype(jnp.float32)
         for norm, block in zip(self.norms, self.blocks):
-            z = block(norm(x), deterministic=deterministic)
-            x = x + self.drop(z, deterministic=deterministic)
-        return x
+            z = block(norm(x).astype(dtype), deterministic=deterministic)
+            x = x + self.drop(z, deterministic=deterministic).astype(jnp.float32)
+        return x.astype(dtype)
 
     def init_state(self, batch_size: int, max_len: int | None = None):
         """Per-layer SSM states, a list of (B, H, N2) complex zeros."""
@@ -249,9 +251,10 @@ class S4Stack(nn.Module):
         """state from `init_state`, x_t: (B, d_model) -> (state', y_t: (B, d_model))."""
         if x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"step expects x_t (B, d_model={self.d_model}), got {x_t.shape}")
+        dtype, x = x_t.dtype, x_t.astype(jnp.float32)
         new_state = []
         for norm, block, s in zip(self.norms, self.blocks, state):
-            s, z = block.step(s, norm(x_t))
+            s, z = block.step(s, norm(x).astype(dtype))
             new_state.append(s)
-            x_t = x_t + z
-        return new_state, x_t
+            x = x + z.astype(jnp.float32)
+        return new_state, x.astype(dtype)

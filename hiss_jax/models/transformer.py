@@ -47,7 +47,11 @@ def attention_probs(q, k, mask):
 
 
 class EncoderLayer(nn.Module):
-    """One pre-norm causal encoder layer. x: (B, L, D) -> (B, L, D)."""
+    """One pre-norm causal encoder layer. x: (B, L, D) -> (B, L, D).
+
+    The residual stream is float32 (as mamba_ssm's residual_in_fp32), so bf16 activations do
+    not drift over layers; Dense layers see the stack's input dtype.
+    """
 
     d_model: int
     n_heads: int
@@ -63,31 +67,35 @@ class EncoderLayer(nn.Module):
         self.ff_out = nn.Dense(self.d_model)
         self.drop = nn.Dropout(self.dropout)
 
-    def _qkv(self, x):
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+    def _qkv(self, x, dtype):
+        q, k, v = jnp.split(self.qkv(self.norm1(x).astype(dtype)), 3, axis=-1)
         heads = (self.n_heads, self.d_model // self.n_heads)
         return tuple(t.reshape(*t.shape[:-1], *heads) for t in (q, k, v))
 
-    def _attend(self, probs, v, deterministic):
+    def _attend(self, probs, v, dtype, deterministic):
         probs = self.drop(probs, deterministic=deterministic)
         out = jnp.einsum("bhqt,bthd->bqhd", probs, v.astype(jnp.float32))
         out = out.reshape(*out.shape[:-2], self.d_model)
-        return self.drop(self.attn_out(out.astype(v.dtype)), deterministic=deterministic)
+        out = self.drop(self.attn_out(out.astype(dtype)), deterministic=deterministic)
+        return out.astype(jnp.float32)
 
-    def _feed_forward(self, x, deterministic):
-        z = self.drop(jax.nn.relu(self.ff_in(self.norm2(x))), deterministic=deterministic)
-        return x + self.drop(self.ff_out(z), deterministic=deterministic)
+    def _feed_forward(self, x, dtype, deterministic):
+        z = jax.nn.relu(self.ff_in(self.norm2(x).astype(dtype)))
+        z = self.drop(self.ff_out(self.drop(z, deterministic=deterministic)),
+                      deterministic=deterministic)
+        return x + z.astype(jnp.float32)
 
-    def __call__(self, x, *, deterministic: bool = True):
-        q, k, v = self._qkv(self.norm1(x))
+    def __call__(self, x, dtype, *, deterministic: bool = True):
+        """x: (B, L, D) float32 residual stream; Dense layers run in `dtype`."""
+        q, k, v = self._qkv(x, dtype)
         length = x.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))
-        x = x + self._attend(attention_probs(q, k, causal), v, deterministic)
-        return self._feed_forward(x, deterministic)
+        x = x + self._attend(attention_probs(q, k, causal), v, dtype, deterministic)
+        return self._feed_forward(x, dtype, deterministic)
 
-    def step(self, cache, x_t, pos):
-        """cache: {'k','v'}: (B, T, h, d); x_t: (B, D); pos: int32 () -> (cache', (B, D))."""
-        q, k, v = self._qkv(self.norm1(x_t[:, None]))
+    def step(self, cache, x_t, pos, dtype):
+        """cache {'k','v'}: (B, T, h, d); x_t: (B, D) float32; pos: int32 () -> (cache', (B, D))."""
+        q, k, v = self._qkv(x_t[:, None], dtype)
         cache = {
             "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
                                               (0, pos, 0, 0)),
@@ -95,10 +103,9 @@ class EncoderLayer(nn.Module):
                                               (0, pos, 0, 0)),
         }
         visible = jnp.arange(cache["k"].shape[1]) <= pos
-        att = self._attend(attention_probs(q, cache["k"], visible), cache["v"], True)
-        # The cache is float32; keep the residual stream in the input dtype as __call__ does.
-        x = x_t[:, None] + att.astype(x_t.dtype)
-        return cache, self._feed_forward(x, True)[:, 0]
+        x = x_t[:, None] + self._attend(attention_probs(q, cache["k"], visible), cache["v"],
+                                        dtype, True)
+        return cache, self._feed_forward(x, dtype, True)[:, 0]
 
 
 class TransformerStack(nn.Module):
@@ -132,11 +139,12 @@ class TransformerStack(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"TransformerStack expects x (B, L, d_model={self.d_model}), "
                              f"got {x.shape}")
+        dtype = x.dtype
         pe = sinusoidal_encoding(jnp.arange(x.shape[1]), self.d_model)
-        x = self.drop((x + pe).astype(x.dtype), deterministic=deterministic)
+        x = self.drop(x.astype(jnp.float32) + pe, deterministic=deterministic)
         for layer in self.layers:
-            x = layer(x, deterministic=deterministic)
-        return self.final_norm(x)
+            x = layer(x, dtype, deterministic=deterministic)
+        return self.final_norm(x).astype(dtype)
 
     def init_state(self, batch_size: int, max_len: int = DEFAULT_CACHE_LEN):
         """Zero KV caches of length max_len (the longest stream to be stepped) and pos = 0.
@@ -156,13 +164,13 @@ class TransformerStack(nn.Module):
         """state from `init_state`, x_t: (B, d_model) -> (state', y_t: (B, d_model))."""
         if x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"step expects x_t (B, d_model={self.d_model}), got {x_t.shape}")
-        pos = state["pos"]
-        x = (x_t + sinusoidal_encoding(pos, self.d_model)).astype(x_t.dtype)
+        pos, dtype = state["pos"], x_t.dtype
+        x = x_t.astype(jnp.float32) + sinusoidal_encoding(pos, self.d_model)
         caches = []
         for layer, cache in zip(self.layers, state["layers"]):
-            cache, x = layer.step(cache, x, pos)
+            cache, x = layer.step(cache, x, pos, dtype)
             caches.append(cache)
-        y = self.final_norm(x)
+        y = self.final_norm(x).astype(dtype)
         # dynamic_update_slice clamps out-of-range writes; make an overflow visible instead.
         y = jnp.where(pos < state["layers"][0]["k"].shape[1], y, jnp.nan)
         return {"pos": pos + 1, "layers": caches}, y

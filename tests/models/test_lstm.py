@@ -87,3 +87,10 @@ def test_validates_input_shape():
     model, variables, _ = _stack()
     with pytest.raises(ValueError, match=f"d_model={H}"):
         model.apply(variables, jnp.zeros((1, 4, H + 1)))
+
+
+def test_bfloat16_inputs_keep_dtype_and_track_float32():
+    model, variables, x = _stack()
+    y16 = model.apply(variables, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    assert_close(y16, model.apply(variables, x), jnp.bfloat16, what="LSTMStack bf16 vs f32")

@@ -310,3 +310,10 @@ def test_stack_validates_options(kwargs, match):
     model = S4Stack(d_model=H, n_layers=1, **kwargs)
     with pytest.raises(ValueError, match=match):
         model.init(jax.random.key(0), jnp.zeros((1, 5, H)))
+
+
+def test_bfloat16_inputs_keep_dtype_and_track_float32():
+    model, variables, x = _stack("dplr", "bilinear")
+    y16 = model.apply(variables, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    assert_close(y16, model.apply(variables, x), jnp.bfloat16, what="S4Stack bf16 vs f32")

@@ -124,3 +124,10 @@ def test_validates_options():
         model.apply(variables, BATCH, max_len=0, method="init_state")
     default = model.apply(variables, BATCH, method="init_state")
     assert default["layers"][0]["k"].shape == (BATCH, DEFAULT_CACHE_LEN, HEADS, D // HEADS)
+
+
+def test_bfloat16_inputs_keep_dtype_and_track_float32():
+    model, variables, x = _stack()
+    y16 = model.apply(variables, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    assert_close(y16, model.apply(variables, x), jnp.bfloat16, what="TransformerStack bf16 vs f32")
