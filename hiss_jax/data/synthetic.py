@@ -40,7 +40,7 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-GENERATOR_VERSION = 3  # bump when the generated data change; part of the cache key
+GENERATOR_VERSION = 4  # bump when the generated data change; part of the cache key
 KINDS = ("imu", "tactile")
 DEFAULT_N_EPISODES = 128
 DEFAULT_EPISODE_SECONDS = 30.0
@@ -183,7 +183,8 @@ def _tactile_episode(rng: np.random.Generator, seconds: float, t_base: float) ->
         return centre + np.einsum("ak,tak->ta", amp, np.sin(2 * np.pi * freq * t[:, None, None] + phase))
 
     tilt, azim = rng.uniform(0, 0.15), rng.uniform(0, 2 * np.pi)
-    moment = 0.17 * np.array([np.sin(tilt) * np.cos(azim), np.sin(tilt) * np.sin(azim), np.cos(tilt)])
+    # |m| = 1.7e-4 A m^2: ~800 uT straight below at 3.5 mm, ~1200 uT at the closest 3.05 mm.
+    moment = 1.7e-4 * np.array([np.sin(tilt) * np.cos(azim), np.sin(tilt) * np.sin(azim), np.cos(tilt)])
     b = dipole_field(_SENSORS_MM * 1e-3, magnet_mm(t_tac) * 1e-3, moment) * 1e6  # (n, 10, 3) uT
     b = b.reshape(len(t_tac), -1)
     ambient = rng.normal(0, 20.0, 30)  # geomagnetic + nearby iron, per episode
