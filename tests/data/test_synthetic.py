@@ -105,6 +105,16 @@ def test_imu_positions_are_the_double_integral_of_the_imu():
     np.testing.assert_allclose(pose[0, :3], 0, atol=1e-4)  # starts at rest at the origin
 
 
+def test_tactile_readings_stay_in_range_and_follow_the_magnet():
+    ep = synthetic._tactile_episode(np.random.default_rng([0, 0]), 10.0, 0.0)
+    _, tac, _ = ep["tactile"]
+    _, kin, _ = ep["kinova"]
+    # ReSkin-like magnitudes: well inside the +-3000 clip, and every channel moves.
+    assert np.abs(tac).max() < 2000 and tac.std(0).min() > 3.0
+    assert 3.0 < kin[:, 2].min() and kin[:, 2].max() < 4.0  # magnet height in mm
+    assert np.ptp(kin[:, 0]) > 2.0 and np.ptp(kin[:, 1]) > 1.0  # it writes across the grid
+
+
 def test_dipole_field_matches_closed_form():
     # On the moment's axis B = mu0/(4pi) 2 m / d^3; in the equatorial plane -mu0/(4pi) m / d^3.
     m = np.array([0.0, 0.0, 0.2])
