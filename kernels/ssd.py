@@ -297,11 +297,24 @@ class BlockSizes:
       rounded up to a power of two within [16, 128]. The result does not depend on the chunk
       (it only regroups exact arithmetic), so the kernel may use its own.
     num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters.
+    bwd: "split" (a sequential dL/dh pass, then one program per (batch, chunk, head block)
+      for everything else) or "fused" (one sequential program per (batch, head) does it all).
+    bwd_heads: heads per program of the split backward (rounded down to a divisor of the
+      heads per group); their dB, dC sum in registers, so only H / bwd_heads partials are
+      written.
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
     num_warps_bwd: int = 8
     num_stages: int = 2
+    bwd: str = "split"
+    bwd_heads: int = 8
+
+    def __post_init__(self):
+        if self.bwd not in ("split", "fused"):
+            raise ValueError(f"BlockSizes.bwd must be 'split' or 'fused'; got {self.bwd=}")
+        if self.bwd_heads < 1:
+            raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -477,6 +490,130 @@ def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy
     dd_ref[bi, hi, :] = dd
 
 
+def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref, dh0_ref,
+                           *, q, nc, rep):
+    """Split backward, pass 1: one program per (batch, head), chunks in reverse.
+
+    dt: (B, Lp, H) f32  C: (B, Lp, G, N)  dy: (B, Lp, H, P)  dhT, dh0: (B, H, P, N) f32
+    dst: (B, nc, H, P, N) = dL/dh at the END of each chunk. The adjoint of the state pass:
+    dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with dy_core = dy silu(z).
+    Shaped like the forward pass, so it costs about what the forward does.
+    """
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    gi = hi // rep
+    a = a_ref[hi]
+    f32 = jnp.float32
+    dot_dtype = c_ref.dtype
+
+    def body(i, dh):
+        c = nc - 1 - i
+        t = pl.ds(pl.multiple_of(c * q, q), q)
+        dst_ref[bi, c, hi, :, :] = dh.astype(dst_ref.dtype)
+        dt = dt_ref[bi, t, hi]
+        Cc = c_ref[bi, t, gi, :]
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            dout = dout * zf * jax.nn.sigmoid(zf)
+        g = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
+        return jnp.exp(total) * dh + _dot(g, Cc, ((0,), (0,)))
+
+    dh0_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, :, :])
+
+
+def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
+                          dy_ref, dx_ref, ddt_ref, db_ref, dc_ref, dz_ref, da_ref, dd_ref,
+                          *, q, hb, rep):
+    """Split backward, pass 2: one program per (batch, chunk, block of hb heads of one group).
+
+    x, z, dy, dx, dz: (B, Lp, H, P)  dt, ddt: (B, Lp, H) f32  B, C: (B, Lp, G, N)
+    st / dst: (B, nc, H, P, N) chunk-entry states / dL/dh at chunk ends
+    dB, dC: (B, Lp, H // hb, N) f32 partials per head block  dA: (B, nc, H, 16)
+    dD: (B, nc, H, P). With both states known every chunk is independent (Mamba-2 sec. 6 run
+    backwards). C B^T is shared by the block's heads; dB, dC accumulate over them in f32:
+    the intra-chunk parts as one (Q, Q) sum, d(C B^T), applied once after the head loop.
+    d(dA) pairs (i >= k > j) are summed by an in-kernel exclusive cumsum under a causal mask
+    (stable), never as out * dout - ddt * dt.
+    """
+    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = (blk * hb) // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
+    t = pl.ds(pl.multiple_of(c * q, q), q)
+    Bc = b_ref[bi, t, gi, :]
+    Cc = c_ref[bi, t, gi, :]
+    Cf = Cc.astype(f32)
+    cb = _dot(Cc, Bc, ((1,), (1,)))
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+
+    def head(j, carry):
+        dcb_acc, db_acc, dc_acc = carry
+        hi = blk * hb + j
+        a = a_ref[hi]
+        d = d_ref[hi, :]
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        h_prev = st_ref[bi, c, hi, :, :]
+        dh = dst_ref[bi, c, hi, :, :]
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+        ecs = jnp.exp(cs)
+        xf = x.astype(f32)
+        xdt = xf * dt[:, None]
+        xdt_c = xdt.astype(dot_dtype)
+        m = cb * decay
+        if z_ref is not None:
+            # Recompute the pre-gate output (cheaper than storing it in the forward).
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            y = _dot(m.astype(dot_dtype), xdt_c)
+            y = y + ecs[:, None] * _dot(Cc, h_prev.astype(dot_dtype), ((1,), (1,)))
+            y = y + d[None, :] * xf
+            sz = jax.nn.sigmoid(zf)
+            dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(
+                dz_ref.dtype)
+            dout = dout * zf * sz
+        dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
+        dout_c = dout.astype(dot_dtype)
+        # Intra-chunk term y = M (dt x), M = C B^T o decay.
+        dm = _dot(dout_c, xdt_c, ((1,), (1,)))                               # (Q, Q)
+        dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))              # (Q, P)
+        dcb_acc = dcb_acc + dm * decay
+        # Inter-chunk term y_i += exp(cs_i) h_prev C_i.
+        dc_inter = ecs[:, None] * _dot(dout_c, h_prev.astype(dot_dtype))   # (Q, N)
+        t_inter = jnp.sum(dc_inter * Cf, axis=1)
+        # State write h_c = exp(cs_Q) h_prev + sum_j exp(cs_Q - cs_j) (dt x)_j B_j^T.
+        w = jnp.exp(total - cs)
+        dh_c = dh.astype(dot_dtype)
+        bdh = _dot(Bc, dh_c, ((1,), (1,)))                                  # (Q, P)
+        dxdt = dxdt + w[:, None] * bdh
+        db_acc = db_acc + w[:, None] * _dot(xdt_c, dh_c)
+        f_write = w * jnp.sum(xdt * bdh, axis=1)
+        s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+        e = dm * m
+        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
+        dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+        ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+        dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+        da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
+        return dcb_acc, db_acc, dc_acc + dc_inter
+
+    n = b_ref.shape[-1]
+    init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
+    dcb, db, dc = jax.lax.fori_loop(0, hb, head, init)
+    dcb_c = dcb.astype(dot_dtype)
+    db_ref[bi, t, blk, :] = db + _dot(dcb_c, Cc, ((0,), (0,)))
+    dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, Bc)
+
+
 def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name,
@@ -541,6 +678,56 @@ def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     return dx, ddt, dbp, dcp, dz, da, dd, dh0
 
 
+def _largest_divisor_at_most(v: int, cap: int) -> int:
+    return max(k for k in range(1, min(v, cap) + 1) if v % k == 0)
+
+
+def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
+    """Launches the two split-backward kernels; returns the same tuple as `_bwd_call`."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    rep = h // g
+    hb = _largest_divisor_at_most(rep, bs.bwd_heads)
+    has_z = z is not None
+    f32 = jnp.float32
+
+    def dstate_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
+        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=rep)
+
+    args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
+    dstates, dh0 = _pallas_call(
+        dstate_kernel,
+        [jax.ShapeDtypeStruct(states.shape, states.dtype),
+         jax.ShapeDtypeStruct((b, h, p, n), f32)],
+        (b, h), bs.num_warps_fwd, bs.num_stages, interpret, "ssd_bwd_dstate")(*args)
+
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
+                 jax.ShapeDtypeStruct((b, lp, h), f32),                  # ddt
+                 jax.ShapeDtypeStruct((b, lp, h // hb, n), f32),         # dB partials
+                 jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)]         # dC partials
+    if has_z:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
+    out_shape += [jax.ShapeDtypeStruct((b, nc, h, 16), f32),             # dA (16 copies)
+                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]              # dD
+
+    def chunk_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
+        outs = refs[9:]
+        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
+        _ssd_bwd_chunk_kernel(*ins, *outs, q=q, hb=hb, rep=rep)
+
+    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
+    res = list(_pallas_call(chunk_kernel, out_shape, (b, nc, h // hb), bs.num_warps_bwd,
+                            bs.num_stages, interpret, "ssd_bwd_chunk")(*args))
+    dz = res.pop(4) if has_z else None
+    dx, ddt, dbp, dcp, da, dd = res
+    return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def _ssd_core(x, dt, A, B, C, D, z, h0, q, bs, interpret):
     """Padded operands (Lp % q == 0, P and N powers of two >= 16) -> (y, hT)."""
@@ -557,14 +744,17 @@ def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
 def _ssd_core_bwd(q, bs, interpret, res, cts):
     x, dt, A, B, C, D, z, states = res
     dy, dhT = cts
-    dx, ddt, dbp, dcp, dz, da, dd, dh0 = _bwd_call(
+    call = {"split": _bwd_split_call, "fused": _bwd_call}[bs.bwd]
+    dx, ddt, dbp, dcp, dz, da, dd, dh0 = call(
         x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,
         interpret=interpret)
-    b, lp, h, _ = x.shape
+    b, lp, _, _ = x.shape
     g, n = B.shape[2:]
-    # Sum the per-head partials over each group's heads (head h reads group h // (H // G)).
-    dB = dbp.astype(jnp.float32).reshape(b, lp, g, h // g, n).sum(3).astype(B.dtype)
-    dC = dcp.astype(jnp.float32).reshape(b, lp, g, h // g, n).sum(3).astype(C.dtype)
+    # Sum the partials (per head or per head block) over each group's share: the partial axis
+    # is ordered like the heads, and head h reads group h // (H // G).
+    k = dbp.shape[2]
+    dB = dbp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(B.dtype)
+    dC = dcp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(C.dtype)
     return (dx, ddt, da[:, :, 0].sum(0).astype(A.dtype), dB, dC, dd.sum(0).astype(D.dtype),
             dz, dh0)
 

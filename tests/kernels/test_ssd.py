@@ -183,6 +183,14 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     compare(got, ref, jnp.float32, f"pallas l={l} chunk={chunk} g={g} p={p} n={n}")
 
 
+def test_pallas_fused_backward_matches_reference():
+    key = jax.random.PRNGKey(15)
+    args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
+    ref = vjp_all(ssd_reference, args, key)
+    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=BlockSizes(bwd="fused"))
+    compare(vjp_all(fn, args, key), ref, jnp.float32, "pallas, fused backward")
+
+
 def test_pallas_bfloat16():
     key = jax.random.PRNGKey(12)
     args = make_inputs(key, l=40, g=2, p=16, n=16, dtype=jnp.bfloat16)
@@ -211,10 +219,13 @@ def test_pallas_lowers_to_triton():
     bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).trace(*vals).lower(
         lowering_platforms=("cuda",)).as_text()
     assert fwd.count("ssd_fwd") >= 1
-    assert bwd.count("ssd_fwd") >= 1 and bwd.count("ssd_bwd") >= 1
+    assert bwd.count("ssd_fwd") >= 1
+    assert bwd.count("ssd_bwd_dstate") >= 1 and bwd.count("ssd_bwd_chunk") >= 1
 
 
 def test_pallas_block_sizes_validated():
     args = make_inputs(jax.random.PRNGKey(14), l=9, g=2)
     with pytest.raises(ValueError, match="BlockSizes.chunk"):
         run(ssd_pallas, args, chunk_size=16, block_sizes=BlockSizes(chunk=24))
+    with pytest.raises(ValueError, match="BlockSizes.bwd"):
+        BlockSizes(bwd="reverse")
