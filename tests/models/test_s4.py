@@ -201,10 +201,19 @@ def test_dplr_bilinear_woodbury_step_matches_dense_step():
 
 # ------------------------------------------------------------------ the layer and the stack
 @functools.lru_cache(maxsize=None)
+def _stack(mode, disc):
+    model = S4Stack(d_model=H, n_layers=2, dropout=0.1, d_state=N, mode=mode, disc=disc)
+    x = jax.random.normal(jax.random.key(2), (BATCH, L, H))
+    return model, jax.jit(model.init)(jax.random.key(3), x), x
+
+
+@functools.lru_cache(maxsize=None)
 def _layer(mode, disc):
+    """The first block's SSM of `_stack` (shares its parameters; saves an init compile)."""
+    _, stack_vars, _ = _stack(mode, disc)
     layer = S4Layer(H, d_state=N, mode=mode, disc=disc)
     u = jax.random.normal(jax.random.key(0), (BATCH, L, H))
-    return layer, jax.jit(layer.init)(jax.random.key(1), u), u
+    return layer, {"params": stack_vars["params"]["blocks_0"]["ssm"]}, u
 
 
 @pytest.mark.parametrize("mode,disc", COMBOS)
@@ -223,13 +232,6 @@ def test_layer_convolution_equals_float64_recurrence(mode, disc):
             x = x @ da.T + un[:, t, h, None] * db
             ref[:, t, h] = (x @ c_f[h]).real + d[h] * un[:, t, h]
     assert_close(y, ref, jnp.float32, what=f"S4Layer {mode}/{disc} vs recurrence")
-
-
-@functools.lru_cache(maxsize=None)
-def _stack(mode, disc):
-    model = S4Stack(d_model=H, n_layers=2, dropout=0.1, d_state=N, mode=mode, disc=disc)
-    x = jax.random.normal(jax.random.key(2), (BATCH, L, H))
-    return model, jax.jit(model.init)(jax.random.key(3), x), x
 
 
 @pytest.mark.parametrize("mode,disc", COMBOS)
