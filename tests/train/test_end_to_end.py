@@ -8,7 +8,7 @@ from hiss_jax.train.config_check import load_config_file
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_mamba2_tiny_trains_evaluates_and_resumes(tmp_path):
+def test_mamba2_tiny_trains_and_evaluates(tmp_path):
     config = load_config_file(os.path.join(ROOT, "configs/mamba2.py:tiny"))
     config.data.cache_dir = str(tmp_path / "cache")
     config.train.update(num_steps=4, eval_every=2, log_every=2, progress=False)
@@ -20,7 +20,5 @@ def test_mamba2_tiny_trains_evaluates_and_resumes(tmp_path):
     for name in ("summary.json", "metrics.jsonl", "predictions.png"):
         assert os.path.getsize(run / name) > 0
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
-    again = train_and_evaluate(config, str(run))  # finished run: resumes at 4, trains nothing
-    assert again["source"] == f"resumed {run} at step 4"
-    assert again["best_val_mse"] == summary["best_val_mse"]
-    assert json.loads((run / "summary.json").read_text())["source"] == again["source"]
+    with open(run / "summary.json") as f:
+        assert json.load(f)["best_step"] in (2, 4)
