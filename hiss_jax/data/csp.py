@@ -313,6 +313,8 @@ def resample_file(src: str, dst: str, preset: Preset) -> None:
         for m, rows in ep.items():
             data[m].append(rows)
             stamps[m].append(t0 + np.arange(len(rows)) / rates[m])
+    if not data[preset.input_keys[0]]:
+        raise ValueError(f"{src}: no episode has >= 1 s where all of {list(rates)} overlap")
     tmp = f"{dst}.tmp{os.getpid()}"
     with h5py.File(tmp, "w") as f:
         for m in rates:
