@@ -42,8 +42,8 @@ from scipy.spatial.transform import Rotation
 
 GENERATOR_VERSION = 4  # bump when the generated data change; part of the cache key
 KINDS = ("imu", "tactile")
-DEFAULT_N_EPISODES = 128
-DEFAULT_EPISODE_SECONDS = 30.0
+DEFAULT_N_EPISODES = 200
+DEFAULT_EPISODE_SECONDS = 20.0
 GRAVITY = 9.81
 
 
