@@ -16,6 +16,7 @@ $OUT/ssd_gpu.json (or ./ssd_gpu.json) after every section:
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -45,8 +46,9 @@ RESULTS = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
 
 
 def save():
-    with open(os.path.join(OUT, "ssd_gpu.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
+    path = RESULTS.get("_path") or os.path.join(OUT, "ssd_gpu.json")
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in RESULTS.items() if k != "_path"}, f, indent=1)
 
 
 def rel_err(a, e):
@@ -146,7 +148,7 @@ def grad_64k():
         ref = grads(ssd_reference, base)
     for dtype in (jnp.float32, jnp.bfloat16):
         args = {k: (v.astype(dtype) if k in ("x", "B", "C") else v) for k, v in base.items()}
-        for impl in ("pallas", "xla"):
+        for impl in ("pallas",):
             got = grads(ssd, args, chunk_size=64, impl=impl)
             errs = {"d" + k: rel_err(g, r) for k, g, r in zip(names, got, ref)}
             RESULTS["grad_64k"].append({"dtype": jnp.dtype(dtype).name, "impl": impl, **cfg,
@@ -176,16 +178,30 @@ def floors(cfg):
     return bytes_fwd, flops_fwd
 
 
+def _bs(**kw):
+    return BlockSizes(**{"chunk": 64, "num_warps_fwd": 4, **kw})
+
+
+# Variants whose Triton compile may take minutes ((128, 128) tiles): run in a subprocess with
+# a time limit so they cannot eat the device call.
+RISKY = {"pallas q128 split hb8 w4/8"}
+
+
 def make_variants(shape):
     """Timing variants, most informative first (a device call may end before the last)."""
+    del shape
     return [("xla", dict(impl="xla", chunk_size=64)),
             ("jax-linear-attention", None),
-            ("pallas q64 w4/8", dict(impl="pallas", chunk_size=64)),
-            ("pallas q64 w8/8", dict(chunk_size=64,
-                                     block_sizes=BlockSizes(chunk=64, num_warps_fwd=8))),
-            ("pallas q32 w4/8", dict(impl="pallas", chunk_size=32)),
-            ("pallas q64 w4/4", dict(chunk_size=64,
-                                     block_sizes=BlockSizes(chunk=64, num_warps_bwd=4)))]
+            ("pallas default", dict(impl="pallas", chunk_size=64)),
+            ("pallas q64 split hb8 w4/4", dict(chunk_size=64, block_sizes=_bs(num_warps_bwd=4))),
+            ("pallas q64 split hb4 w4/8", dict(chunk_size=64, block_sizes=_bs(bwd_heads=4))),
+            ("pallas q64 split hb2 w4/4", dict(chunk_size=64, block_sizes=_bs(
+                bwd_heads=2, num_warps_bwd=4))),
+            ("pallas q32 split hb8 w4/4", dict(chunk_size=32, block_sizes=_bs(
+                chunk=32, num_warps_bwd=4))),
+            ("pallas q64 fused w4/4", dict(chunk_size=64, block_sizes=_bs(
+                bwd="fused", num_warps_bwd=4))),
+            ("pallas q128 split hb8 w4/8", dict(chunk_size=128, block_sizes=_bs(chunk=128)))]
 
 
 def _bind(kw):
@@ -207,8 +223,23 @@ def jla_fn():
     return f
 
 
-def timings(quick):
-    for shape in ("L", "S"):
+def _run_isolated(shape, name, limit_s=150):
+    """Times one variant in a child process with a time limit; returns its record."""
+    path = os.path.join(OUT, f"ssd_child_{shape}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--skip", "equivalence,grad_64k",
+           "--shapes", shape, "--only", name, "--json", path, "--no-isolate"]
+    try:
+        subprocess.run(cmd, timeout=limit_s, check=False)
+        with open(path) as f:
+            recs = json.load(f)["timings"]
+        os.remove(path)
+        return recs[0] if recs else {"shape": shape, "variant": name, "error": "no record"}
+    except subprocess.TimeoutExpired:
+        return {"shape": shape, "variant": name, "error": f"compile+run over {limit_s} s"}
+
+
+def timings(quick, shapes=("L", "S"), only=None, isolate=True):
+    for shape in shapes:
         cfg = SHAPES[shape]
         args = inputs(jax.random.PRNGKey(3), **cfg)
         vals = [args[k] for k in ("x", "dt", "A", "B", "C", "D")]
@@ -218,7 +249,14 @@ def timings(quick):
         variants = [(n, None if kw is None else _bind(kw)) for n, kw in make_variants(shape)]
         if quick:
             variants = variants[:3]
+        if only:
+            variants = [v for v in variants if v[0] in only]
         for name, f in variants:
+            if isolate and name in RISKY:
+                RESULTS["timings"].append(_run_isolated(shape, name))
+                print(f"timing {RESULTS['timings'][-1]}", flush=True)
+                save()
+                continue
             rec = {"shape": shape, "variant": name}
             try:
                 if f is None:
@@ -236,7 +274,7 @@ def timings(quick):
 
 def table():
     rows = RESULTS["timings"]
-    print("\nshape variant                  fwd ms   fwd+bwd ms   vs xla (fwd / fwd+bwd)")
+    print("\nshape variant                      fwd ms   fwd+bwd ms   vs xla (fwd / fwd+bwd)")
     for shape in ("L", "S"):
         base = next((r for r in rows if r["shape"] == shape and r["variant"] == "xla"), {})
         for r in rows:
@@ -248,7 +286,7 @@ def table():
                 ratio = f"{base['fwd_ms'] / f:5.2f}x / {base['fwd_bwd_ms'] / fb:5.2f}x"
             fs = f"{f:8.3f}" if f else "     n/a"
             fbs = f"{fb:10.3f}" if fb else "       n/a"
-            print(f"{shape:5s} {r['variant']:24s} {fs} {fbs}   {ratio} {r.get('error', '')[:80]}")
+            print(f"{shape:5s} {r['variant']:28s} {fs} {fbs}   {ratio} {r.get('error', '')[:80]}")
     for e in RESULTS["equivalence"]:
         print(f"equivalence {e['shape']}: pass={e['pass']} max err "
               f"{max(e['errors'].values()):.2e} (bf16 tol out {BF16_TOL['out']}, "
@@ -261,11 +299,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer timing variants")
     parser.add_argument("--skip", default="", help="comma list of sections to skip")
+    parser.add_argument("--shapes", default="L,S")
+    parser.add_argument("--only", default="", help="comma list of timing variant names")
+    parser.add_argument("--json", default="", help="JSON path (default $OUT/ssd_gpu.json)")
+    parser.add_argument("--no-isolate", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     skip = set(opts.skip.split(","))
+    if opts.json:
+        RESULTS["_path"] = opts.json
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     if "timings" not in skip:
-        section("timings", lambda: timings(opts.quick))
+        only = set(opts.only.split(",")) - {""}
+        section("timings", lambda: timings(opts.quick, opts.shapes.split(","), only,
+                                           not opts.no_isolate))
     if "equivalence" not in skip:
         section("equivalence", equivalence)
     if "grad_64k" not in skip:
