@@ -21,9 +21,9 @@ The blocks of every level come from the registry (`hiss_jax.models.registry`); t
 compose them and never look at kind strings.
 
 Streaming (one input sample at a time, `hiss_jax.streaming`): every model exposes the linen
-methods `init_low_state(batch_size)`, `low_step(state, x_t) -> (state, feature_t)`,
-`init_high_state(batch_size)`, `high_step(state, feature) -> (state, y)` and the class constant
-`reset_low_each_chunk` (True for the hierarchical models, whose low level restarts from zero at
+methods `init_low_state(batch_size, max_len)`, `low_step(state, x_t) -> (state, feature_t)`,
+`init_high_state(batch_size, max_len)`, `high_step(state, feature) -> (state, y)` and the class
+constant `reset_low_each_chunk` (True for the hierarchical models, whose low level restarts from zero at
 every chunk; False for the flat model, whose single stack runs on across chunks and whose
 `high_step` is the identity).
 """
@@ -65,8 +65,12 @@ class LevelModel(nn.Module):
         h = self.stack(h, deterministic=deterministic)
         return self.out(h) if self.out is not None else h
 
-    def init_state(self, batch_size: int) -> Any:
-        return self.stack.init_state(batch_size)
+    def init_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """The stack's streaming state; max_len = the most steps that will be run (sizes the
+        Transformer's KV cache; None = the stack's default)."""
+        if max_len is None:
+            return self.stack.init_state(batch_size)
+        return self.stack.init_state(batch_size, max_len)
 
     def step(self, state, x_t):
         """x_t: (B, D) -> (state, y_t (B, out_features or d_model))."""
@@ -105,15 +109,20 @@ class HierarchicalModel(nn.Module):
         feats = self.chunk_features(x, deterministic=deterministic)
         return self.predict_from_features(feats, deterministic=deterministic)
 
-    def init_low_state(self, batch_size: int) -> Any:
-        return self.low.init_state(batch_size)
+    def init_low_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """State at a chunk's start; a chunk never runs past chunk_size steps (max_len unused)."""
+        del max_len
+        return self.low.init_state(batch_size, self.chunk_size)
 
     def low_step(self, state, x_t):
         """x_t: (B, D_in) -> (state, feature_t (B, d_high))."""
         return self.low.step(state, x_t)
 
-    def init_high_state(self, batch_size: int) -> Any:
-        return self.high.init_state(batch_size)
+    def init_high_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """max_len: the most chunks that will be streamed (None = the stack's default)."""
+        if max_len is None:
+            return self.high.init_state(batch_size)
+        return self.high.init_state(batch_size, max_len)
 
     def high_step(self, state, feature):
         """feature: (B, d_high), the low level's output at a chunk's last step -> (state, y (B, D_out))."""
@@ -138,15 +147,16 @@ class FlatModel(nn.Module):
         y = self.level(x, deterministic=deterministic)
         return y[:, self.chunk_size - 1::self.chunk_size]
 
-    def init_low_state(self, batch_size: int) -> Any:
-        return self.level.init_state(batch_size)
+    def init_low_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """max_len: the most input steps that will be streamed (None = the stack's default)."""
+        return self.level.init_state(batch_size, max_len)
 
     def low_step(self, state, x_t):
         """x_t: (B, D_in) -> (state, y_t (B, D_out)); y_t is a prediction at every input step."""
         return self.level.step(state, x_t)
 
-    def init_high_state(self, batch_size: int) -> Any:
-        del batch_size
+    def init_high_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        del batch_size, max_len
         return ()
 
     def high_step(self, state, feature):
@@ -200,8 +210,10 @@ class MultiBranchModel(nn.Module):
         feats = self.chunk_features(x, deterministic=deterministic)
         return self.predict_from_features(feats, deterministic=deterministic)
 
-    def init_low_state(self, batch_size: int) -> Any:
-        return tuple(low.init_state(batch_size) for low in self.lows)
+    def init_low_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """State at a chunk's start; a chunk never runs past chunk_size steps (max_len unused)."""
+        del max_len
+        return tuple(low.init_state(batch_size, self.chunk_size) for low in self.lows)
 
     def low_step(self, state, x_t):
         """x_t: (B, D_in) -> (state, feature_t (B, d_high))."""
@@ -213,8 +225,11 @@ class MultiBranchModel(nn.Module):
             feats.append(f)
         return tuple(new_state), self.merge(jnp.concatenate(feats, axis=-1))
 
-    def init_high_state(self, batch_size: int) -> Any:
-        return self.high.init_state(batch_size)
+    def init_high_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """max_len: the most chunks that will be streamed (None = the stack's default)."""
+        if max_len is None:
+            return self.high.init_state(batch_size)
+        return self.high.init_state(batch_size, max_len)
 
     def high_step(self, state, feature):
         state, h = self.high.step(state, feature)

@@ -217,8 +217,11 @@ class MambaStack(nn.Module):
         return _residual_stack(self.norms, self.mixers, self.norm_f, x,
                                lambda mixer, h: mixer(h))
 
-    def init_state(self, batch_size: int) -> Any:
-        """Per-layer streaming state: tuple of {'conv', 'ssm'} dicts, zeros."""
+    def init_state(self, batch_size: int, max_len: int | None = None) -> Any:
+        """Per-layer streaming state: tuple of {'conv', 'ssm'} dicts, zeros.  `max_len` (the
+        stream length, needed by the Transformer's KV cache) is accepted and unused: the state
+        has a fixed size."""
+        del max_len
         return tuple(m.init_state(batch_size) for m in self.mixers)
 
     def step(self, state, x_t):

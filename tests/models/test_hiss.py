@@ -79,7 +79,8 @@ _LOW, _HIGH = {}, {}
 
 
 def _low_half(kind, model):
-    """Jitted (init + chunk_features, VJP) of the low level, compiled once per family."""
+    """Jitted (init + chunk_features, VJP) of the low level, compiled once per family (per
+    process; tests/test_streaming.py reuses them for its parallel references)."""
     if kind not in _LOW:
         feats = lambda p, x: model.apply({"params": p}, x, method="chunk_features")
         init_fwd = jax.jit(lambda key, x: (
@@ -92,14 +93,15 @@ def _low_half(kind, model):
 
 
 def _high_half(kind, model):
-    """Jitted init + forward + VJP of high stack + head, compiled once per family."""
+    """Jitted init + forward + VJP of high stack + head, compiled once per family:
+    (key, feats) -> (params, y, grads, d loss / d feats) with loss = sum(y ** 2)."""
     if kind not in _HIGH:
         def run(key, feats):
             p = model.init(key, feats, method="predict_from_features")["params"]
             fwd = lambda q, f: model.apply({"params": q}, f, method="predict_from_features")
             y, pull = jax.vjp(fwd, p, feats)
             g, ct = pull(2 * y)  # loss = sum(y ** 2)
-            return y, g, ct
+            return p, y, g, ct
         _HIGH[kind] = (model.high, jax.jit(run))
     high, run = _HIGH[kind]
     assert high == model.high
@@ -117,7 +119,7 @@ def test_every_hiss_pair_forward_grad_causal(low, high):
     high_run = _high_half(high, model)
     x = _inputs()
     p_low, feats = low_init_fwd(jax.random.PRNGKey(2), x)
-    y, g_high, ct = high_run(jax.random.PRNGKey(3), feats)
+    _, y, g_high, ct = high_run(jax.random.PRNGKey(3), feats)
     g_low = low_bwd(p_low, x, ct)
     assert feats.shape == (4, T, 16) and y.shape == (4, T, D_OUT)
     _finite(g_high)
