@@ -46,6 +46,9 @@ SHAPES = {"L": (8, 4096, 2048, 16), "S": (64, 1024, 256, 16)}
 SMALL = os.environ.get("BENCH_SMALL") == "1"
 NAN_LEN = 65536
 N_CALLS = 50
+# BENCH_SKIP=peer,xla: leave those out (a tuning run); BENCH_VARIANTS=a,b: only those.
+SKIP = set(filter(None, os.environ.get("BENCH_SKIP", "").split(",")))
+ONLY = set(filter(None, os.environ.get("BENCH_VARIANTS", "").split(",")))
 if SMALL:
     SHAPES = {"L": (1, 64, 64, 16), "S": (2, 32, 32, 16)}
     NAN_LEN, N_CALLS = 300, 2
@@ -148,6 +151,8 @@ for cname, (shape, impls) in CHECKS.items():
     STORED[cname] = {"args": {k: np.asarray(v.astype(jnp.float32)) for k, v in args.items()},
                      "cts": [np.asarray(c.astype(jnp.float32)) for c in cts], "impl": {}}
     for impl in impls:
+        if impl in SKIP:
+            continue
         try:
             fn = {"pallas": pallas_fn, "xla": lambda: impl_fn("xla"), "peer": peer_fn}[impl]()
             fwd, grads = make_fns(fn, names)
@@ -194,11 +199,13 @@ def bench(f, vals, n=N_CALLS):
 
 VARIANTS = {
     "pallas": BlockSizes(),
-    "pallas_pf0": BlockSizes(prefetch=0),
+    "pallas_pf1": BlockSizes(prefetch=1),
     "pallas_pf4": BlockSizes(prefetch=4),
-    "pallas_bd64w2": BlockSizes(block_d=64, num_warps=2, bwd_block_d=64, bwd_num_warps=2),
-    "pallas_bd16": BlockSizes(block_d=16, bwd_block_d=16),
+    "pallas_fbd64w2": BlockSizes(block_d=64, num_warps=2),
+    "pallas_fbd128w4": BlockSizes(block_d=128, num_warps=4),
+    "pallas_bbd64w2": BlockSizes(bwd_block_d=64, bwd_num_warps=2),
     "pallas_ch16": BlockSizes(chunk=16),
+    "pallas_ch64": BlockSizes(chunk=64),
 }
 for sname in ("S", "L"):
     b, l, d, n = SHAPES[sname]
@@ -208,6 +215,8 @@ for sname in ("S", "L"):
     cands = [(k, pallas_fn(v)) for k, v in VARIANTS.items()]
     cands += [("xla", impl_fn("xla")), ("peer", None)]
     for cname, fn in cands:
+        if cname in SKIP or (ONLY and cname not in ONLY):
+            continue
         if left() < 30:
             log(f"time budget spent: skipping {sname}/{cname}")
             continue

@@ -179,26 +179,29 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 # --------------------------------------------------------------------------------------------
 # Pallas GPU kernels (Triton backend).
 #
-# One program per (batch, block of `block_d` channels); the state tile h (N, block_d) lives in
-# float32 registers and the program walks time sequentially. The only dependent operation per
-# step is one FMA on h; everything else (loads, exp2, the C contraction) can overlap across
-# steps, so the kernels prefetch the input rows `prefetch` steps ahead through the loop carry:
-# a row loaded in iteration t is consumed in iteration t + prefetch, which hides the global
-# load latency that made a plain per-step loop ~0.9 us/step (KERNELS.md).
+# One program per (batch, block of `block_d` channels), walking time sequentially. Layout: one
+# channel per lane, and the N states of a channel as N separate (block_d,) float32 vectors
+# (a Python tuple in the loop carry), so every value in the loop has the same 1-D layout:
+# B_t[n], C_t[n] are warp-uniform scalars, the C contraction is N in-lane FMAs, and nothing
+# needs a layout conversion or a cross-lane reduction in the forward. (Version 1 held the
+# state as one (N, block_d) tile and ran ~0.56 us/step; see benchmarks/NOTES_selective_scan.md.)
+# The only dependent operation per step is one FMA per state; the input rows are prefetched
+# `prefetch` steps ahead through the loop carry, hiding the global-load latency.
 # The forward saves the state entering every `chunk` of steps; the backward walks the chunks
 # in reverse, recomputes the chunk's states from the saved entry state into a per-program
-# scratch tile (small enough to stay in L2), then runs the adjoint recurrence backwards.
+# scratch tile (each lane reads back only what it wrote; small enough to stay in L2), then runs
+# the adjoint recurrence backwards over the chunk.
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and Triton launch parameters of the selective-scan kernels."""
-    block_d: int = 32          # channels per forward program (power of 2)
+    block_d: int = 32          # channels per forward program = lanes (power of 2)
     chunk: int = 32            # steps between saved states (power of 2); bwd scratch depth
     prefetch: int = 2          # rows loaded ahead of use, through the loop carry (0 = off)
-    num_warps: int = 1         # forward; 1 warp keeps cross-channel reductions in shuffles
+    num_warps: int = 1         # forward warps (block_d / 32 gives one channel per lane)
     num_stages: int = 1
-    bwd_block_d: int = 32      # channels per backward program (power of 2)
-    bwd_num_warps: int = 1
+    bwd_block_d: int = 32      # channels per backward program; 32 with 1 warp keeps the
+    bwd_num_warps: int = 1     # per-step dB/dC channel sums in warp shuffles
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -220,9 +223,10 @@ class _Cfg:
     n_chunks: int          # padded length = n_chunks * chunk
     chunk: int
     n_groups: int
-    blocks_per_group: int  # channel blocks per group (fwd and bwd use the same block)
+    group_width: int       # padded channels per group (a multiple of both block sizes)
     block_d: int
-    d_state: int           # padded to a power of 2
+    bwd_block_d: int
+    d_state: int
     softplus: bool
     has_z: bool
     prefetch: int
@@ -237,6 +241,16 @@ def _compiler_params(num_warps, num_stages):
     # `TritonCompilerParams`.
     cls = getattr(pltr, "CompilerParams", None) or getattr(pltr, "TritonCompilerParams")
     return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _exp2(cfg, x):
+    if cfg.interpret:
+        return jnp.exp2(x)
+    # One MUFU instruction; the libdevice exp2f the lowering would call adds denormal handling
+    # that the decays (<= 1, flushed to 0 far below 2^-126) do not need.
+    return pltr.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
 
 
 def _softplus_f32(x):
@@ -255,7 +269,8 @@ def _prefetched_loop(lo, hi, load, body, carry, prefetch, reverse=False):
     """fori_loop over steps lo..hi-1 (or reversed) with rows prefetched `prefetch` steps ahead.
 
     `load(t)` returns a tuple of row values for step t (it must clamp t itself); `body(t, row,
-    carry)` returns the new carry. The queue of loaded rows rides in the loop carry.
+    carry)` returns the new carry. The queue of loaded rows rides in the loop carry, so a load
+    issued in iteration i is first waited on in iteration i + prefetch.
     """
     n = hi - lo
     step_of = (lambda i: hi - 1 - i) if reverse else (lambda i: lo + i)
@@ -277,8 +292,8 @@ def _prefetched_loop(lo, hi, load, body, carry, prefetch, reverse=False):
 def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     """Forward scan of one (batch, channel block): eq. 2a-2b, states saved per chunk.
 
-    Refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  AT: (Np, Dp)  D, bias: (Dp,)
-    h0: (B, Np, Dp) -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, n_chunks, Np, Dp)]
+    Refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, N)  AT: (N, Dp)  D, bias: (Dp,)
+    h0: (B, N, Dp) -> y: (B, Lp, Dp)  hL: (B, N, Dp)  [hs: (B, n_chunks, N, Dp)]
     """
     if cfg.has_z:
         u_ref, dt_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, h0_ref, *outs = refs
@@ -287,43 +302,50 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
         z_ref = None
     y_ref, hl_ref = outs[0], outs[1]
     hs_ref = outs[2] if save_states else None
+    n_st, f32 = cfg.d_state, jnp.float32
     bi, j = pl.program_id(0), pl.program_id(1)
-    grp = j // cfg.blocks_per_group
+    grp = (j * cfg.block_d) // cfg.group_width
     cols = pl.ds(j * cfg.block_d, cfg.block_d)
     last = cfg.n_chunks * cfg.chunk - 1
     # exp2 with A pre-scaled by log2(e): one MUFU op per state update.
-    a2 = at_ref[:, cols].astype(jnp.float32) * _LOG2E
-    dskip = d_ref[cols].astype(jnp.float32)
-    bias = bias_ref[cols].astype(jnp.float32)
+    a2 = tuple(at_ref[k, cols].astype(f32) * _LOG2E for k in range(n_st))
+    dskip = d_ref[cols].astype(f32)
+    bias = bias_ref[cols].astype(f32)
 
     def load(t):
         t = jnp.clip(t, 0, last)
-        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
-               c_ref[bi, t, grp, :])
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols],
+               tuple(b_ref[bi, t, grp, k] for k in range(n_st)),
+               tuple(c_ref[bi, t, grp, k] for k in range(n_st)))
         return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
 
     def body(t, row, h):
         dt_raw, u, bt, ct = row[:4]
-        u = u.astype(jnp.float32)
+        u = u.astype(f32)
         dt, _ = _step_size(cfg, dt_raw, bias, t)
-        h = (jnp.exp2(dt[None, :] * a2) * h
-             + (dt * u)[None, :] * bt.astype(jnp.float32)[:, None])
-        y = jnp.sum(h * ct.astype(jnp.float32)[:, None], axis=0) + dskip * u
+        dtu = dt * u
+        h = tuple(_exp2(cfg, dt * a2[k]) * h[k] + dtu * bt[k].astype(f32)
+                  for k in range(n_st))
+        y = dskip * u
+        for k in range(n_st):
+            y = y + ct[k].astype(f32) * h[k]
         if cfg.has_z:
-            zt = row[4].astype(jnp.float32)
+            zt = row[4].astype(f32)
             y = y * (zt * jax.nn.sigmoid(zt))
         y_ref[bi, t, cols] = y.astype(y_ref.dtype)
         return h
 
     def chunk_body(c, h):
         if save_states:
-            hs_ref[bi, c, :, cols] = h
+            for k in range(n_st):
+                hs_ref[bi, c, k, cols] = h[k]
         return _prefetched_loop(c * cfg.chunk, (c + 1) * cfg.chunk, load, body, h,
                                 cfg.prefetch)
 
-    h = h0_ref[bi, :, cols].astype(jnp.float32)
+    h = tuple(h0_ref[bi, k, cols].astype(f32) for k in range(n_st))
     h = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, h)
-    hl_ref[bi, :, cols] = h
+    for k in range(n_st):
+        hl_ref[bi, k, cols] = h[k]
 
 
 def _bwd_kernel(*refs, cfg: _Cfg):
@@ -333,10 +355,11 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         g += C_t dy_t ;  dC_t = sum_d dy_t h_t ;  dB_t = sum_d g dt_t u_t
         du_t = D dy_t + sum_n g dt_t B_t ;  ddt_t = sum_n g (B_t u_t + A a_t h_{t-1})
         dA += g a_t h_{t-1} dt_t ;  g *= a_t          (a_t = exp(dt_t A))
-    Refs (inputs): u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  AT: (Np, Dp)
-    D, bias: (Dp,)  hs: (B, n_chunks, Np, Dp)  dhL: (B, Np, Dp)
-    Refs (outputs): du, ddt, [dz]: (B, Lp, Dp)  dB, dC: (B, Lp, n_blocks, Np) per-block partials
-    dAT: (B, Np, Dp)  dD, dbias: (B, Dp)  dh0: (B, Np, Dp)  scratch: (B, n_blocks, chunk, Np, bd)
+    Refs (inputs): u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, N)  AT: (N, Dp)
+    D, bias: (Dp,)  hs: (B, n_chunks, N, Dp)  dhL: (B, N, Dp)
+    Refs (outputs): du, ddt, [dz]: (B, Lp, Dp)  dB, dC: (B, Lp, n_blocks, N) per-block partial
+    sums  dAT: (B, N, Dp)  dD, dbias: (B, Dp)  dh0: (B, N, Dp)
+    scratch: (B, n_blocks, chunk, N, bd) (an output only so that it has global memory).
     """
     it = iter(refs)
     u_ref, dt_ref = next(it), next(it)
@@ -346,101 +369,121 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     dz_ref = next(it) if cfg.has_z else None
     db_ref, dc_ref, dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(7))
 
+    n_st, f32, bd = cfg.d_state, jnp.float32, cfg.bwd_block_d
     bi, j = pl.program_id(0), pl.program_id(1)
-    grp = j // cfg.blocks_per_group
-    cols = pl.ds(j * cfg.block_d, cfg.block_d)
+    grp = (j * bd) // cfg.group_width
+    cols = pl.ds(j * bd, bd)
     last = cfg.n_chunks * cfg.chunk - 1
-    at = at_ref[:, cols].astype(jnp.float32)
-    a2 = at * _LOG2E
-    dskip = d_ref[cols].astype(jnp.float32)
-    bias = bias_ref[cols].astype(jnp.float32)
-    f32 = jnp.float32
+    at = tuple(at_ref[k, cols].astype(f32) for k in range(n_st))
+    a2 = tuple(a * _LOG2E for a in at)
+    dskip = d_ref[cols].astype(f32)
+    bias = bias_ref[cols].astype(f32)
 
     def load_fwd(t):
         t = jnp.clip(t, 0, last)
-        return dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :]
+        return (dt_ref[bi, t, cols], u_ref[bi, t, cols],
+                tuple(b_ref[bi, t, grp, k] for k in range(n_st)))
 
     def recompute(t, row, h):
         # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
         dt_raw, u, bt = row
         dt, _ = _step_size(cfg, dt_raw, bias, t)
-        scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :] = h
-        return (jnp.exp2(dt[None, :] * a2) * h
-                + (dt * u.astype(f32))[None, :] * bt.astype(f32)[:, None])
+        dtu = dt * u.astype(f32)
+        slot = jax.lax.rem(t, cfg.chunk)
+        for k in range(n_st):
+            scr_ref[bi, j, slot, k, :] = h[k]
+        return tuple(_exp2(cfg, dt * a2[k]) * h[k] + dtu * bt[k].astype(f32)
+                     for k in range(n_st))
 
     def load_bwd(t):
         t = jnp.clip(t, 0, last)
-        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
-               c_ref[bi, t, grp, :], do_ref[bi, t, cols])
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols],
+               tuple(b_ref[bi, t, grp, k] for k in range(n_st)),
+               tuple(c_ref[bi, t, grp, k] for k in range(n_st)), do_ref[bi, t, cols])
         return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
 
     def adjoint(t, row, carry):
         g, dat, dd, dbias = carry
         dt_raw, u, bt, ct, dout = row[:5]
-        u, bt, ct, dout = u.astype(f32), bt.astype(f32), ct.astype(f32), dout.astype(f32)
+        u, dout = u.astype(f32), dout.astype(f32)
+        bt = tuple(x.astype(f32) for x in bt)
+        ct = tuple(x.astype(f32) for x in ct)
         dt, x = _step_size(cfg, dt_raw, bias, t)
-        h_prev = scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :]
-        a = jnp.exp2(dt[None, :] * a2)
         dtu = dt * u
-        h = a * h_prev + dtu[None, :] * bt[:, None]
+        slot = jax.lax.rem(t, cfg.chunk)
+        h_prev = tuple(scr_ref[bi, j, slot, k, :] for k in range(n_st))
+        a = tuple(_exp2(cfg, dt * a2[k]) for k in range(n_st))
+        h = tuple(a[k] * h_prev[k] + dtu * bt[k] for k in range(n_st))
         if cfg.has_z:
             zt = row[5].astype(f32)
             sig = jax.nn.sigmoid(zt)
-            y = jnp.sum(h * ct[:, None], axis=0) + dskip * u
+            y = dskip * u
+            for k in range(n_st):
+                y = y + ct[k] * h[k]
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
             dz_ref[bi, t, cols] = dz.astype(dz_ref.dtype)
             dy = dout * zt * sig
         else:
             dy = dout
-        g = g + ct[:, None] * dy[None, :]
-        dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
-        db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
-        gb = jnp.sum(g * bt[:, None], axis=0)
-        ga = g * a * h_prev
+        g = tuple(g[k] + ct[k] * dy for k in range(n_st))
+        gb = jnp.zeros_like(u)
+        ddt = jnp.zeros_like(u)
+        new_g, new_dat = [], []
+        for k in range(n_st):
+            # Channel sums of this block: partials, reduced over blocks outside the kernel.
+            dc_ref[bi, t, j, k] = jnp.sum(h[k] * dy)
+            db_ref[bi, t, j, k] = jnp.sum(g[k] * dtu)
+            gb = gb + g[k] * bt[k]
+            ga = g[k] * a[k] * h_prev[k]
+            ddt = ddt + ga * at[k]
+            new_dat.append(dat[k] + ga * dt)
+            new_g.append(g[k] * a[k])
         du = dskip * dy + dt * gb
-        ddt = gb * u + jnp.sum(ga * at, axis=0)
+        ddt = ddt + gb * u
         if cfg.softplus:
             ddt = ddt * jax.nn.sigmoid(x)
         ddt = jnp.where(t < cfg.length, ddt, 0.0)
         du_ref[bi, t, cols] = du.astype(du_ref.dtype)
         ddt_ref[bi, t, cols] = ddt.astype(ddt_ref.dtype)
-        return g * a, dat + ga * dt[None, :], dd + dy * u, dbias + ddt
+        return tuple(new_g), tuple(new_dat), dd + dy * u, dbias + ddt
 
     def chunk_body(i, carry):
         c = cfg.n_chunks - 1 - i
         lo, hi = c * cfg.chunk, (c + 1) * cfg.chunk
-        _prefetched_loop(lo, hi, load_fwd, recompute, hs_ref[bi, c, :, cols], cfg.prefetch)
+        h_entry = tuple(hs_ref[bi, c, k, cols] for k in range(n_st))
+        _prefetched_loop(lo, hi, load_fwd, recompute, h_entry, cfg.prefetch)
         if not cfg.interpret:
-            # Scratch written above is read back by other threads of the program.
+            # Lanes read back their own scratch writes; the barrier also orders them against
+            # the next chunk's overwrite should the compiler pick different layouts.
             pltr.debug_barrier()
         carry = _prefetched_loop(lo, hi, load_bwd, adjoint, carry, cfg.prefetch, reverse=True)
         if not cfg.interpret:
             pltr.debug_barrier()
         return carry
 
-    nb = cfg.block_d
-    init = (dhl_ref[bi, :, cols].astype(f32), jnp.zeros((cfg.d_state, nb), f32),
-            jnp.zeros((nb,), f32), jnp.zeros((nb,), f32))
+    zeros = jnp.zeros((bd,), f32)
+    init = (tuple(dhl_ref[bi, k, cols].astype(f32) for k in range(n_st)),
+            tuple(zeros for _ in range(n_st)), zeros, zeros)
     g, dat, dd, dbias = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, init)
-    dh0_ref[bi, :, cols] = g
-    dat_ref[bi, :, cols] = dat
+    for k in range(n_st):
+        dh0_ref[bi, k, cols] = g[k]
+        dat_ref[bi, k, cols] = dat[k]
     dd_ref[bi, cols] = dd
     dbias_ref[bi, cols] = dbias
 
 
 def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
     b, lp, dp = u.shape
-    np_ = cfg.d_state
-    n_blocks = cfg.n_groups * cfg.blocks_per_group
+    n = cfg.d_state
     out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype),
-                 jax.ShapeDtypeStruct((b, np_, dp), jnp.float32)]
+                 jax.ShapeDtypeStruct((b, n, dp), jnp.float32)]
     if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((b, cfg.n_chunks, np_, dp), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((b, cfg.n_chunks, n, dp), jnp.float32))
     ins = (u, dt) + ((z,) if cfg.has_z else ()) + (Bm, Cm, AT, D, bias, h0)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, save_states=save_states),
         out_shape=tuple(out_shape),
-        grid=(b, n_blocks),
+        grid=(b, dp // cfg.block_d),
         compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="selective_scan_fwd",
@@ -450,18 +493,18 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
 def _bwd_call(cfg, res, dy, dhl):
     u, dt, z, Bm, Cm, AT, D, bias, hs = res
     b, lp, dp = u.shape
-    np_ = cfg.d_state
-    n_blocks = cfg.n_groups * cfg.blocks_per_group
+    n = cfg.d_state
+    n_blocks = dp // cfg.bwd_block_d
     f32 = jnp.float32
     out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                  + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
-                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
-                    jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
-                    jax.ShapeDtypeStruct((b, np_, dp), f32),
+                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, n), f32),
+                    jax.ShapeDtypeStruct((b, lp, n_blocks, n), f32),
+                    jax.ShapeDtypeStruct((b, n, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
-                    jax.ShapeDtypeStruct((b, np_, dp), f32),
-                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, np_, cfg.block_d), f32)])
+                    jax.ShapeDtypeStruct((b, n, dp), f32),
+                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, n, cfg.bwd_block_d), f32)])
     ins = (u, dt) + ((z,) if cfg.has_z else ()) + (dy, Bm, Cm, AT, D, bias, hs, dhl)
     outs = pl.pallas_call(
         functools.partial(_bwd_kernel, cfg=cfg),
@@ -492,10 +535,11 @@ def _scan_padded_bwd(cfg, res, cts):
     du, ddt = outs[0], outs[1]
     dz = outs[2] if cfg.has_z else None
     db, dc, dat, dd, dbias, dh0 = outs[3:] if cfg.has_z else outs[2:]
-    b, lp, _, np_ = db.shape
+    b, lp, n_blocks, n = db.shape
     # Per-block partial sums of dB/dC reduced here (deterministic, no atomics).
-    db = db.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Bm.dtype)
-    dc = dc.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Cm.dtype)
+    per_group = n_blocks // cfg.n_groups
+    db = db.reshape(b, lp, cfg.n_groups, per_group, n).sum(3).astype(Bm.dtype)
+    dc = dc.reshape(b, lp, cfg.n_groups, per_group, n).sum(3).astype(Cm.dtype)
     return (du, ddt, dz, db, dc, dat.sum(0), dd.sum(0), dbias.sum(0), dh0)
 
 
@@ -518,8 +562,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     u, delta, z: (B, L, Di)  A: (Di, N)  B, C: (B, L, N) or (B, L, G, N)  D, delta_bias: (Di,)
     initial_state: (B, Di, N).  Returns y (B, L, Di) [, h_L (B, Di, N) float32]; eq. 2a-2b.
     Any length, width and d_state: the wrapper pads time to a multiple of the chunk (padded
-    steps get delta = 0 after softplus, i.e. identity steps), each group's channels to a
-    multiple of the block, and d_state to a power of 2 (A = B = C = 0 there).
+    steps get delta = 0 after softplus, i.e. identity steps) and each group's channels to a
+    multiple of the blocks (padded channels have u = 0, A = 0: they stay at zero).
+    Registers hold ~3 N floats per lane in the backward: d_state up to ~32 compiles without
+    spilling (an assumption checked at N = 16 on the H100).
     `interpret=None` runs interpret mode when no GPU is present.
     """
     b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -528,50 +574,47 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         interpret = not _on_gpu()
     f32 = jnp.float32
     cg = di // g
-    # A block never straddles two groups; tiny widths use a smaller block rather than pad.
+    # A block never straddles two groups; narrow groups use smaller blocks rather than pad.
     bd = max(min(bs.block_d, _next_pow2(cg)), 16)
-    cgp = _round_up(cg, bd)
-    np_ = max(_next_pow2(n), 2)
+    bbd = max(min(bs.bwd_block_d, _next_pow2(cg)), 16)
+    cgp = _round_up(cg, max(bd, bbd))
     chunk = min(bs.chunk, _next_pow2(l))
     lp = _round_up(l, chunk)
-    cfg = _Cfg(length=l, n_chunks=lp // chunk, chunk=chunk, n_groups=g,
-               blocks_per_group=cgp // bd, block_d=bd, d_state=np_,
-               softplus=bool(delta_softplus), has_z=z is not None, prefetch=bs.prefetch,
-               num_warps=bs.num_warps, num_stages=bs.num_stages,
-               bwd_num_warps=bs.bwd_num_warps, interpret=bool(interpret))
+    cfg = _Cfg(length=l, n_chunks=lp // chunk, chunk=chunk, n_groups=g, group_width=cgp,
+               block_d=bd, bwd_block_d=bbd, d_state=n, softplus=bool(delta_softplus),
+               has_z=z is not None, prefetch=bs.prefetch, num_warps=bs.num_warps,
+               num_stages=bs.num_stages, bwd_num_warps=bs.bwd_num_warps,
+               interpret=bool(interpret))
 
-    def chan(x, fill=0.0):
+    def chan(x):
         # (..., Di) -> (..., G * cgp): pad each group's channels (no copy when cg == cgp).
         if cgp == cg:
             return x
         lead = x.shape[:-1]
         x = x.reshape(lead + (g, cg))
-        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, cgp - cg)], constant_values=fill)
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, cgp - cg)])
         return x.reshape(lead + (g * cgp,))
 
     def seq(x):
-        return x if lp == l else jnp.pad(x, [(0, 0), (0, lp - l), (0, 0)])
+        return x if lp == l else jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))
 
     u_p = seq(chan(u))
     dt_p = seq(chan(delta))
     z_p = None if z is None else seq(chan(z))
-    Bg, Cg = _as_groups(B), _as_groups(C)
-    pad_bc = [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)]
-    B_p = Bg if pad_bc == [(0, 0)] * 4 else jnp.pad(Bg, pad_bc)
-    C_p = Cg if pad_bc == [(0, 0)] * 4 else jnp.pad(Cg, pad_bc)
-    AT = jnp.pad(chan(A.astype(f32).T), [(0, np_ - n), (0, 0)])
+    B_p, C_p = seq(_as_groups(B)), seq(_as_groups(C))
+    AT = chan(A.astype(f32).T)
     D_p = chan(jnp.zeros((di,), f32) if D is None else D.astype(f32))
     bias_p = chan(jnp.zeros((di,), f32) if delta_bias is None else delta_bias.astype(f32))
-    h0 = (jnp.zeros((b, np_, g * cgp), f32) if initial_state is None else
-          jnp.pad(chan(jnp.swapaxes(initial_state.astype(f32), 1, 2)),
-                  [(0, 0), (0, np_ - n), (0, 0)]))
+    h0 = (jnp.zeros((b, n, g * cgp), f32) if initial_state is None else
+          chan(jnp.swapaxes(initial_state.astype(f32), 1, 2)))
     y, hl = _scan_padded(cfg, u_p, dt_p, z_p, B_p, C_p, AT, D_p, bias_p, h0)
     y = y[:, :l]
     if cgp != cg:
         y = y.reshape(b, l, g, cgp)[..., :cg].reshape(b, l, di)
     if not return_final_state:
         return y
-    hl = hl[:, :n].reshape(b, n, g, cgp)[..., :cg].reshape(b, n, di)
+    if cgp != cg:
+        hl = hl.reshape(b, n, g, cgp)[..., :cg].reshape(b, n, di)
     return y, jnp.swapaxes(hl, 1, 2)
 
 
