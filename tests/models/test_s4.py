@@ -95,6 +95,20 @@ def test_nplr_reconstructs_dense_legs(n):
     assert_close_f64((v_f @ b_f[0]).real, b, "V_f B vs LegS B")
 
 
+def test_s4d_inits_closed_form():
+    lam, b = ssm_math.s4d_init(8, "lin")
+    np.testing.assert_allclose(lam, -0.5 + 1j * np.pi * np.arange(4), rtol=1e-14)
+    np.testing.assert_allclose(b, 1.0)
+    lam, _ = ssm_math.s4d_init(8, "inv")
+    np.testing.assert_allclose(lam.imag, 8 / np.pi * (8 / np.array([1, 3, 5, 7]) - 1), rtol=1e-14)
+    lam, b = ssm_math.s4d_init(8, "legs")
+    lam_nplr, _, b_nplr, _ = ssm_math.hippo_legs_nplr(8)
+    np.testing.assert_allclose(lam, lam_nplr, rtol=1e-14)
+    np.testing.assert_allclose(b, b_nplr, rtol=1e-14)
+    with pytest.raises(ValueError, match="diag_init='foo'"):
+        ssm_math.s4d_init(8, "foo")
+
+
 def test_discretize_scalar_closed_form():
     a, b, dt = -0.7 + 0.3j, 1.3 - 0.2j, 0.1
     expected = {
