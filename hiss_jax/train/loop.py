@@ -186,10 +186,10 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
         "val_rmse_raw": [val[f"rmse_raw_{i}"] for i in range(info.output_dim)],
         "devices": jax.device_count(), "source": source,
     }
+    if tc.plot_episodes:  # every process runs the sharded predict; process 0 draws
+        _plot(model, best_params, dataset.val, info, mesh, shardings.params, rules,
+              tc.plot_episodes, os.path.join(workdir, "predictions.png"), main)
     if main:
-        if tc.plot_episodes:
-            _plot(model, best_params, dataset.val, info, mesh, shardings.params, rules,
-                  tc.plot_episodes, os.path.join(workdir, "predictions.png"))
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"best val MSE {summary['best_val_mse']:.5f} (step {summary['best_step']}) | "
@@ -210,11 +210,12 @@ def _levels(config) -> str:
             f"{m.high.kind}(d={m.high.d_model}, n={m.high.n_layers})")
 
 
-def _plot(model, params, split, info, mesh, param_shardings, rules, n, path):
+def _plot(model, params, split, info, mesh, param_shardings, rules, n, path, draw):
     n = min(n, split.inputs.shape[0])
     rows = -(-n // mesh.shape["data"]) * mesh.shape["data"]  # a multiple of the data axis
     idx = np.arange(rows) % split.inputs.shape[0]
     predict = step_lib.make_predict(model, mesh, param_shardings, rules)
     pred = np.asarray(jax.device_get(predict(params, step_lib.to_global(
         {"x": split.inputs[idx]}, mesh)["x"])))[:n]
-    plots.plot_trajectories(path, pred, split.targets[:n], split.mask[:n], info)
+    if draw:
+        plots.plot_trajectories(path, pred, split.targets[:n], split.mask[:n], info)

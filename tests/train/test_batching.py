@@ -46,3 +46,17 @@ def test_too_few_sequences_names_the_fix():
     ds = standins.make_dataset(n_train=3)
     with pytest.raises(ValueError, match="config.train.batch_size=4"):
         batching.TrainBatches(ds.train, 4, seed=0, chunk_size=10)
+
+
+def test_augmentation_draws_are_a_pure_function_of_the_step():
+    ds = standins.make_dataset(n_train=8)
+
+    def jitter(x, y, m, rng):
+        return x + rng.normal(size=x.shape).astype(x.dtype), y
+
+    a = batching.TrainBatches(ds.train, 4, seed=1, chunk_size=10, augment=jitter)
+    b = batching.TrainBatches(ds.train, 4, seed=1, chunk_size=10, augment=jitter)
+    np.testing.assert_array_equal(a(5)["inputs"], b(5)["inputs"])
+    assert not np.array_equal(a(5)["inputs"], ds.train.inputs[a.indices(5)])
+    assert not np.array_equal(a(5)["inputs"] - ds.train.inputs[a.indices(5)],
+                              a(7)["inputs"] - ds.train.inputs[a.indices(7)])
