@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class StreamingPredictor:
@@ -54,6 +55,7 @@ class StreamingPredictor:
 
         self._sample = jax.jit(sample) if jit else sample
         self._chunk = jax.jit(chunk) if jit else chunk
+        self._out_structs = {}
         self.reset()
 
     def reset(self):
@@ -65,7 +67,9 @@ class StreamingPredictor:
     def push(self, x):
         """x: (B, D_in) one sample or (B, n, D_in) a block -> (B, n_done, D_out) predictions of
         the chunks that this input completed (n_done may be 0)."""
-        x = jnp.asarray(x)
+        # Samples arrive from the host: slice them in numpy rather than dispatching a device
+        # slice per sample (that dispatch costs as much as a small model's step).
+        x = np.asarray(x)
         if x.ndim == 2:
             x = x[:, None]
         if x.ndim != 3 or x.shape[0] != self.batch_size:
@@ -83,12 +87,19 @@ class StreamingPredictor:
                     # the next chunk starts from a zero low state, as in the parallel form
                     self.low_state = self._low0
         if not preds:
-            # Nothing completed: an empty block of the right width (shape-only evaluation).
+            return jnp.zeros((self.batch_size, 0) + self._output_struct(x).shape[1:],
+                             self._output_struct(x).dtype)
+        return jnp.stack(preds, axis=1)
+
+    def _output_struct(self, x):
+        """Shape/dtype of one prediction (B, D_out), by shape-only evaluation, cached."""
+        key = (x.shape[2], x.dtype)
+        if self._out_structs.get(key) is None:
             x_t = jax.ShapeDtypeStruct((self.batch_size, x.shape[2]), x.dtype)
             feature = jax.eval_shape(self._sample, self.params, self.low_state, x_t)[1]
-            y = jax.eval_shape(self._chunk, self.params, self.high_state, feature)[1]
-            return jnp.zeros((self.batch_size, 0) + y.shape[1:], y.dtype)
-        return jnp.stack(preds, axis=1)
+            self._out_structs[key] = jax.eval_shape(self._chunk, self.params, self.high_state,
+                                                    feature)[1]
+        return self._out_structs[key]
 
 
 def stream(model, params, x, *, block: int = 1, jit: bool = True):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from hiss_jax.models import build_model
+from hiss_jax.replay import replay_episode
 from hiss_jax.streaming import StreamingPredictor, stream
 from tests.conftest import assert_close
 # The tiny configs, inputs and the per-family compiled halves are shared with the model tests, so
@@ -93,3 +94,19 @@ def test_blocks_empty_pushes_and_reset():
     assert_close(again, y_ref, jnp.float32, what="after reset")
     with pytest.raises(ValueError, match="push expects"):
         predictor.push(jnp.zeros((3, D_IN)))
+
+
+def test_replay_episode_matches_parallel():
+    model = build_model(tiny_model_cfg("hiss", low="lstm", high="lstm"), input_dim=D_IN,
+                        output_dim=D_OUT, scan_impl="ref")
+    x = recording()[:1]
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x[:, :K * T])
+    y_ref = jax.jit(model.apply)(variables, x[:, :K * T])[0]
+    targets = jnp.zeros((T, D_OUT))
+    res = replay_episode(model, variables["params"], x[0], targets, block=3)
+    assert res["predictions_emitted"] == T and res["samples"] == L
+    assert_close(jnp.asarray(res["predictions"]), y_ref, jnp.float32, what="replay")
+    assert res["rel_err_vs_parallel"] <= 1e-5
+    assert abs(res["mse"] - float(jnp.mean(y_ref ** 2))) <= 1e-5 * (1 + res["mse"])
+    assert res["latency"]["push_with_prediction"]["n"] >= 1
+
