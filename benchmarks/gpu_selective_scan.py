@@ -131,8 +131,10 @@ def rel(a, e):
 # ------------------------------------------------------------------ 1. results to check later
 CHECKS = {
     # name: (shape args, impls compared); float64 reference computed at the end.
-    "S": (dict(b=64, l=1024, d=256, n=16), ("pallas", "xla", "peer")),
-    "L_b2": (dict(b=2, l=4096, d=2048, n=16), ("pallas", "peer")),
+    # The peer's errors were measured in benchmarks/results/selective_scan_h100_v1.json
+    # (1.7e-3 worst, like ours); left out here to save its compile time.
+    "S": (dict(b=64, l=1024, d=256, n=16), ("pallas", "xla")),
+    "L_b2": (dict(b=2, l=4096, d=2048, n=16), ("pallas",)),
     "odd_groups_z_h0": (dict(b=3, l=1000, d=200, n=12, g=2, z=True, h0=True), ("pallas", "xla")),
 }
 if SMALL:
@@ -199,21 +201,21 @@ def bench(f, vals, n=N_CALLS):
 
 VARIANTS = {
     "pallas": BlockSizes(),
-    "pallas_pf1": BlockSizes(prefetch=1),
-    "pallas_pf4": BlockSizes(prefetch=4),
-    "pallas_fbd64w2": BlockSizes(block_d=64, num_warps=2),
-    "pallas_fbd128w4": BlockSizes(block_d=128, num_warps=4),
-    "pallas_bbd64w2": BlockSizes(bwd_block_d=64, bwd_num_warps=2),
-    "pallas_ch16": BlockSizes(chunk=16),
-    "pallas_ch64": BlockSizes(chunk=64),
+    "pallas_u1pf2": BlockSizes(unroll=1, prefetch=2),
+    "pallas_u2": BlockSizes(unroll=2),
+    "pallas_u8": BlockSizes(unroll=8),
+    "pallas_u4pf2": BlockSizes(prefetch=2),
+    "pallas_u8ch32": BlockSizes(unroll=8, chunk=32),
+    "pallas_bd64w2": BlockSizes(block_d=64, num_warps=2, bwd_num_warps=2),
 }
 for sname in ("S", "L"):
     b, l, d, n = SHAPES[sname]
     args = inputs(b, l, d, n, seed=2)
     names = list(ARGN)
     vals = [args[k] for k in names]
-    cands = [(k, pallas_fn(v)) for k, v in VARIANTS.items()]
-    cands += [("xla", impl_fn("xla")), ("peer", None)]
+    # The default and the two baselines first, so that a spent time budget cuts only variants.
+    cands = [("pallas", pallas_fn(VARIANTS["pallas"])), ("xla", impl_fn("xla")), ("peer", None)]
+    cands += [(k, pallas_fn(v)) for k, v in VARIANTS.items() if k != "pallas"]
     for cname, fn in cands:
         if cname in SKIP or (ONLY and cname not in ONLY):
             continue

@@ -179,41 +179,43 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 # --------------------------------------------------------------------------------------------
 # Pallas GPU kernels (Triton backend).
 #
-# One program per (batch, block of `block_d` channels), walking time sequentially. Layout: one
-# channel per lane, and the N states of a channel as N separate (block_d,) float32 vectors
-# (a Python tuple in the loop carry), so every value in the loop has the same 1-D layout:
-# B_t[n], C_t[n] are warp-uniform scalars, the C contraction is N in-lane FMAs, and nothing
-# needs a layout conversion or a cross-lane reduction in the forward. (Version 1 held the
-# state as one (N, block_d) tile and ran ~0.56 us/step; see benchmarks/NOTES_selective_scan.md.)
-# The only dependent operation per step is one FMA per state; the input rows are prefetched
-# `prefetch` steps ahead through the loop carry, hiding the global-load latency.
+# One program per (batch, block of `block_d` channels); the state tile h (N, block_d) lives in
+# float32 registers and the program walks time sequentially. The only dependent operation per
+# step is one FMA on h; everything else (loads, softplus, exp2, the C contraction) is free to
+# overlap across steps, but a GPU warp does not overlap loop iterations by itself: one step per
+# iteration measured ~0.6 us/step, the latency of one step's instruction chain. So each loop
+# iteration runs `unroll` consecutive steps as straight-line code (the scheduler interleaves
+# their independent work), and the input rows of the next `prefetch` iterations are loaded
+# ahead through the loop carry, hiding the global-load latency (~0.9 us/step unprefetched,
+# KERNELS.md).
 # The forward saves the state entering every `chunk` of steps; the backward walks the chunks
 # in reverse, recomputes the chunk's states from the saved entry state into a per-program
-# scratch tile (each lane reads back only what it wrote; small enough to stay in L2), then runs
-# the adjoint recurrence backwards over the chunk.
+# scratch tile (small enough to stay in L2), then runs the adjoint recurrence backwards.
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and Triton launch parameters of the selective-scan kernels."""
-    block_d: int = 32          # channels per forward program = lanes (power of 2)
-    chunk: int = 32            # steps between saved states (power of 2); bwd scratch depth
-    prefetch: int = 2          # rows loaded ahead of use, through the loop carry (0 = off)
-    num_warps: int = 1         # forward warps (block_d / 32 gives one channel per lane)
+    block_d: int = 32          # channels per program (power of 2), forward and backward
+    chunk: int = 16            # steps between saved states (power of 2); bwd scratch depth
+    unroll: int = 4            # time steps per loop iteration (power of 2, <= chunk)
+    prefetch: int = 1          # iterations whose rows are loaded ahead, via the loop carry
+    num_warps: int = 1         # 1 warp keeps the bwd's per-step channel sums in shuffles
     num_stages: int = 1
-    bwd_block_d: int = 32      # channels per backward program; 32 with 1 warp keeps the
-    bwd_num_warps: int = 1     # per-step dB/dC channel sums in warp shuffles
+    bwd_num_warps: int = 1
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
         return cls()
 
     def __post_init__(self):
-        for name in ("block_d", "chunk", "bwd_block_d"):
+        for name in ("block_d", "chunk", "unroll"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"BlockSizes.{name}={v} must be a power of 2 (Triton tiles)")
         if self.prefetch < 0:
             raise ValueError(f"BlockSizes.prefetch={self.prefetch} must be >= 0")
+        if self.unroll > self.chunk:
+            raise ValueError(f"BlockSizes.unroll={self.unroll} must be <= chunk={self.chunk}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,12 +225,12 @@ class _Cfg:
     n_chunks: int          # padded length = n_chunks * chunk
     chunk: int
     n_groups: int
-    group_width: int       # padded channels per group (a multiple of both block sizes)
+    blocks_per_group: int  # channel blocks per group (fwd and bwd use the same block)
     block_d: int
-    bwd_block_d: int
-    d_state: int
+    d_state: int           # padded to a power of 2
     softplus: bool
     has_z: bool
+    unroll: int
     prefetch: int
     num_warps: int
     num_stages: int
@@ -247,7 +249,7 @@ def _exp2(cfg, x):
     if cfg.interpret:
         return jnp.exp2(x)
     # One MUFU instruction; the libdevice exp2f the lowering would call adds denormal handling
-    # that the decays (<= 1, flushed to 0 far below 2^-126) do not need.
+    # that decays (<= 1, flushed to 0 below 2^-126) do not need.
     return pltr.elementwise_inline_asm(
         "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
@@ -265,35 +267,44 @@ def _step_size(cfg, dt_raw, bias, t):
     return jnp.where(t < cfg.length, dt, 0.0), x
 
 
-def _prefetched_loop(lo, hi, load, body, carry, prefetch, reverse=False):
-    """fori_loop over steps lo..hi-1 (or reversed) with rows prefetched `prefetch` steps ahead.
+def _prefetched_loop(lo, hi, load, body, carry, prefetch, unroll, reverse=False):
+    """Steps lo..hi-1 (or reversed), `unroll` steps per fori_loop iteration, rows prefetched.
 
     `load(t)` returns a tuple of row values for step t (it must clamp t itself); `body(t, row,
-    carry)` returns the new carry. The queue of loaded rows rides in the loop carry, so a load
-    issued in iteration i is first waited on in iteration i + prefetch.
+    carry)` returns the new carry. hi - lo must be a multiple of `unroll`. The rows of the next
+    `prefetch` iterations ride in the loop carry, so a load issued in iteration i is first
+    waited on in iteration i + prefetch.
     """
-    n = hi - lo
-    step_of = (lambda i: hi - 1 - i) if reverse else (lambda i: lo + i)
-    queue = tuple(load(step_of(i)) for i in range(prefetch))
+    n_iter = (hi - lo) // unroll
+    step_of = (lambda s: hi - 1 - s) if reverse else (lambda s: lo + s)
+
+    def steps(i):
+        return [step_of(i * unroll + k) for k in range(unroll)]
+
+    def load_group(i):
+        return tuple(load(t) for t in steps(i))
+
+    queue = tuple(load_group(i) for i in range(prefetch))
 
     def it(i, state):
         c, q = state
-        t = step_of(i)
         if prefetch:
-            row, q = q[0], q[1:] + (load(step_of(i + prefetch)),)
+            rows, q = q[0], q[1:] + (load_group(i + prefetch),)
         else:
-            row = load(t)
-        return body(t, row, c), q
+            rows = load_group(i)
+        for t, row in zip(steps(i), rows):
+            c = body(t, row, c)
+        return c, q
 
-    c, _ = jax.lax.fori_loop(0, n, it, (carry, queue))
+    c, _ = jax.lax.fori_loop(0, n_iter, it, (carry, queue))
     return c
 
 
 def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     """Forward scan of one (batch, channel block): eq. 2a-2b, states saved per chunk.
 
-    Refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, N)  AT: (N, Dp)  D, bias: (Dp,)
-    h0: (B, N, Dp) -> y: (B, Lp, Dp)  hL: (B, N, Dp)  [hs: (B, n_chunks, N, Dp)]
+    Refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  AT: (Np, Dp)  D, bias: (Dp,)
+    h0: (B, Np, Dp) -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, n_chunks, Np, Dp)]
     """
     if cfg.has_z:
         u_ref, dt_ref, z_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, h0_ref, *outs = refs
@@ -302,50 +313,43 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
         z_ref = None
     y_ref, hl_ref = outs[0], outs[1]
     hs_ref = outs[2] if save_states else None
-    n_st, f32 = cfg.d_state, jnp.float32
     bi, j = pl.program_id(0), pl.program_id(1)
-    grp = (j * cfg.block_d) // cfg.group_width
+    grp = j // cfg.blocks_per_group
     cols = pl.ds(j * cfg.block_d, cfg.block_d)
     last = cfg.n_chunks * cfg.chunk - 1
     # exp2 with A pre-scaled by log2(e): one MUFU op per state update.
-    a2 = tuple(at_ref[k, cols].astype(f32) * _LOG2E for k in range(n_st))
-    dskip = d_ref[cols].astype(f32)
-    bias = bias_ref[cols].astype(f32)
+    a2 = at_ref[:, cols].astype(jnp.float32) * _LOG2E
+    dskip = d_ref[cols].astype(jnp.float32)
+    bias = bias_ref[cols].astype(jnp.float32)
 
     def load(t):
         t = jnp.clip(t, 0, last)
-        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols],
-               tuple(b_ref[bi, t, grp, k] for k in range(n_st)),
-               tuple(c_ref[bi, t, grp, k] for k in range(n_st)))
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
+               c_ref[bi, t, grp, :])
         return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
 
     def body(t, row, h):
         dt_raw, u, bt, ct = row[:4]
-        u = u.astype(f32)
+        u = u.astype(jnp.float32)
         dt, _ = _step_size(cfg, dt_raw, bias, t)
-        dtu = dt * u
-        h = tuple(_exp2(cfg, dt * a2[k]) * h[k] + dtu * bt[k].astype(f32)
-                  for k in range(n_st))
-        y = dskip * u
-        for k in range(n_st):
-            y = y + ct[k].astype(f32) * h[k]
+        h = (_exp2(cfg, dt[None, :] * a2) * h
+             + (dt * u)[None, :] * bt.astype(jnp.float32)[:, None])
+        y = jnp.sum(h * ct.astype(jnp.float32)[:, None], axis=0) + dskip * u
         if cfg.has_z:
-            zt = row[4].astype(f32)
+            zt = row[4].astype(jnp.float32)
             y = y * (zt * jax.nn.sigmoid(zt))
         y_ref[bi, t, cols] = y.astype(y_ref.dtype)
         return h
 
     def chunk_body(c, h):
         if save_states:
-            for k in range(n_st):
-                hs_ref[bi, c, k, cols] = h[k]
+            hs_ref[bi, c, :, cols] = h
         return _prefetched_loop(c * cfg.chunk, (c + 1) * cfg.chunk, load, body, h,
-                                cfg.prefetch)
+                                cfg.prefetch, cfg.unroll)
 
-    h = tuple(h0_ref[bi, k, cols].astype(f32) for k in range(n_st))
+    h = h0_ref[bi, :, cols].astype(jnp.float32)
     h = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, h)
-    for k in range(n_st):
-        hl_ref[bi, k, cols] = h[k]
+    hl_ref[bi, :, cols] = h
 
 
 def _bwd_kernel(*refs, cfg: _Cfg):
@@ -355,11 +359,10 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         g += C_t dy_t ;  dC_t = sum_d dy_t h_t ;  dB_t = sum_d g dt_t u_t
         du_t = D dy_t + sum_n g dt_t B_t ;  ddt_t = sum_n g (B_t u_t + A a_t h_{t-1})
         dA += g a_t h_{t-1} dt_t ;  g *= a_t          (a_t = exp(dt_t A))
-    Refs (inputs): u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, N)  AT: (N, Dp)
-    D, bias: (Dp,)  hs: (B, n_chunks, N, Dp)  dhL: (B, N, Dp)
-    Refs (outputs): du, ddt, [dz]: (B, Lp, Dp)  dB, dC: (B, Lp, n_blocks, N) per-block partial
-    sums  dAT: (B, N, Dp)  dD, dbias: (B, Dp)  dh0: (B, N, Dp)
-    scratch: (B, n_blocks, chunk, N, bd) (an output only so that it has global memory).
+    Refs (inputs): u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  AT: (Np, Dp)
+    D, bias: (Dp,)  hs: (B, n_chunks, Np, Dp)  dhL: (B, Np, Dp)
+    Refs (outputs): du, ddt, [dz]: (B, Lp, Dp)  dB, dC: (B, Lp, n_blocks, Np) per-block partials
+    dAT: (B, Np, Dp)  dD, dbias: (B, Dp)  dh0: (B, Np, Dp)  scratch: (B, n_blocks, chunk, Np, bd)
     """
     it = iter(refs)
     u_ref, dt_ref = next(it), next(it)
@@ -369,121 +372,103 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     dz_ref = next(it) if cfg.has_z else None
     db_ref, dc_ref, dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(7))
 
-    n_st, f32, bd = cfg.d_state, jnp.float32, cfg.bwd_block_d
     bi, j = pl.program_id(0), pl.program_id(1)
-    grp = (j * bd) // cfg.group_width
-    cols = pl.ds(j * bd, bd)
+    grp = j // cfg.blocks_per_group
+    cols = pl.ds(j * cfg.block_d, cfg.block_d)
     last = cfg.n_chunks * cfg.chunk - 1
-    at = tuple(at_ref[k, cols].astype(f32) for k in range(n_st))
-    a2 = tuple(a * _LOG2E for a in at)
-    dskip = d_ref[cols].astype(f32)
-    bias = bias_ref[cols].astype(f32)
+    at = at_ref[:, cols].astype(jnp.float32)
+    a2 = at * _LOG2E
+    dskip = d_ref[cols].astype(jnp.float32)
+    bias = bias_ref[cols].astype(jnp.float32)
+    f32 = jnp.float32
 
     def load_fwd(t):
         t = jnp.clip(t, 0, last)
-        return (dt_ref[bi, t, cols], u_ref[bi, t, cols],
-                tuple(b_ref[bi, t, grp, k] for k in range(n_st)))
+        return dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :]
 
     def recompute(t, row, h):
         # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
         dt_raw, u, bt = row
         dt, _ = _step_size(cfg, dt_raw, bias, t)
-        dtu = dt * u.astype(f32)
-        slot = jax.lax.rem(t, cfg.chunk)
-        for k in range(n_st):
-            scr_ref[bi, j, slot, k, :] = h[k]
-        return tuple(_exp2(cfg, dt * a2[k]) * h[k] + dtu * bt[k].astype(f32)
-                     for k in range(n_st))
+        scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :] = h
+        return (_exp2(cfg, dt[None, :] * a2) * h
+                + (dt * u.astype(f32))[None, :] * bt.astype(f32)[:, None])
 
     def load_bwd(t):
         t = jnp.clip(t, 0, last)
-        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols],
-               tuple(b_ref[bi, t, grp, k] for k in range(n_st)),
-               tuple(c_ref[bi, t, grp, k] for k in range(n_st)), do_ref[bi, t, cols])
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
+               c_ref[bi, t, grp, :], do_ref[bi, t, cols])
         return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
 
     def adjoint(t, row, carry):
         g, dat, dd, dbias = carry
         dt_raw, u, bt, ct, dout = row[:5]
-        u, dout = u.astype(f32), dout.astype(f32)
-        bt = tuple(x.astype(f32) for x in bt)
-        ct = tuple(x.astype(f32) for x in ct)
+        u, bt, ct, dout = u.astype(f32), bt.astype(f32), ct.astype(f32), dout.astype(f32)
         dt, x = _step_size(cfg, dt_raw, bias, t)
+        h_prev = scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :]
+        a = _exp2(cfg, dt[None, :] * a2)
         dtu = dt * u
-        slot = jax.lax.rem(t, cfg.chunk)
-        h_prev = tuple(scr_ref[bi, j, slot, k, :] for k in range(n_st))
-        a = tuple(_exp2(cfg, dt * a2[k]) for k in range(n_st))
-        h = tuple(a[k] * h_prev[k] + dtu * bt[k] for k in range(n_st))
+        h = a * h_prev + dtu[None, :] * bt[:, None]
         if cfg.has_z:
             zt = row[5].astype(f32)
             sig = jax.nn.sigmoid(zt)
-            y = dskip * u
-            for k in range(n_st):
-                y = y + ct[k] * h[k]
+            y = jnp.sum(h * ct[:, None], axis=0) + dskip * u
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
             dz_ref[bi, t, cols] = dz.astype(dz_ref.dtype)
             dy = dout * zt * sig
         else:
             dy = dout
-        g = tuple(g[k] + ct[k] * dy for k in range(n_st))
-        gb = jnp.zeros_like(u)
-        ddt = jnp.zeros_like(u)
-        new_g, new_dat = [], []
-        for k in range(n_st):
-            # Channel sums of this block: partials, reduced over blocks outside the kernel.
-            dc_ref[bi, t, j, k] = jnp.sum(h[k] * dy)
-            db_ref[bi, t, j, k] = jnp.sum(g[k] * dtu)
-            gb = gb + g[k] * bt[k]
-            ga = g[k] * a[k] * h_prev[k]
-            ddt = ddt + ga * at[k]
-            new_dat.append(dat[k] + ga * dt)
-            new_g.append(g[k] * a[k])
+        g = g + ct[:, None] * dy[None, :]
+        dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
+        db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
+        gb = jnp.sum(g * bt[:, None], axis=0)
+        ga = g * a * h_prev
         du = dskip * dy + dt * gb
-        ddt = ddt + gb * u
+        ddt = gb * u + jnp.sum(ga * at, axis=0)
         if cfg.softplus:
             ddt = ddt * jax.nn.sigmoid(x)
         ddt = jnp.where(t < cfg.length, ddt, 0.0)
         du_ref[bi, t, cols] = du.astype(du_ref.dtype)
         ddt_ref[bi, t, cols] = ddt.astype(ddt_ref.dtype)
-        return tuple(new_g), tuple(new_dat), dd + dy * u, dbias + ddt
+        return g * a, dat + ga * dt[None, :], dd + dy * u, dbias + ddt
 
     def chunk_body(i, carry):
         c = cfg.n_chunks - 1 - i
         lo, hi = c * cfg.chunk, (c + 1) * cfg.chunk
-        h_entry = tuple(hs_ref[bi, c, k, cols] for k in range(n_st))
-        _prefetched_loop(lo, hi, load_fwd, recompute, h_entry, cfg.prefetch)
+        _prefetched_loop(lo, hi, load_fwd, recompute, hs_ref[bi, c, :, cols], cfg.prefetch,
+                         cfg.unroll)
         if not cfg.interpret:
-            # Lanes read back their own scratch writes; the barrier also orders them against
-            # the next chunk's overwrite should the compiler pick different layouts.
+            # Scratch written above is read back by other threads of the program.
             pltr.debug_barrier()
-        carry = _prefetched_loop(lo, hi, load_bwd, adjoint, carry, cfg.prefetch, reverse=True)
+        carry = _prefetched_loop(lo, hi, load_bwd, adjoint, carry, cfg.prefetch, cfg.unroll,
+                                 reverse=True)
         if not cfg.interpret:
             pltr.debug_barrier()
         return carry
 
-    zeros = jnp.zeros((bd,), f32)
-    init = (tuple(dhl_ref[bi, k, cols].astype(f32) for k in range(n_st)),
-            tuple(zeros for _ in range(n_st)), zeros, zeros)
+    nb = cfg.block_d
+    init = (dhl_ref[bi, :, cols].astype(f32), jnp.zeros((cfg.d_state, nb), f32),
+            jnp.zeros((nb,), f32), jnp.zeros((nb,), f32))
     g, dat, dd, dbias = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, init)
-    for k in range(n_st):
-        dh0_ref[bi, k, cols] = g[k]
-        dat_ref[bi, k, cols] = dat[k]
+    dh0_ref[bi, :, cols] = g
+    dat_ref[bi, :, cols] = dat
     dd_ref[bi, cols] = dd
     dbias_ref[bi, cols] = dbias
 
 
 def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
     b, lp, dp = u.shape
-    n = cfg.d_state
+    np_ = cfg.d_state
+    n_blocks = cfg.n_groups * cfg.blocks_per_group
     out_shape = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype),
-                 jax.ShapeDtypeStruct((b, n, dp), jnp.float32)]
+                 jax.ShapeDtypeStruct((b, np_, dp), jnp.float32)]
     if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((b, cfg.n_chunks, n, dp), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((b, cfg.n_chunks, np_, dp), jnp.float32))
     ins = (u, dt) + ((z,) if cfg.has_z else ()) + (Bm, Cm, AT, D, bias, h0)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, save_states=save_states),
         out_shape=tuple(out_shape),
-        grid=(b, dp // cfg.block_d),
+        grid=(b, n_blocks),
         compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="selective_scan_fwd",
@@ -493,18 +478,18 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
 def _bwd_call(cfg, res, dy, dhl):
     u, dt, z, Bm, Cm, AT, D, bias, hs = res
     b, lp, dp = u.shape
-    n = cfg.d_state
-    n_blocks = dp // cfg.bwd_block_d
+    np_ = cfg.d_state
+    n_blocks = cfg.n_groups * cfg.blocks_per_group
     f32 = jnp.float32
     out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                  + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
-                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, n), f32),
-                    jax.ShapeDtypeStruct((b, lp, n_blocks, n), f32),
-                    jax.ShapeDtypeStruct((b, n, dp), f32),
+                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                    jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
-                    jax.ShapeDtypeStruct((b, n, dp), f32),
-                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, n, cfg.bwd_block_d), f32)])
+                    jax.ShapeDtypeStruct((b, np_, dp), f32),
+                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, np_, cfg.block_d), f32)])
     ins = (u, dt) + ((z,) if cfg.has_z else ()) + (dy, Bm, Cm, AT, D, bias, hs, dhl)
     outs = pl.pallas_call(
         functools.partial(_bwd_kernel, cfg=cfg),
@@ -535,11 +520,10 @@ def _scan_padded_bwd(cfg, res, cts):
     du, ddt = outs[0], outs[1]
     dz = outs[2] if cfg.has_z else None
     db, dc, dat, dd, dbias, dh0 = outs[3:] if cfg.has_z else outs[2:]
-    b, lp, n_blocks, n = db.shape
+    b, lp, _, np_ = db.shape
     # Per-block partial sums of dB/dC reduced here (deterministic, no atomics).
-    per_group = n_blocks // cfg.n_groups
-    db = db.reshape(b, lp, cfg.n_groups, per_group, n).sum(3).astype(Bm.dtype)
-    dc = dc.reshape(b, lp, cfg.n_groups, per_group, n).sum(3).astype(Cm.dtype)
+    db = db.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Bm.dtype)
+    dc = dc.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Cm.dtype)
     return (du, ddt, dz, db, dc, dat.sum(0), dd.sum(0), dbias.sum(0), dh0)
 
 
@@ -562,10 +546,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     u, delta, z: (B, L, Di)  A: (Di, N)  B, C: (B, L, N) or (B, L, G, N)  D, delta_bias: (Di,)
     initial_state: (B, Di, N).  Returns y (B, L, Di) [, h_L (B, Di, N) float32]; eq. 2a-2b.
     Any length, width and d_state: the wrapper pads time to a multiple of the chunk (padded
-    steps get delta = 0 after softplus, i.e. identity steps) and each group's channels to a
-    multiple of the blocks (padded channels have u = 0, A = 0: they stay at zero).
-    Registers hold ~3 N floats per lane in the backward: d_state up to ~32 compiles without
-    spilling (an assumption checked at N = 16 on the H100).
+    steps get delta = 0 after softplus, i.e. identity steps), each group's channels to a
+    multiple of the block, and d_state to a power of 2 (A = B = C = 0 there).
     `interpret=None` runs interpret mode when no GPU is present.
     """
     b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -574,47 +556,52 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         interpret = not _on_gpu()
     f32 = jnp.float32
     cg = di // g
-    # A block never straddles two groups; narrow groups use smaller blocks rather than pad.
+    # A block never straddles two groups; tiny widths use a smaller block rather than pad.
     bd = max(min(bs.block_d, _next_pow2(cg)), 16)
-    bbd = max(min(bs.bwd_block_d, _next_pow2(cg)), 16)
-    cgp = _round_up(cg, max(bd, bbd))
+    cgp = _round_up(cg, bd)
+    np_ = max(_next_pow2(n), 2)
     chunk = min(bs.chunk, _next_pow2(l))
+    unroll = min(bs.unroll, chunk)
     lp = _round_up(l, chunk)
-    cfg = _Cfg(length=l, n_chunks=lp // chunk, chunk=chunk, n_groups=g, group_width=cgp,
-               block_d=bd, bwd_block_d=bbd, d_state=n, softplus=bool(delta_softplus),
-               has_z=z is not None, prefetch=bs.prefetch, num_warps=bs.num_warps,
-               num_stages=bs.num_stages, bwd_num_warps=bs.bwd_num_warps,
-               interpret=bool(interpret))
+    cfg = _Cfg(length=l, n_chunks=lp // chunk, chunk=chunk, n_groups=g,
+               blocks_per_group=cgp // bd, block_d=bd, d_state=np_,
+               softplus=bool(delta_softplus), has_z=z is not None, unroll=unroll,
+               prefetch=bs.prefetch,
+               num_warps=bs.num_warps, num_stages=bs.num_stages,
+               bwd_num_warps=bs.bwd_num_warps, interpret=bool(interpret))
 
-    def chan(x):
+    def chan(x, fill=0.0):
         # (..., Di) -> (..., G * cgp): pad each group's channels (no copy when cg == cgp).
         if cgp == cg:
             return x
         lead = x.shape[:-1]
         x = x.reshape(lead + (g, cg))
-        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, cgp - cg)])
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, cgp - cg)], constant_values=fill)
         return x.reshape(lead + (g * cgp,))
 
     def seq(x):
-        return x if lp == l else jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))
+        return x if lp == l else jnp.pad(x, [(0, 0), (0, lp - l), (0, 0)])
 
     u_p = seq(chan(u))
     dt_p = seq(chan(delta))
     z_p = None if z is None else seq(chan(z))
-    B_p, C_p = seq(_as_groups(B)), seq(_as_groups(C))
-    AT = chan(A.astype(f32).T)
+    Bg, Cg = _as_groups(B), _as_groups(C)
+    pad_bc = [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)]
+    B_p = Bg if pad_bc == [(0, 0)] * 4 else jnp.pad(Bg, pad_bc)
+    C_p = Cg if pad_bc == [(0, 0)] * 4 else jnp.pad(Cg, pad_bc)
+    AT = jnp.pad(chan(A.astype(f32).T), [(0, np_ - n), (0, 0)])
     D_p = chan(jnp.zeros((di,), f32) if D is None else D.astype(f32))
     bias_p = chan(jnp.zeros((di,), f32) if delta_bias is None else delta_bias.astype(f32))
-    h0 = (jnp.zeros((b, n, g * cgp), f32) if initial_state is None else
-          chan(jnp.swapaxes(initial_state.astype(f32), 1, 2)))
+    h0 = (jnp.zeros((b, np_, g * cgp), f32) if initial_state is None else
+          jnp.pad(chan(jnp.swapaxes(initial_state.astype(f32), 1, 2)),
+                  [(0, 0), (0, np_ - n), (0, 0)]))
     y, hl = _scan_padded(cfg, u_p, dt_p, z_p, B_p, C_p, AT, D_p, bias_p, h0)
     y = y[:, :l]
     if cgp != cg:
         y = y.reshape(b, l, g, cgp)[..., :cg].reshape(b, l, di)
     if not return_final_state:
         return y
-    if cgp != cg:
-        hl = hl.reshape(b, n, g, cgp)[..., :cg].reshape(b, n, di)
+    hl = hl[:, :n].reshape(b, n, g, cgp)[..., :cg].reshape(b, n, di)
     return y, jnp.swapaxes(hl, 1, 2)
 
 

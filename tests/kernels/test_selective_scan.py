@@ -86,9 +86,11 @@ PALLAS_CASES = [
     (7, 6, 4, None, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      BlockSizes()),
     (33, 40, 5, 2, jnp.float32, dict(z=False), True, BlockSizes(block_d=16, chunk=8)),
-    (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(chunk=16, prefetch=3)),
-    (21, 32, 8, None, jnp.float32, dict(h0=False), False, BlockSizes(chunk=4, prefetch=0)),
-    (19, 12, 2, 4, jnp.bfloat16, dict(D=False, bias=False), False, BlockSizes(chunk=8)),
+    (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(unroll=8, prefetch=2)),
+    (21, 32, 8, None, jnp.float32, dict(h0=False), False,
+     BlockSizes(chunk=4, unroll=1, prefetch=0)),
+    (19, 12, 2, 4, jnp.bfloat16, dict(D=False, bias=False), False,
+     BlockSizes(chunk=8, unroll=2, prefetch=3)),
 ]
 
 
@@ -111,6 +113,8 @@ def test_block_sizes_validate():
         BlockSizes(block_d=24)
     with pytest.raises(ValueError, match="prefetch=-1"):
         BlockSizes(prefetch=-1)
+    with pytest.raises(ValueError, match="unroll=8 must be <= chunk=4"):
+        BlockSizes(chunk=4, unroll=8)
 
 
 @pytest.mark.parametrize("dtype,g", [(jnp.bfloat16, None), (jnp.float32, 3)])
