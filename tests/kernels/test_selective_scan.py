@@ -233,3 +233,13 @@ def test_reference_functions_are_exported():
     y1 = selective_scan_reference(**args, delta_softplus=True)
     y2 = selective_scan_associative(**args, delta_softplus=True)
     assert_close(y2, y1, jnp.float32, "out", "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_compiled_on_gpu_matches_reference(dtype):
+    # The compiled Triton kernels (not interpret mode): registers, barriers and the scratch
+    # round trip only show on a GPU.
+    args = make_inputs(11, 2, 300, 96, 16, 3, dtype)
+    check_against_ref(functools.partial(selective_scan_pallas, interpret=False), args, True,
+                      dtype)
