@@ -52,3 +52,17 @@ def greedy_decode_parallel(model: TokenModel, params, prefix, prefix_len):
         if t + 1 < t_max:
             seq[:, t + 1] = np.where(t + 1 < prefix_len, prefix[:, t + 1], preds[:, t])
     return preds
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def streaming_logits(model: TokenModel, params, tokens):
+    """tokens (B, T) -> logits (B, T, V) by T calls of `model.step` (equals `model(tokens)`)."""
+    b, t_max = tokens.shape
+    variables = {"params": params}
+    state = model.apply(variables, b, t_max, method=TokenModel.init_state)
+
+    def body(state, tok):
+        return model.apply(variables, state, tok, method=TokenModel.step)
+
+    _, logits = jax.lax.scan(body, state, tokens.T)
+    return jnp.swapaxes(logits, 0, 1)
