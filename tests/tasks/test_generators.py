@@ -95,3 +95,38 @@ def test_wordfreq_list_is_filtered():
     assert len(words) > 1500 and len(set(words)) == len(words)
     assert all(pl.is_valid_word(w) and 2 <= len(w) <= 16 for w in words)
     assert "the" in words
+
+
+def _task(words, n_eval=0):
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(seed=0, test_fraction=0.5, n_eval=n_eval))
+    return pl.PigLatinTask(cfg, batch_size=4, eval_batch_size=3, words=words)
+
+
+def test_pig_latin_task_batches_and_exact_word_scoring():
+    words = ["chair", "apple", "string", "queen", "well-known", "the", "my", "pig"]
+    task = _task(words)
+    assert len(task.test_words) == 4 and not set(task.test_words) & set(task.train_words)
+    assert task.seq_len % 8 == 0 and task.seq_len >= 10 + 1 + 14
+    b = task.train_batch(0)
+    assert b["inputs"].shape == (4, task.seq_len) and b["mask"].any(axis=1).all()
+    # eval batches of 3 over 4 words: the wrapped row of the last batch has no mask
+    evals = task.eval_batches()
+    assert len(evals) == 2 and evals[1]["mask"][1:].sum() == 0
+
+    def oracle(prefix, plen, corrupt=()):
+        # perfect predictions: preds[:, t] = sequence[t + 1]
+        preds = np.full(prefix.shape, pl.EOS, np.int32)
+        for r in range(len(prefix)):
+            src = prefix[r, :plen[r] - 1]
+            tgt = pl.encode(pl.to_pig_latin(pl.decode(src))) + [pl.EOS]
+            seq = list(src) + [pl.SOS] + tgt
+            preds[r, :len(seq) - 1] = seq[1:]
+            if pl.decode(src) in corrupt:
+                preds[r, plen[r] - 1 + len(tgt) - 1] = 0  # letters right, EOS missing
+        return preds
+
+    assert task.decode_eval(oracle) == {"exact_word_acc": 1.0, "n_words": 4, "errors": []}
+    bad = task.test_words[0]
+    out = task.decode_eval(lambda p, l: oracle(p, l, corrupt=(bad,)))
+    assert out["exact_word_acc"] == 0.75 and out["errors"][0][0] == bad
