@@ -297,22 +297,25 @@ class BlockSizes:
       rounded up to a power of two within [16, 128]. The result does not depend on the chunk
       (it only regroups exact arithmetic), so the kernel may use its own.
     num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters.
-    bwd: "split" (a sequential dL/dh pass, then one program per (batch, chunk, head block)
-      for everything else) or "fused" (one sequential program per (batch, head) does it all).
-    bwd_heads: heads per program of the split backward (rounded down to a divisor of the
-      heads per group); their dB, dC sum in registers, so only H / bwd_heads partials are
-      written.
+    bwd: "split3" (a sequential dL/dh pass; then one program per (batch, chunk, head) for
+      dx, ddt, dz, dA, dD; then one per (batch, chunk, head block) for dB, dC), "split" (the
+      last two fused into one program per (batch, chunk, head block)) or "fused" (one
+      sequential program per (batch, head) does it all).
+    bwd_heads: heads per program where dB, dC are summed over heads (rounded down to a
+      divisor of the heads per group); they sum in registers, so only H / bwd_heads partials
+      are written.
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
     num_warps_bwd: int = 8
     num_stages: int = 2
-    bwd: str = "split"
+    bwd: str = "split3"
     bwd_heads: int = 8
 
     def __post_init__(self):
-        if self.bwd not in ("split", "fused"):
-            raise ValueError(f"BlockSizes.bwd must be 'split' or 'fused'; got {self.bwd=}")
+        if self.bwd not in ("split3", "split", "fused"):
+            raise ValueError(f"BlockSizes.bwd must be 'split3', 'split' or 'fused'; "
+                             f"got {self.bwd=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
 
@@ -614,6 +617,108 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
     dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, Bc)
 
 
+def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
+                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep):
+    """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
+
+    Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
+    (B, nc, H, P). The (Q, N) products of the head-block kernel are replaced by (Q, P) ones
+    (t_inter from C h_prev^T), which keeps the live set small enough not to spill at P=64,
+    N=128; dB and dC come from `_ssd_bwd_dbc_kernel`.
+    """
+    bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
+    t = pl.ds(pl.multiple_of(c * q, q), q)
+    Bc = b_ref[bi, t, gi, :]
+    Cc = c_ref[bi, t, gi, :]
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    x = x_ref[bi, t, hi, :]
+    dt = dt_ref[bi, t, hi]
+    h_prev = st_ref[bi, c, hi, :, :]
+    dh = dst_ref[bi, c, hi, :, :]
+    dout = dy_ref[bi, t, hi, :].astype(f32)
+    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+    ecs = jnp.exp(cs)
+    xf = x.astype(f32)
+    xdt = xf * dt[:, None]
+    xdt_c = xdt.astype(dot_dtype)
+    m = cb * decay
+    ch = _dot(Cc, h_prev, ((1,), (1,)))                                     # (Q, P)
+    if z_ref is not None:
+        zf = z_ref[bi, t, hi, :].astype(f32)
+        y = _dot(m.astype(dot_dtype), xdt_c) + ecs[:, None] * ch + d[None, :] * xf
+        sz = jax.nn.sigmoid(zf)
+        dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(dz_ref.dtype)
+        dout = dout * zf * sz
+    dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
+    dout_c = dout.astype(dot_dtype)
+    dm = _dot(dout_c, xdt_c, ((1,), (1,)))                                   # (Q, Q)
+    dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))                  # (Q, P)
+    t_inter = ecs * jnp.sum(dout * ch, axis=1)                               # d/dcs_i
+    w = jnp.exp(total - cs)
+    bdh = _dot(Bc, dh, ((1,), (1,)))                                         # (Q, P)
+    dxdt = dxdt + w[:, None] * bdh
+    f_write = w * jnp.sum(xdt * bdh, axis=1)
+    s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+    e = dm * m
+    excl = jnp.cumsum(e, axis=1) - e                                         # sum_{j<k} e_ik
+    dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+    dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+    ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+    dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+    da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
+
+
+def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_ref, dy_ref,
+                        db_ref, dc_ref, *, q, hb, rep):
+    """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group).
+
+    dB = sum_h [ (d(C B^T)_h)^T C + (exp(cs_Q - cs) o dt x)_h dh_h ]
+    dC = sum_h [ d(C B^T)_h B + (exp(cs) o dy_core)_h h_prev_h ]
+    A matmul K-loop over the block's heads: only the three accumulators are carried.
+    Outputs dB, dC: (B, Lp, H // hb, N) f32 partials.
+    """
+    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = (blk * hb) // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
+    t = pl.ds(pl.multiple_of(c * q, q), q)
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+
+    def head(j, carry):
+        dcb_acc, db_acc, dc_acc = carry
+        hi = blk * hb + j
+        a = a_ref[hi]
+        dt = dt_ref[bi, t, hi]
+        xdt = x_ref[bi, t, hi, :].astype(f32) * dt[:, None]
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            dout = dout * zf * jax.nn.sigmoid(zf)
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+        dm = _dot(dout.astype(dot_dtype), xdt.astype(dot_dtype), ((1,), (1,)))
+        u = (xdt * jnp.exp(total - cs)[:, None]).astype(dot_dtype)
+        v = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
+        return (dcb_acc + dm * decay,
+                db_acc + _dot(u, dst_ref[bi, c, hi, :, :]),
+                dc_acc + _dot(v, st_ref[bi, c, hi, :, :]))
+
+    n = b_ref.shape[-1]
+    init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
+    dcb, db, dc = jax.lax.fori_loop(0, hb, head, init)
+    dcb_c = dcb.astype(dot_dtype)
+    db_ref[bi, t, blk, :] = db + _dot(dcb_c, c_ref[bi, t, gi, :], ((0,), (0,)))
+    dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, b_ref[bi, t, gi, :])
+
+
 def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name,
@@ -720,11 +825,55 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
         outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
         _ssd_bwd_chunk_kernel(*ins, *outs, q=q, hb=hb, rep=rep)
 
+    if bs.bwd == "split3":
+        return _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, q=q, hb=hb,
+                                bs=bs, interpret=interpret)
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
     res = list(_pallas_call(chunk_kernel, out_shape, (b, nc, h // hb), bs.num_warps_bwd,
                             bs.num_stages, interpret, "ssd_bwd_chunk")(*args))
     dz = res.pop(4) if has_z else None
     dx, ddt, dbp, dcp, da, dd = res
+    return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
+
+
+def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, bs,
+                     interpret):
+    """Passes 2 and 3 of the three-kernel backward (after the dL/dh pass)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    rep = h // g
+    has_z = z is not None
+    f32 = jnp.float32
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
+                 jax.ShapeDtypeStruct((b, lp, h), f32)]                  # ddt
+    if has_z:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
+    out_shape += [jax.ShapeDtypeStruct((b, nc, h, 16), f32),             # dA (16 copies)
+                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]              # dD
+
+    def dx_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
+        outs = refs[9:]
+        outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
+        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep)
+
+    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
+    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h), bs.num_warps_fwd, bs.num_stages,
+                            interpret, "ssd_bwd_dx")(*args))
+    dz = res.pop(2) if has_z else None
+    dx, ddt, da, dd = res
+
+    def dbc_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:5] + ([refs.pop(5)] if has_z else [None]) + refs[5:8]
+        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep)
+
+    args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
+    dbp, dcp = _pallas_call(
+        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)] * 2, (b, nc, h // hb),
+        bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
     return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
 
 
@@ -744,7 +893,7 @@ def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
 def _ssd_core_bwd(q, bs, interpret, res, cts):
     x, dt, A, B, C, D, z, states = res
     dy, dhT = cts
-    call = {"split": _bwd_split_call, "fused": _bwd_call}[bs.bwd]
+    call = _bwd_call if bs.bwd == "fused" else _bwd_split_call
     dx, ddt, dbp, dcp, dz, da, dd, dh0 = call(
         x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,
         interpret=interpret)
