@@ -19,6 +19,11 @@ B_bar per (channel, state), which the selective-scan kernel (one dt B_t per stat
 `DiscMambaStack` is `MambaStack` with a `disc` field: 'approx_zoh' keeps the kernel path; the other
 two run `selective_scan_disc` (and the same math in `step`).  It lives here until
 `hiss_jax/models/mamba.py` takes the field itself (docs/TASKS.md, "Change requests").
+
+`DiscS4Stack` is `S4Stack` that also takes disc='approx_zoh' (A_bar = exp(dt A), B_bar = dt B; S4
+itself offers 'bilinear' and exact 'zoh'): kernel and step through the dense path for 'dplr'
+(expm of the DPLR matrix, as S4's exact 'zoh') and elementwise for 'diag'.  It lives here until
+`hiss_jax/models/ssm_math.py` adds 'approx_zoh' to `DISCRETIZATIONS`.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from hiss_jax.models import ssm_math
 from hiss_jax.models.mamba import MambaMixer, MambaStack, conv_step, causal_depthwise_conv
+from hiss_jax.models.s4 import LAYER_NORM_EPS, S4Block, S4Layer, S4Stack, _check_s4_options
 
 MAMBA_DISCS = ("approx_zoh", "zoh", "bilinear")
 
@@ -141,3 +148,67 @@ class DiscMambaStack(MambaStack):
                                       scan_impl=self.scan_impl, disc=self.disc)
                        for _ in range(self.n_layers)]
         self.norm_f = nn.LayerNorm(epsilon=1e-5)
+
+
+S4_DISCS = ("bilinear", "zoh", "approx_zoh")
+
+
+class ApproxZohS4Layer(S4Layer):
+    """`S4Layer` with A_bar = exp(dt A), B_bar = dt B (parent built with disc='zoh').
+
+    u: (B, L, H) -> y: (B, L, H) float32;  kernel K: (H, L);  state (B, H, N2) complex.
+    """
+
+    def _discrete(self):
+        """-> (dA, dB, c, dense): dense dA (H, N, N) / dB (H, N) for 'dplr', (H, N2) for 'diag'."""
+        lam, p, b, c, dt = self._continuous()
+        if self.mode == "diag":
+            return jnp.exp(dt[:, None] * lam), dt[:, None] * b, c, False
+        a_f, b_f = ssm_math.dplr_dense(lam, p, b)
+        da, _ = ssm_math.discretize_dense(a_f, b_f, dt, "zoh")
+        return da, dt[:, None] * b_f, c, True
+
+    def kernel(self, length: int):
+        da, db, c, dense = self._discrete()
+        if not dense:
+            return ssm_math.vandermonde_kernel(da, db, c, length)
+        return ssm_math.dense_kernel(da, db, jnp.concatenate([c, jnp.conj(c)], -1), length)
+
+    def step(self, state, u_t):
+        da, db, c, dense = self._discrete()
+        u32 = u_t.astype(jnp.float32)
+        if dense:
+            n2 = self.d_state // 2
+            state, y = ssm_math.dense_half_step(state, u32, da[:, :n2], db[:, :n2], c)
+        else:
+            state, y = ssm_math.diag_step(state, u32, da, db, c)
+        return state, y + self.D * u32
+
+
+class _ApproxZohS4Block(S4Block):
+    def setup(self):
+        self.ssm = ApproxZohS4Layer(self.d_model, self.d_state, self.mode, "zoh", self.dt_min,
+                                    self.dt_max, self.diag_init)
+        self.drop = nn.Dropout(self.dropout)
+        self.out = nn.Dense(2 * self.d_model)
+
+
+class DiscS4Stack(S4Stack):
+    """`S4Stack` whose `disc` may also be 'approx_zoh'.  x: (B, L, d_model) -> (B, L, d_model);
+    same parameter tree as `S4Stack`."""
+
+    def setup(self):
+        if self.disc not in S4_DISCS:
+            raise ValueError(f"{self.disc=} is not an S4 discretisation; use one of {S4_DISCS} "
+                             f"(config: model.s4.disc)")
+        if self.disc != "approx_zoh":
+            return super().setup()
+        if self.n_layers < 1:
+            raise ValueError(f"{self.n_layers=} must be >= 1")
+        _check_s4_options(self.d_model, self.d_state, self.mode, "zoh", self.dt_min,
+                          self.dt_max, self.diag_init)
+        self.norms = [nn.LayerNorm(epsilon=LAYER_NORM_EPS) for _ in range(self.n_layers)]
+        self.blocks = [_ApproxZohS4Block(self.d_model, self.dropout, self.d_state, self.mode,
+                                         "zoh", self.dt_min, self.dt_max, self.diag_init)
+                       for _ in range(self.n_layers)]
+        self.drop = nn.Dropout(self.dropout)

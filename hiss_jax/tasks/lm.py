@@ -13,43 +13,45 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from hiss_jax.models.registry import STACKS, make_stack
-from hiss_jax.tasks.discretization import DiscMambaStack
+from hiss_jax.tasks.discretization import DiscMambaStack, DiscS4Stack
 
-# Stacks that take fields their `hiss_jax/models` class does not have yet (kind -> subclass).
-# Used only when the level config sets such a field to a non-default value.
-TASK_STACKS = {"mamba": DiscMambaStack}
-# field -> value under which the plain registry Stack is used unchanged.
-TASK_FIELD_DEFAULTS = {"disc": "approx_zoh"}
+# kind -> (Stack subclass, {field: values only the subclass takes}).  The registry Stack is used
+# unless the level config sets such a value; fields the registry Stack lacks (mamba.disc) are
+# dropped at their default.  Goes away when hiss_jax/models take these values themselves.
+TASK_STACKS = {"mamba": (DiscMambaStack, {"disc": ("zoh", "bilinear")}),
+               "s4": (DiscS4Stack, {"disc": ("approx_zoh",)})}
 
 
 def make_token_stack(level_cfg, scan_impl: str = "auto") -> nn.Module:
-    """Level config (configs/base.py:level_config, plus optional task fields such as
-    `mamba.disc`) -> unbound Stack (B, L, d_model) -> (B, L, d_model).
-
-    Fields the registry Stack lacks are handed to `TASK_STACKS[kind]`; at their default value
-    they are dropped and `hiss_jax.models.registry.make_stack` builds the Stack as usual.
-    """
+    """Level config (configs/base.py:level_config, plus task fields such as `mamba.disc`) ->
+    unbound Stack (B, L, d_model) -> (B, L, d_model), built by
+    `hiss_jax.models.registry.make_stack`, or by the `TASK_STACKS` subclass for the values only
+    it takes (e.g. Mamba with exact ZOH, S4 with approximate ZOH)."""
     kind = level_cfg["kind"]
     if kind not in STACKS:
         raise ValueError(f"unknown model.kind {kind!r}; allowed kinds: {sorted(STACKS)}")
-    base_fields = {f.name for f in dataclasses.fields(STACKS[kind])}
+    base_fields = {f.name for f in dataclasses.fields(STACKS[kind])} - {"parent", "name"}
+    cls, special = TASK_STACKS.get(kind, (None, {}))
     sub = dict(level_cfg[kind]) if level_cfg.get(kind) is not None else {}
-    extra = {k: v for k, v in sub.items() if k not in base_fields}
-    plain = dict(level_cfg.to_dict() if hasattr(level_cfg, "to_dict") else level_cfg)
-    plain[kind] = {k: v for k, v in sub.items() if k in base_fields}
-    stack = make_stack(plain, scan_impl)
-    active = {k: v for k, v in extra.items() if TASK_FIELD_DEFAULTS.get(k, object()) != v}
-    if not active:
-        return stack
-    if kind not in TASK_STACKS:
-        raise ValueError(f"model.{kind} sets {sorted(active)}, which {STACKS[kind].__name__} "
-                         f"does not take; remove them or use a kind among {sorted(TASK_STACKS)}")
-    cls = TASK_STACKS[kind]
-    unknown = sorted(set(active) - {f.name for f in dataclasses.fields(cls)})
+    unknown = sorted(set(sub) - base_fields - set(special))
     if unknown:
-        raise ValueError(f"model.{kind} has settings {unknown} that {cls.__name__} does not take")
-    kwargs = {f: getattr(stack, f) for f in base_fields - {"parent", "name"}}
-    return cls(**kwargs, **active)
+        raise ValueError(f"model.{kind} has settings {unknown} that {STACKS[kind].__name__} "
+                         f"does not take; its fields are {sorted(base_fields)}")
+    for k in set(special) & set(sub) - base_fields:  # a field only the subclass knows
+        default = cls.__dataclass_fields__[k].default
+        if sub[k] != default and sub[k] not in special[k]:
+            raise ValueError(f"model.{kind}.{k}={sub[k]!r} is not allowed; use one of "
+                             f"{[default, *special[k]]}")
+    use_subclass = any(sub.get(k) in values for k, values in special.items())
+    plain = dict(level_cfg.to_dict() if hasattr(level_cfg, "to_dict") else level_cfg)
+    plain[kind] = {k: v for k, v in sub.items()
+                   if k in base_fields and not (use_subclass and k in special)}
+    stack = make_stack(plain, scan_impl)
+    if not use_subclass:
+        return stack
+    kwargs = {f: getattr(stack, f) for f in base_fields}
+    kwargs.update({k: sub[k] for k in special if k in sub})
+    return cls(**kwargs)
 
 
 class TokenModel(nn.Module):

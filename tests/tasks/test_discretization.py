@@ -105,3 +105,24 @@ def test_disc_stack_approx_zoh_is_the_plain_mamba_stack():
     zoh = DiscMambaStack(**kw, disc="zoh").apply(params, x)
     assert_close(disc, plain, jnp.float32, what="approx_zoh vs MambaStack")
     assert float(jnp.abs(zoh - plain).max()) > 1e-4  # the discretisation changes the output
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_s4_approx_zoh_step_equals_call_and_differs_from_zoh(mode):
+    from hiss_jax.models.s4 import S4Stack
+    from hiss_jax.tasks.discretization import DiscS4Stack
+    kw = dict(d_model=4, n_layers=1, d_state=8, mode=mode, dt_min=0.05, dt_max=0.3)
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 4))
+    params = S4Stack(**kw, disc="zoh").init(jax.random.PRNGKey(0), x)
+    stack = DiscS4Stack(**kw, disc="approx_zoh")
+    full = stack.apply(params, x)  # same parameter tree as S4Stack
+    state = stack.apply(params, 2, method=DiscS4Stack.init_state)
+
+    def body(s, x_t):
+        return stack.apply(params, s, x_t, method=DiscS4Stack.step)
+
+    _, ys = jax.lax.scan(body, state, jnp.swapaxes(x, 0, 1))
+    assert_close(jnp.swapaxes(ys, 0, 1), full, jnp.float32, what=f"{mode} approx_zoh step")
+    zoh = S4Stack(**kw, disc="zoh").apply(params, x)
+    assert_close(DiscS4Stack(**kw, disc="zoh").apply(params, x), zoh, jnp.float32, what="zoh")
+    assert float(jnp.abs(full - zoh).max()) > 1e-4

@@ -9,9 +9,10 @@ from configs.base import level_config
 from hiss_jax.tasks import pig_latin as pl
 from hiss_jax.tasks.decode import (greedy_decode_parallel, greedy_decode_streaming,
                                    streaming_logits)
-from hiss_jax.tasks.discretization import DiscMambaStack
+from hiss_jax.tasks.discretization import DiscMambaStack, DiscS4Stack
 from hiss_jax.tasks.lm import TokenModel, build_token_model, make_token_stack
 from hiss_jax.models.mamba import MambaStack
+from hiss_jax.models.s4 import S4Stack
 from tests.conftest import assert_close
 
 KINDS = ("mamba", "mamba2", "s4", "transformer", "lstm")
@@ -85,6 +86,13 @@ def test_make_token_stack_uses_registry_unless_a_task_field_is_set():
     assert type(make_token_stack(tiny_level("mamba", disc="approx_zoh"))) is MambaStack
     stack = make_token_stack(tiny_level("mamba", disc="zoh"))
     assert isinstance(stack, DiscMambaStack) and stack.disc == "zoh" and stack.d_state == 4
+    s4 = tiny_level("s4")
+    s4.s4.disc = "approx_zoh"
+    assert isinstance(make_token_stack(s4), DiscS4Stack) and make_token_stack(s4).d_state == 8
+    s4.s4.disc = "zoh"
+    assert type(make_token_stack(s4)) is S4Stack
+    with pytest.raises(ValueError, match="approx_zoh"):
+        make_token_stack(tiny_level("mamba", disc="euler"))
     bad = tiny_level("s4")
     bad.s4.foo = 1
     with pytest.raises(ValueError, match="foo"):
