@@ -1,0 +1,144 @@
+"""Every headline run of docs/TASKS.md in one command, and the results tables.
+
+    python -m hiss_jax.tasks.suite --out runs/tasks                      # all groups
+    python -m hiss_jax.tasks.suite --out runs/tasks --groups copy,disc   # a subset
+    python -m hiss_jax.tasks.suite --out runs/tasks --table              # tables from results.json
+
+Groups: 'copy' (selective copying: Mamba, Mamba2, S4, Transformer), 'disc' (Mamba and S4 under
+each discretisation on selective copying), 'pig' (Pig Latin: Mamba, Mamba2, Transformer).
+Each run writes <out>/<name>/{metrics.jsonl,results.json}; a run whose results.json exists is
+skipped (rerun by deleting it), so an interrupted suite resumes.  Tables go to <out>/TABLES.md.
+Extra `--set key=value` overrides apply to every run (e.g. --set train.num_steps=200 for a smoke).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import traceback
+
+from hiss_jax.train.config_check import load_config_file
+
+# name -> (config spec, overrides)
+RUNS = {
+    "copy": {
+        "copy_mamba": ("configs/selective_copy.py:mamba", {}),
+        "copy_mamba2": ("configs/selective_copy.py:mamba2", {}),
+        "copy_s4": ("configs/selective_copy.py:s4", {}),
+        "copy_transformer": ("configs/selective_copy.py:transformer", {}),
+    },
+    "disc": {
+        "disc_mamba_zoh": ("configs/selective_copy.py:mamba", {"model.mamba.disc": "zoh"}),
+        "disc_mamba_bilinear": ("configs/selective_copy.py:mamba",
+                                {"model.mamba.disc": "bilinear"}),
+        "disc_s4_zoh": ("configs/selective_copy.py:s4", {"model.s4.disc": "zoh"}),
+        "disc_s4_approx_zoh": ("configs/selective_copy.py:s4", {"model.s4.disc": "approx_zoh"}),
+    },
+    "pig": {
+        "pig_mamba": ("configs/pig_latin.py:mamba", {}),
+        "pig_mamba2": ("configs/pig_latin.py:mamba2", {}),
+        "pig_transformer": ("configs/pig_latin.py:transformer", {}),
+    },
+}
+
+
+def _set(config, key, value):
+    *parents, last = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[last] = type(node[last])(value) if not isinstance(node[last], str) else str(value)
+
+
+def _parse_sets(items):
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def run(out: str, groups, sets) -> None:
+    from hiss_jax.tasks.train_tokens import train_and_evaluate
+    for group in groups:
+        for name, (spec, overrides) in RUNS[group].items():
+            workdir = os.path.join(out, name)
+            if os.path.exists(os.path.join(workdir, "results.json")):
+                print(f"[suite] {name}: done, skipped", flush=True)
+                continue
+            config = load_config_file(spec)
+            for k, v in {**overrides, **sets}.items():
+                _set(config, k, v)
+            print(f"[suite] {name}: {spec} {overrides} {sets}", flush=True)
+            try:
+                train_and_evaluate(config, workdir)
+            except Exception:  # keep going: one failed run should not lose the others
+                os.makedirs(workdir, exist_ok=True)
+                with open(os.path.join(workdir, "error.txt"), "w") as f:
+                    f.write(traceback.format_exc())
+                print(f"[suite] {name}: FAILED, see {workdir}/error.txt", flush=True)
+
+
+def _load(out, name):
+    path = os.path.join(out, name, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def tables(out: str) -> str:
+    lines = ["## Selective copying (held-out, answer positions only)", "",
+             "| run | model | disc | params | steps | token acc | seq acc | loss | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for group in ("copy", "disc"):
+        for name, (spec, overrides) in RUNS[group].items():
+            r = _load(out, name)
+            disc = next(iter(overrides.values()), "default")
+            if r is None:
+                lines.append(f"| {name} | {spec.split(':')[1]} | {disc} | - | - | not run | | | |")
+                continue
+            lines.append(f"| {name} | {r['kind']} | {disc} | {r['params']:,} | {r['steps']} | "
+                         f"{100 * r['token_acc']:.2f}% | {100 * r['seq_acc']:.2f}% | "
+                         f"{r['loss']:.4f} | {r['train_time_s']:.0f} |")
+    lines += ["", "## Pig Latin (held-out words, greedy streaming decoding)", "",
+              "| run | model | params | steps | exact word | token acc (teacher forced) | train s |",
+              "|---|---|---|---|---|---|---|"]
+    for name, (spec, _) in RUNS["pig"].items():
+        r = _load(out, name)
+        if r is None:
+            lines.append(f"| {name} | {spec.split(':')[1]} | - | - | not run | | |")
+            continue
+        lines.append(f"| {name} | {r['kind']} | {r['params']:,} | {r['steps']} | "
+                     f"{100 * r['exact_word_acc']:.2f}% ({r['n_words']} words) | "
+                     f"{100 * r['token_acc']:.2f}% | {r['train_time_s']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "TABLES.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/tasks")
+    parser.add_argument("--groups", default="copy,disc,pig")
+    parser.add_argument("--set", action="append", help="key=value override for every run")
+    parser.add_argument("--table", action="store_true", help="only write the tables")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"--groups: unknown {unknown}; allowed {sorted(RUNS)}")
+    if not args.table:
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)
+        run(args.out, groups, _parse_sets(args.set))
+    print(tables(args.out))
+
+
+if __name__ == "__main__":
+    main()
