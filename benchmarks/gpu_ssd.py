@@ -193,7 +193,7 @@ def make_variants(shape):
     del shape
     return [("xla", dict(impl="xla", chunk_size=64)),
             ("jax-linear-attention", None),
-            ("pallas default", dict(impl="pallas", chunk_size=64)),
+            ("pallas default", dict(impl="pallas", chunk_size=64)),  # run 3: split3 hb8 w4/8
             ("pallas q64 split3 hb8 w4/4", dict(chunk_size=64, block_sizes=_bs(
                 num_warps_bwd=4))),
             ("pallas q64 split3 hb32 w4/8", dict(chunk_size=64, block_sizes=_bs(

@@ -310,7 +310,7 @@ class BlockSizes:
     num_warps_bwd: int = 8
     num_stages: int = 2
     bwd: str = "split3"
-    bwd_heads: int = 8
+    bwd_heads: int = 32
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
