@@ -101,6 +101,10 @@ def evaluate(eval_step, params, batches, mesh) -> dict:
 def train_and_evaluate(config, workdir: str | None = None, *, verbose: bool = True) -> dict:
     """Train config.model on config.task for config.train.num_steps; returns the final results
     (held-out loss / token_acc / seq_acc, exact_word_acc for Pig Latin, params, history)."""
+    for key in ("num_steps", "log_every", "eval_every", "batch_size", "eval_batch_size"):
+        if int(config.train[key]) < 1:
+            raise ValueError(f"config.train.{key}={config.train[key]!r} must be a positive "
+                             f"integer")
     task = build_task(config)
     model = build_token_model(config.model, task.vocab_size, config.kernels.impl)
     n_steps = int(config.train.num_steps)
