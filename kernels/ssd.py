@@ -28,7 +28,10 @@ from jax.experimental.pallas import triton as pltr
 
 # The Triton backend of pallas_call is deprecated from jax 0.11 (Mosaic GPU is the future);
 # it is the backend these kernels are written for.
+# The warning's id is "jax-pallas-triton"; its text says "Pallas Triton backend is deprecated".
 warnings.filterwarnings("ignore", message=".*jax-pallas-triton.*", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*",
+                        category=DeprecationWarning)
 
 _IMPLS = ("ref", "xla", "pallas", "auto")
 

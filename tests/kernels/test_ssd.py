@@ -183,12 +183,17 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     compare(got, ref, jnp.float32, f"pallas l={l} chunk={chunk} g={g} p={p} n={n}")
 
 
-@pytest.mark.parametrize("bwd", ["split", "fused"])
-def test_pallas_other_backwards_match_reference(bwd):
+@pytest.mark.parametrize("bwd,bwd_heads", [
+    ("split3", 1),   # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
+    ("split", 1),
+    ("fused", 32),
+])
+def test_pallas_backward_variants_match_reference(bwd, bwd_heads):
     key = jax.random.PRNGKey(15)
     args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
     ref = vjp_all(ssd_reference, args, key)
-    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=BlockSizes(bwd=bwd))
+    bs = BlockSizes(bwd=bwd, bwd_heads=bwd_heads)
+    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=bs)
     compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward")
 
 
