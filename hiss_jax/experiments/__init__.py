@@ -1,0 +1,1 @@
+"""Experiments built on the library: the HiSS low x high combination grid (`grid`)."""

@@ -1,0 +1,166 @@
+"""CPU smoke runs of benchmarks/kernels.py, benchmarks/train.py and the HiSS grid at tiny sizes.
+
+Each script's smallest mode runs in-process; the tests assert that the JSON / markdown outputs
+exist and that every row holds finite numbers (or an explicit skip / failure where one is
+forced).
+"""
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import kernels as kernels_bench
+from benchmarks import train as train_bench
+from configs import mamba2
+from hiss_jax.experiments import grid
+from tests.train import standins
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def test_kernels_smoke_every_row_timed_and_finite(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = kernels_bench.main(["--smoke", "--out", str(out), "--impls", "pallas,xla",
+                                 "--dtypes", "bfloat16"])
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved["records"] == json.loads(json.dumps(result["records"]))
+    assert _finite(saved["copy"]["GBps"]) and saved["copy"]["GBps"] > 0
+    recs = saved["records"]
+    assert {(r["op"], r["impl"], r["mode"]) for r in recs} == {
+        (op, impl, mode) for op in ("selective_scan", "ssd") for impl in ("pallas", "xla")
+        for mode in ("fwd", "fwd_bwd")}
+    for r in recs:
+        assert "error" not in r, r
+        assert r["finite"] is True, r
+        for key in ("ms", "ms_min", "ms_max", "GBps", "pct_copy", "speedup_vs_xla"):
+            assert _finite(r[key]) and r[key] > 0, (key, r)
+        assert r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert r["bytes"] > 0
+    xla = [r for r in recs if r["impl"] == "xla"]
+    assert all(r["speedup_vs_xla"] == pytest.approx(1.0) for r in xla)
+
+
+def test_kernels_ref_above_max_len_is_a_noted_skip(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = kernels_bench.main(["--smoke", "--out", str(out), "--impls", "ref",
+                                 "--ref-max-len", "8", "--ops", "ssd"])
+    assert len(result["records"]) == 4  # 2 dtypes x 2 modes
+    assert all("ref skipped" in r["skipped"] and "ms" not in r for r in result["records"])
+    assert any("ref" in n for n in result["notes"])
+    assert "skip" in kernels_bench.report(result)
+
+
+def test_train_smoke_throughput_and_scaling(tmp_path):
+    out = tmp_path / "train.json"
+    tp = train_bench.main(["--smoke", "--part", "throughput", "--models", "flat_mamba2",
+                           "--out", str(out)])
+    recs = tp["records"]
+    assert [(r["model"], r["impl"]) for r in recs] == [("flat_mamba2", "pallas"),
+                                                        ("flat_mamba2", "xla")]
+    for r in recs:
+        assert "error" not in r, r
+        assert r["loss_finite"] is True
+        for key in ("step_ms", "steps_per_s", "samples_per_s", "compile_s", "speedup_vs_xla"):
+            assert _finite(r[key]) and r[key] > 0, (key, r)
+        assert r["param_count"] > 0
+    assert recs[0]["param_count"] == recs[1]["param_count"]  # same config, only the impl differs
+    with open(out) as f:
+        assert len(json.load(f)["records"]) == 2
+
+    out2 = tmp_path / "scaling.json"
+    sc = train_bench.main(["--smoke", "--part", "scaling", "--models", "flat_transformer",
+                           "--lengths", "100,200", "--out", str(out2)])
+    assert [r["length"] for r in sc["records"]] == [100, 200]
+    assert all(_finite(r.get("step_ms")) for r in sc["records"]), sc["records"]
+    assert _finite(sc["slopes"]["flat_transformer"]["slope_all"])
+    png = os.path.splitext(out2)[0] + "_scaling.png"
+    assert os.path.getsize(png) > 0 and "plot_error" not in sc
+    merged = train_bench.main(["--plot", str(out2), "--out", str(tmp_path / "merged.json")])
+    assert merged["slopes"] == sc["slopes"]
+
+
+def test_slope_fit_recovers_linear_and_quadratic():
+    lengths = [1000, 2000, 4000, 8000]
+    recs = [{"part": "scaling", "model": m, "length": n, "step_ms": c * n ** p}
+            for m, c, p in (("lin", 1e-3, 1), ("quad", 1e-6, 2)) for n in lengths]
+    recs.append({"part": "scaling", "model": "lin", "length": 16000, "error": "OOM"})
+    slopes = train_bench.fit_slopes(recs, lengths + [16000])
+    assert slopes["lin"]["slope_all"] == pytest.approx(1.0)
+    assert slopes["quad"]["slope_upper"] == pytest.approx(2.0)
+
+
+def _grid_config():
+    config = grid.smoke_config(mamba2.get_config())
+    config.train.update(num_steps=2, eval_every=2, log_every=1)
+    return config
+
+
+def test_grid_trains_records_failure_and_resumes(tmp_path):
+    config = _grid_config()
+    # n_heads=3 does not divide d_model=16: every transformer level is a config error.
+    for level in (config.model.low, config.model.high, config.model.flat):
+        level.transformer.n_heads = 3
+    data = standins.make_dataset(n_train=4, n_val=2, t=4)
+    pairs = ("lstm-lstm", "flat-transformer")
+    lines = []
+    records, code = grid.run_grid(config, str(tmp_path), pairs, dataset=data, log=lines.append)
+    assert code == grid.EXIT_FAILED
+    by_id = {r["id"]: r for r in records}
+    ok, bad = by_id["lstm-lstm"], by_id["flat-transformer"]
+    assert ok["status"] == "ok"
+    for key in ("val_mse", "zero_mse", "ratio", "wall_s"):
+        assert _finite(ok[key]) and ok[key] > 0, (key, ok)
+    assert ok["steps"] == 2 and ok["params"] > 0
+    assert bad["status"] == "failed" and "n_heads" in bad["error"]
+    assert os.path.exists(tmp_path / "flat-transformer" / "error.txt")
+    assert not os.path.exists(tmp_path / "lstm-lstm" / "checkpoints")
+    md = (tmp_path / "grid.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2 and "lstm-lstm" in rows[0] and "failed" in rows[1]
+    with open(tmp_path / "grid.json") as f:
+        assert [r["id"] for r in json.load(f)["records"]] == ["lstm-lstm", "flat-transformer"]
+
+    # Rerun: the finished pair is skipped, the failed one retried (and fails again).
+    mtime = os.path.getmtime(tmp_path / "lstm-lstm" / "summary.json")
+    again, code2 = grid.run_grid(config, str(tmp_path), pairs, dataset=data, log=lines.append)
+    assert code2 == grid.EXIT_FAILED
+    assert {r["id"]: r["status"] for r in again} == {"lstm-lstm": "ok",
+                                                    "flat-transformer": "failed"}
+    assert next(r for r in again if r["id"] == "lstm-lstm").get("resumed") is True
+    assert os.path.getmtime(tmp_path / "lstm-lstm" / "summary.json") == mtime
+    assert next(r for r in again if r["id"] == "lstm-lstm")["val_mse"] == ok["val_mse"]
+
+
+def test_grid_nan_summary_is_a_failure_row(tmp_path):
+    run = tmp_path / "s4-mamba"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 3,
+                                                   "loss": float("nan")}) + "\n")
+    rec = grid.record_from_summary("s4-mamba", str(run), {
+        "best_val_mse": 0.5, "zero_baseline_mse": 1.0, "ratio_to_zero": 0.5, "wall_s": 1.0,
+        "steps": 4, "param_count": 10})
+    assert rec["status"] == "nan" and "step 3" in rec["error"]
+    (run / "metrics.jsonl").write_text("")
+    rec = grid.record_from_summary("s4-mamba", str(run), {"best_val_mse": float("nan"),
+                                                          "zero_baseline_mse": 1.0,
+                                                          "ratio_to_zero": float("nan")})
+    assert rec["status"] == "nan"
+    md = grid.markdown([rec, {"id": "flat-s4", "status": "ok", "val_mse": 0.1}])
+    assert md.index("flat-s4") < md.index("s4-mamba")
+
+
+def test_grid_pairs_cover_25_plus_5_and_reject_unknown():
+    pairs = grid.all_pairs()
+    assert len(pairs) == 30 == len(set(pairs))
+    assert sum(p.startswith("flat-") for p in pairs) == 5
+    assert grid.parse_pairs("s4-mamba,flat-lstm") == ("s4-mamba", "flat-lstm")
+    with pytest.raises(ValueError, match="unknown pair"):
+        grid.parse_pairs("s4-gru")
+    cfg = grid.pair_config(mamba2.get_config(), "s4-transformer")
+    assert (cfg.model.type, cfg.model.low.kind, cfg.model.high.kind) == ("hiss", "s4",
+                                                                          "transformer")
+    assert grid.pair_config(cfg, "flat-lstm").model.flat.kind == "lstm"
