@@ -94,10 +94,13 @@ def _finish(y, x, D, z):
     return y.astype(x.dtype)
 
 
-def _heads_to_groups(t, g):
-    """(..., H, X) -> (..., G, H // G, X): head h reads group h // (H // G)."""
-    *lead, h, last = t.shape
-    return t.reshape(*lead, g, h // g, last)
+def _pad_to(t, axis, size):
+    """Zero-pads `axis` of t up to `size`."""
+    if t.shape[axis] == size:
+        return t
+    widths = [(0, 0)] * t.ndim
+    widths[axis] = (0, size - t.shape[axis])
+    return jnp.pad(t, widths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,15 +170,6 @@ def ssd_associative_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None,
 # --------------------------------------------------------------------------------------------
 # The chunked algorithm in plain JAX (impl="xla").
 # --------------------------------------------------------------------------------------------
-def _pad_length(t, l_pad):
-    """Zero-pads axis 1 (time) up to l_pad."""
-    if t.shape[1] == l_pad:
-        return t
-    widths = [(0, 0)] * t.ndim
-    widths[1] = (0, l_pad - t.shape[1])
-    return jnp.pad(t, widths)
-
-
 def _segsum_decay(cs):
     """cs (..., Q) inclusive cumsum of dt*A -> (..., Q, Q) decay exp(cs_i - cs_j), i >= j, else 0.
 
@@ -207,10 +201,10 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
     f32 = jnp.float32
     # Default precision: exact f32 on CPU; TF32 on GPU, the fair plain-XLA baseline there.
     hi = None
-    dt_eff = _pad_length(_effective_dt(dt, dt_bias, dt_softplus), l_pad)   # pad AFTER softplus
-    xf = _pad_length(x.astype(f32), l_pad)
-    Bf = _pad_length(B.astype(f32), l_pad)
-    Cf = _pad_length(C.astype(f32), l_pad)
+    dt_eff = _pad_to(_effective_dt(dt, dt_bias, dt_softplus), 1, l_pad)   # pad AFTER softplus
+    xf = _pad_to(x.astype(f32), 1, l_pad)
+    Bf = _pad_to(B.astype(f32), 1, l_pad)
+    Cf = _pad_to(C.astype(f32), 1, l_pad)
     rep = h // g
 
     # Chunked views; heads split as (G, H/G) so group broadcasting is an einsum index.
@@ -418,7 +412,8 @@ def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy
 
     Shapes as in `_ssd_fwd_kernel`; dy: (B, Lp, H, P); outputs dx, dz like x; ddt: (B, Lp, H);
     dB, dC: (B, Lp, H, N) per-head partials (summed over a group's heads in XLA);
-    dA: (B, H, 1); dD: (B, H, P); dh0: (B, H, P, N).
+    dA: (B, H, 16) (16 copies: Triton stores power-of-two vectors); dD: (B, H, P);
+    dh0: (B, H, P, N).
     d(dA) is formed without cancellation: for cs_i - cs_j the pairs (i >= k > j) are summed
     with an in-kernel exclusive cumsum and a causal mask (as the Triton SSD original does),
     never as out * dout - ddt * dt.
@@ -914,14 +909,6 @@ def _ssd_core_bwd(q, bs, interpret, res, cts):
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
-def _pad_to(t, axis, size):
-    if t.shape[axis] == size:
-        return t
-    widths = [(0, 0)] * t.ndim
-    widths[axis] = (0, size - t.shape[axis])
-    return jnp.pad(t, widths)
-
-
 def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
                dt_softplus=False, initial_state=None, return_final_state=False,
                block_sizes=None, interpret=None):
@@ -932,6 +919,9 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
     time to a multiple of the kernel chunk (padded steps have dt = 0: no decay, no write) and
     P, N to powers of two >= 16 (Triton's smallest dot), then calls the fused kernels under
     `jax.custom_vjp`. Returns y (B, L, H, P) [, h_L (B, H, P, N) float32].
+    Numerics: dot operands are x's dtype with f32 accumulation (f32 inputs run TF32 dots on
+    the GPU, ~1e-3 relative; interpret mode on CPU is exact f32); the chunk-entry states kept
+    for the backward are stored in x's dtype.
     """
     b, l, h, p, g, n = _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state)
     bs = block_sizes or BlockSizes.get_default()
