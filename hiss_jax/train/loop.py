@@ -135,7 +135,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
     first = int(meta["step"])
     bar = tqdm.tqdm(total=n_steps, initial=first, disable=not (main and tc.progress),
                     dynamic_ncols=True, desc="train")
-    t_loop, t_steady, steady_from = time.time(), None, None
+    t_loop, t_steady, steady_from, t_side = time.time(), None, None, 0.0
     window = []
     for step in range(first, n_steps):
         state, metrics = train_step(state, step_lib.to_global(batches(step), mesh))
@@ -154,6 +154,9 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
             window = []
         bar.update(1)
         if done % eval_every == 0 or done == n_steps:
+            t0 = time.time()
+            jax.block_until_ready(state.step)
+            t_side -= time.time() - t0  # waiting for the queued train steps is training time
             val = evaluate(eval_step, state.params, dataset.val, tc.eval_batch_size, mesh,
                            info.target_std)
             log.write("val", done, val)
@@ -165,14 +168,18 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
                             best=f"{meta['best_val']:.4f}")
             if done % ckpt_every == 0 or done == n_steps or improved:
                 ckpts.save(state, dict(meta), best_val=val["mse"] if improved else None)
+            t_side += time.time() - t0
         elif done % ckpt_every == 0:
+            t0 = time.time()
             meta.update(step=done, epoch=batches.epoch(step))
             ckpts.save(state, dict(meta))
+            t_side += time.time() - t0
     jax.block_until_ready(state)
     bar.close()
     t_end = time.time()
     steady_steps = n_steps - steady_from if steady_from is not None else 0
-    steps_per_s = steady_steps / (t_end - t_steady) if steady_steps > 0 else None
+    # training throughput: after compilation, without validation and checkpoint time
+    steps_per_s = steady_steps / (t_end - t_steady - t_side) if steady_steps > 0 else None
 
     best = ckpts.restore_best(abstract)
     best_params = best[0].params if best is not None else state.params
