@@ -15,9 +15,6 @@ from hiss_jax.models.mamba import MambaStack
 from hiss_jax.models.s4 import S4Stack
 from tests.conftest import assert_close
 
-KINDS = ("mamba", "mamba2", "s4", "transformer", "lstm")
-
-
 def tiny_level(kind, **mamba):
     c = level_config(kind, 16, 1, 0.0)
     c.s4.d_state = 8
@@ -34,7 +31,7 @@ def init(model, length, seed=0):
     return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, length), jnp.int32))["params"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "s4", "transformer"])
 def test_streaming_greedy_decode_equals_parallel(kind):
     model = build_token_model(tiny_level(kind), pl.VOCAB_SIZE, scan_impl="ref")
     words = ["chair", "queen", "ex-it"]
@@ -48,7 +45,7 @@ def test_streaming_greedy_decode_equals_parallel(kind):
     assert stream.shape == (3, 18)
 
 
-@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+@pytest.mark.parametrize("kind", ["mamba"])
 def test_step_logits_equal_parallel_logits(kind):
     model = build_token_model(tiny_level(kind), 11, scan_impl="ref")
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, 11)
