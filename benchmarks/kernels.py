@@ -42,7 +42,14 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from kernels.selective_scan import selective_scan  # noqa: E402
-from kernels.ssd import BlockSizes as SSDBlockSizes, _kernel_chunk, ssd  # noqa: E402
+from kernels.ssd import BlockSizes as SSDBlockSizes, ssd  # noqa: E402
+
+try:  # the kernel's own chunk rule (private: fall back to its documented behaviour)
+    from kernels.ssd import _kernel_chunk  # noqa: E402
+except ImportError:  # pragma: no cover
+    def _kernel_chunk(chunk_size, block_sizes):
+        q = block_sizes.chunk or min(max(1 << max(0, (chunk_size - 1).bit_length()), 16), 128)
+        return q
 
 # Best SSD chunk found by the kernel helper (benchmarks/NOTES_ssd.md, run 1: q64 fastest fwd).
 SSD_BEST_CHUNK = 64

@@ -60,6 +60,9 @@ MODELS = {
 THROUGHPUT_MODELS = ("hiss_mamba2_mamba2", "hiss_mamba_mamba", "hiss_s4_mamba", "flat_mamba2")
 SCALING_MODELS = ("hiss_mamba2_mamba2", "hiss_mamba_mamba", "flat_mamba2", "flat_mamba",
                   "flat_s4", "flat_transformer")
+# --smoke without --models: one HiSS and one flat model per part (about a minute on a CPU).
+SMOKE_MODELS = {"throughput": ("hiss_mamba2_mamba2", "flat_mamba2"),
+                "scaling": ("flat_mamba2", "flat_transformer")}
 # Model size and batch. "gpu": CSP-Bench-like widths (d 128, 4 layers per level) on 400 target
 # steps (4000 input steps) per sequence; "cpu-smoke": seconds on a CPU.
 PRESETS = {
@@ -316,7 +319,8 @@ def report(result) -> str:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", default="throughput,scaling", help="throughput,scaling")
-    p.add_argument("--smoke", action="store_true", help="preset cpu-smoke, inline, fewer models")
+    p.add_argument("--smoke", action="store_true",
+                   help="preset cpu-smoke, inline, two models per part unless --models")
     p.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
     p.add_argument("--models", default="", help="comma list (default: the part's models)")
     p.add_argument("--impls", default="pallas,xla", help="throughput part")
@@ -359,17 +363,18 @@ def main(argv=None) -> dict:
     only = set(filter(None, opts.models.split(",")))
     lengths = ([int(x) for x in opts.lengths.split(",") if x] or list(preset["lengths"]))
     jobs = []
+    def chosen(part, models):
+        if only:
+            return [m for m in models if m in only]
+        return SMOKE_MODELS[part] if opts.smoke else models
+
     if "throughput" in parts:
-        for model in THROUGHPUT_MODELS:
-            if only and model not in only:
-                continue
+        for model in chosen("throughput", THROUGHPUT_MODELS):
             for impl in filter(None, opts.impls.split(",")):
                 jobs.append(dict(part="throughput", model=model, impl=impl,
                                  lengths=[preset["length"]], batch=preset["batch"]))
     if "scaling" in parts:
-        for model in SCALING_MODELS:
-            if only and model not in only:
-                continue
+        for model in chosen("scaling", SCALING_MODELS):
             jobs.append(dict(part="scaling", model=model, impl=opts.scaling_impl,
                              lengths=lengths, batch=preset["scaling_batch"]))
     result = {"device": common.device_info(), "preset": opts.preset, "preset_values": preset,
