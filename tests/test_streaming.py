@@ -24,6 +24,13 @@ from tests.models.test_hiss import (D_IN, D_OUT, FAMILIES, K, T, _high_half, _in
 L = K * T + 2  # two samples of a chunk that never completes
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmuls():
+    """The float32 tolerances assume IEEE float32 matmuls; GPUs default to TF32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def recording():
     """(4, L, D_IN): the model tests' inputs plus a partial final chunk."""
     extra = jax.random.normal(jax.random.PRNGKey(9), (4, L - K * T, D_IN))

@@ -26,6 +26,13 @@ K, T, D_IN, D_OUT = 4, 3, 3, 2  # chunk, chunks, input and output channels
 L = K * T
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmuls():
+    """The float32 tolerances assume IEEE float32 matmuls; GPUs default to TF32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def tiny_level(kind: str, d_model: int = 16) -> ml_collections.ConfigDict:
     c = level_config(kind, d_model, 1, 0.0)
     c.s4.d_state = 8

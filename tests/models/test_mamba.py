@@ -12,6 +12,13 @@ from tests.conftest import assert_close
 SMALL = dict(d_model=16, n_layers=2, d_state=4)
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmuls():
+    """The float32 tolerances assume IEEE float32 matmuls; GPUs default to TF32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _init(stack, x):
     return jax.jit(stack.init)(jax.random.PRNGKey(0), x)["params"]
 

@@ -14,6 +14,13 @@ from tests.conftest import assert_close
 SMALL = dict(d_model=24, n_layers=2, d_state=8, headdim=16, chunk_size=4, n_groups=3)
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmuls():
+    """The float32 tolerances assume IEEE float32 matmuls; GPUs default to TF32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def xla_model():
     """(params, jitted forward) of a small 2-layer stack, shared to pay compilation once."""
