@@ -305,7 +305,7 @@ def report(result) -> str:
             row = {"model": model, "slope": s.get("slope_upper"), "slope_all": s.get("slope_all")}
             for r in sc:
                 if r["model"] == model:
-                    row[str(r["length"])] = r.get("step_ms", "OOM/err" if "error" in r else "-")
+                    row[str(r["length"])] = r.get("step_ms", "fail" if "error" in r else "-")
             rows.append(row)
         lines.append("=== train-step ms vs input length (batch %s); slope = log-log fit over "
                      "the longer half ===" % sc[0]["batch"])

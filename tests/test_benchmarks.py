@@ -142,6 +142,13 @@ def test_grid_trains_records_failure_and_resumes(tmp_path):
     assert os.path.getmtime(tmp_path / "lstm-lstm" / "summary.json") == mtime
     assert next(r for r in again if r["id"] == "lstm-lstm")["val_mse"] == ok["val_mse"]
 
+    # A spent --max_total_seconds leaves 'pending' rows and exit code 3 (rerun to go on).
+    pend, code3 = grid.run_grid(config, str(tmp_path), ("lstm-lstm", "flat-lstm"), dataset=data,
+                                max_total_seconds=1e-9, log=lines.append)
+    assert code3 == grid.EXIT_PENDING
+    assert [(r["id"], r["status"]) for r in pend] == [("lstm-lstm", "ok"), ("flat-lstm", "pending")]
+    assert not os.path.exists(tmp_path / "flat-lstm")
+
 
 def test_grid_nan_summary_is_a_failure_row(tmp_path):
     run = tmp_path / "s4-mamba"
