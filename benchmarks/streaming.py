@@ -102,10 +102,10 @@ def main(argv=None) -> int:
             try:
                 r = bench_one(family, model_type, args.batch, args.samples, args.window)
                 results["runs"].append(r)
-                print(f"{model_type:5s} {r['levels']:42s} sample {r['push_sample']['median_us']:8.0f}"
-                      f" us  prediction {r['push_prediction']['median_us']:8.0f} us (p99 "
-                      f"{r['push_prediction']['p99_us']:.0f})  recompute {r['recompute_window']['samples']}"
-                      f" samples {r['recompute_window']['mean_us']:8.0f} us", flush=True)
+                sample, pred, rec = r["push_sample"], r["push_prediction"], r["recompute_window"]
+                print(f"{model_type:5s} {r['levels']:42s} sample {sample['median_us']:8.0f} us  "
+                      f"prediction {pred['median_us']:8.0f} us (p99 {pred['p99_us']:.0f})  "
+                      f"recompute {rec['samples']} samples {rec['mean_us']:8.0f} us", flush=True)
             except Exception as e:  # keep the other rows when one family fails
                 results["errors"].append({"family": family, "type": model_type,
                                           "error": f"{type(e).__name__}: {e}"})

@@ -23,8 +23,8 @@ compose them and never look at kind strings.
 Streaming (one input sample at a time, `hiss_jax.streaming`): every model exposes the linen
 methods `init_low_state(batch_size, max_len)`, `low_step(state, x_t) -> (state, feature_t)`,
 `init_high_state(batch_size, max_len)`, `high_step(state, feature) -> (state, y)` and the class
-constant `reset_low_each_chunk` (True for the hierarchical models, whose low level restarts from zero at
-every chunk; False for the flat model, whose single stack runs on across chunks and whose
+constant `reset_low_each_chunk` (True for the hierarchical models, whose low level restarts from
+zero at every chunk; False for the flat model, whose single stack runs on across chunks and whose
 `high_step` is the identity).
 """
 from typing import Any, Sequence, Tuple
@@ -125,7 +125,8 @@ class HierarchicalModel(nn.Module):
         return self.high.init_state(batch_size, max_len)
 
     def high_step(self, state, feature):
-        """feature: (B, d_high), the low level's output at a chunk's last step -> (state, y (B, D_out))."""
+        """feature: (B, d_high), the low level's output at a chunk's last step
+        -> (state, y (B, D_out))."""
         state, h = self.high.step(state, feature)
         return state, self.head(h)
 
@@ -160,7 +161,8 @@ class FlatModel(nn.Module):
         return ()
 
     def high_step(self, state, feature):
-        """Identity: the flat model's prediction for a chunk is its output at the chunk's last step."""
+        """Identity: the flat model's prediction for a chunk is its output at the chunk's last
+        step."""
         return state, feature
 
 

@@ -1,4 +1,4 @@
-"""Mamba (v1) blocks: the selective SSM mixer and the residual stack (Gu & Dao 2023, arXiv 2312.00752).
+"""Mamba (v1) blocks: selective SSM mixer and residual stack (Gu & Dao 2023, arXiv 2312.00752).
 
 Shapes: x (B, L, d_model) -> (B, L, d_model);  d_inner = expand * d_model;  N = d_state;
 R = dt_rank.  One mixer (Gu & Dao 2023, Sec. 3.4, Fig. 3, Algorithm 2):
@@ -165,7 +165,8 @@ class MambaMixer(nn.Module):
 
     def step(self, state, x_t):
         """One time step. x_t: (B, d_model) -> (state, y_t (B, d_model)); the recurrence of
-        Gu & Dao 2023, Eq. 2a-2b with ZOH A-bar = exp(delta A) and Euler B-bar = delta B, as the scan.
+        Gu & Dao 2023, Eq. 2a-2b with ZOH A-bar = exp(delta A) and Euler B-bar = delta B, as the
+        scan computes them.
         """
         xz = self.in_proj(x_t)
         xs, z = jnp.split(xz, 2, axis=-1)
@@ -230,7 +231,8 @@ class MambaStack(nn.Module):
 
 
 def _residual_stack(norms, mixers, norm_f, x, call):
-    """mamba_ssm MixerModel: residual += hidden; hidden = mixer(LN(residual)); LN_f(residual + hidden).
+    """mamba_ssm MixerModel: residual += hidden; hidden = mixer(LN(residual)); at the end
+    LN_f(residual + hidden).
 
     The residual stream is float32 (mamba_ssm's residual_in_fp32) so bf16 activations do not
     drift over layers.

@@ -1,9 +1,10 @@
 """Mamba-2 blocks: the SSD mixer and the residual stack (Dao & Gu 2024, arXiv 2405.21060).
 
 Shapes: x (B, L, d_model) -> (B, L, d_model);  d_inner = expand * d_model;  H heads of P = headdim
-channels (H * P = d_inner);  G = n_groups;  N = d_state.  One mixer (Dao & Gu 2024, Sec. 7.1, Fig. 6):
+channels (H * P = d_inner);  G = n_groups;  N = d_state.
+One mixer (Dao & Gu 2024, Sec. 7.1, Fig. 6):
 
-    z, xBC, dt = in_proj(x)                       (B, L, d_inner), (B, L, d_inner + 2 G N), (B, L, H)
+    z, xBC, dt = in_proj(x)                 (B, L, d_inner), (B, L, d_inner + 2 G N), (B, L, H)
     xBC   = silu(causal_depthwise_conv(xBC))      width d_conv, with bias
     x, B, C = split(xBC)                          (B, L, H, P), (B, L, G, N), (B, L, G, N)
     y     = ssd(x, softplus(dt + dt_bias), A = -exp(A_log), B, C, D)   scalar decay per head
@@ -76,11 +77,14 @@ class Mamba2Mixer(nn.Module):
         conv_dim = d_inner + 2 * g * n
         self.in_proj = nn.Dense(2 * d_inner + 2 * g * n + h, use_bias=False,
                                 kernel_init=torch_default_init)
-        self.conv_weight = self.param("conv_weight", conv_init(self.d_conv), (self.d_conv, conv_dim))
+        self.conv_weight = self.param("conv_weight", conv_init(self.d_conv),
+                                      (self.d_conv, conv_dim))
         self.conv_bias = self.param("conv_bias", conv_init(self.d_conv), (conv_dim,))
-        self.dt_bias = self.param("dt_bias", inverse_softplus_dt_init(self.dt_min, self.dt_max), (h,))
+        self.dt_bias = self.param("dt_bias", inverse_softplus_dt_init(self.dt_min, self.dt_max),
+                                  (h,))
         self.A_log = self.param(
-            "A_log", lambda key, shape: jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)),
+            "A_log",
+            lambda key, shape: jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)),
             (h,))
         self.D = self.param("D", nn.initializers.ones, (h,), jnp.float32)
         self.norm = RMSNormGated(n_groups=g, eps=1e-5)

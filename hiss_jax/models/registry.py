@@ -94,7 +94,8 @@ def _build_multibranch(model_cfg, input_dim: int, output_dim: int, scan_impl: st
     lows = tuple(LevelModel(stack=make_stack(model_cfg.low, scan_impl),
                             embed_features=int(model_cfg.low.d_model), out_features=d_high)
                  for _ in branches)
-    return MultiBranchModel(branches=branches, lows=lows, high=make_stack(model_cfg.high, scan_impl),
+    return MultiBranchModel(branches=branches, lows=lows,
+                            high=make_stack(model_cfg.high, scan_impl),
                             chunk_size=int(model_cfg.chunk_size), d_high=d_high,
                             output_dim=output_dim)
 
@@ -102,7 +103,8 @@ def _build_multibranch(model_cfg, input_dim: int, output_dim: int, scan_impl: st
 MODEL_BUILDERS = {"hiss": _build_hiss, "flat": _build_flat, "multibranch": _build_multibranch}
 
 
-def build_model(model_cfg, *, input_dim: int, output_dim: int, scan_impl: str = "auto") -> nn.Module:
+def build_model(model_cfg, *, input_dim: int, output_dim: int,
+                scan_impl: str = "auto") -> nn.Module:
     """config.model -> unbound linen model.  x (B, L, input_dim), L a multiple of chunk_size ->
     y (B, L // chunk_size, output_dim).  Dropout rng name: 'dropout'."""
     model_type = model_cfg["type"]

@@ -136,7 +136,7 @@ def test_every_hiss_pair_forward_grad_causal(low, high):
     _same(feats[3, 2], feats[0, 2])
     assert _differs(feats[3, 1], feats[0, 1])
     assert _differs(feats[1, 0], feats[0, 0])
-    # causality: changing steps >= K leaves chunk 0's prediction unchanged; chunk 1 reaches later ones
+    # causality: steps >= K leave chunk 0's prediction unchanged; chunk 1 reaches later ones
     _same(y[2, 0], y[0, 0])
     assert _differs(y[1, 0], y[0, 0])
     assert _differs(y[3, 2], y[0, 2])

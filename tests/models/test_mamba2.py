@@ -1,4 +1,4 @@
-"""Mamba2Stack: shapes, gradients, init, headdim cap, scan impls agree, causality, streaming step."""
+"""Mamba2Stack: shapes, grads, init, headdim cap, scan impls agree, causality, streaming step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
