@@ -184,12 +184,12 @@ def synthetic_training(config: ml_collections.ConfigDict) -> ml_collections.Conf
     """
     config.optim.lr = 2e-3
     config.optim.schedule = "cosine"
-    config.optim.warmup_steps = 100
+    config.optim.warmup_steps = 50
     config.optim.clip_norm = 1.0
     config.train.batch_size = 16
     config.train.eval_batch_size = 32
-    config.train.num_steps = 800
+    config.train.num_steps = 500  # mamba2: val MSE ~0.22 x zero baseline after 200-600 steps
     config.train.window = 40  # 8 s windows (400 input steps): 2.5x cheaper steps than 20 s episodes
-    config.train.eval_every = 200
+    config.train.eval_every = 100
     config.train.log_every = 25
     return config
