@@ -4,6 +4,8 @@
     python benchmarks/kernels.py --ops selective_scan    #   of < 10 min each fit a device call)
     python benchmarks/kernels.py --ops ssd
     python benchmarks/kernels.py --smoke                 # CPU, tiny shapes, Pallas interpret mode
+    python benchmarks/kernels.py --lower-only            # any host: lower every Pallas variant
+                                                         #   of the sweep for CUDA (Triton)
 
 For every (op, shape, dtype, mode, impl): jit, two warm-up calls, then R repeats of N
 back-to-back calls with one block_until_ready at the end; the time is the median over repeats
@@ -41,8 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from kernels.selective_scan import selective_scan  # noqa: E402
-from kernels.ssd import BlockSizes as SSDBlockSizes, ssd  # noqa: E402
+from kernels.selective_scan import selective_scan, selective_scan_pallas  # noqa: E402
+from kernels.ssd import BlockSizes as SSDBlockSizes, ssd, ssd_pallas  # noqa: E402
 
 try:  # the kernel's own chunk rule (private: fall back to its documented behaviour)
     from kernels.ssd import _kernel_chunk  # noqa: E402
@@ -108,21 +110,51 @@ def ssd_inputs(seed, b, l, h, p, n, dtype):
         dt_bias=_dt_bias(ks[6], h))
 
 
-def make_call(op, impl, dims):
-    """(names, f(*vals) -> y) for the public op with every optional input of the LLM setting."""
+def make_call(op, impl, dims, gpu_lowering=False):
+    """(names, f(*vals) -> y) for the public op with every optional input of the LLM setting.
+
+    gpu_lowering: call the Pallas wrappers with interpret=False (Triton kernels even on a CPU
+    host), for --lower-only.
+    """
     if op == "selective_scan":
         names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
         def f(*vals):
+            if gpu_lowering:
+                return selective_scan_pallas(**dict(zip(names, vals)), delta_softplus=True,
+                                             interpret=False)
             return selective_scan(**dict(zip(names, vals)), delta_softplus=True, impl=impl)
     else:
         names = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
         def f(*vals):
             kw = dict(zip(names, vals))
-            return ssd(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
-                       chunk_size=dims["q"], dt_softplus=True, impl=impl, **kw)
+            args = [kw.pop(k) for k in ("x", "dt", "A", "B", "C")]
+            if gpu_lowering:
+                return ssd_pallas(*args, chunk_size=dims["q"], dt_softplus=True,
+                                  interpret=False, **kw)
+            return ssd(*args, chunk_size=dims["q"], dt_softplus=True, impl=impl, **kw)
     return names, f
+
+
+def lower_for_gpu(op, shape, dims, dtype, modes) -> list[dict]:
+    """Lowers the Pallas variant to CUDA (Triton) on any host, from abstract inputs: catches
+    lowering errors before a device run (not Triton compile failures: those need the GPU)."""
+    names, f = make_call(op, "pallas", dims, gpu_lowering=True)
+    recs = []
+    for mode in modes:
+        rec = {"op": op, "shape": shape, "dims": dims, "dtype": dtype, "impl": "pallas",
+               "mode": mode}
+
+        def go(mode=mode):
+            ins = jax.eval_shape(lambda: make_inputs(op, dims, dtype, 0))
+            args = [ins[k] for k in names]
+            fn = f if mode == "fwd" else jax.grad(
+                lambda *v: jnp.sum(f(*v).astype(jnp.float32)), argnums=tuple(range(len(names))))
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            return {"lowered_cuda": True, "triton_calls": text.count("triton")}
+        recs.append(common.guarded(rec, go))
+    return recs
 
 
 def make_inputs(op, dims, dtype, seed):
@@ -223,6 +255,8 @@ def parse(argv=None):
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="stop starting variants after this many seconds (device call limit)")
     p.add_argument("--out", default="")
+    p.add_argument("--lower-only", action="store_true",
+                   help="no timing: lower every Pallas variant for CUDA (works on a CPU host)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.smoke:
@@ -243,6 +277,8 @@ def main(argv=None) -> dict:
         return {"records": recs}
 
     t0 = time.time()
+    if opts.lower_only:
+        return _lower_only(opts)
     out = opts.out or common.default_out("kernels_smoke.json" if opts.smoke else "kernels.json")
     opts.tmpdir = os.path.dirname(os.path.abspath(out))
     os.makedirs(opts.tmpdir, exist_ok=True)
@@ -303,6 +339,30 @@ def main(argv=None) -> dict:
     common.write_json(out, result)
     print(f"\nwrote {out}")
     print(report(result))
+    return result
+
+
+def _lower_only(opts) -> dict:
+    out = opts.out or common.default_out("kernels_lowering.json")
+    shapes_by_op = {"selective_scan": SMOKE_SCAN_SHAPES if opts.smoke else SCAN_SHAPES,
+                    "ssd": SMOKE_SSD_SHAPES if opts.smoke else SSD_SHAPES}
+    only = set(filter(None, opts.shapes.split(",")))
+    modes = [m for m in opts.modes.split(",") if m]
+    result = {"device": common.device_info(), "records": []}
+    for op in filter(None, opts.ops.split(",")):
+        for shape, dims in shapes_by_op[op].items():
+            if only and shape not in only:
+                continue
+            for dtype in filter(None, opts.dtypes.split(",")):
+                result["records"] += lower_for_gpu(op, shape, dims, dtype, modes)
+    common.write_json(out, result)
+    print(f"wrote {out}")
+    print(common.table(
+        [dict(r, status="ok" if r.get("lowered_cuda") else r.get("error", "")[:60])
+         for r in result["records"]],
+        [("op", "op", "s"), ("shape", "shape", "s"), ("dtype", "dtype", "s"),
+         ("mode", "mode", "s"), ("triton_calls", "triton calls", "d"),
+         ("status", "CUDA lowering", "s")]))
     return result
 
 

@@ -179,3 +179,14 @@ def test_grid_pairs_cover_25_plus_5_and_reject_unknown():
     assert (cfg.model.type, cfg.model.low.kind, cfg.model.high.kind) == ("hiss", "s4",
                                                                           "transformer")
     assert grid.pair_config(cfg, "flat-lstm").model.flat.kind == "lstm"
+
+
+def test_kernels_lower_only_reaches_triton_at_the_llm_shapes(tmp_path):
+    result = kernels_bench.main(["--lower-only", "--shapes", "llm,llm_q256", "--dtypes",
+                                 "bfloat16", "--out", str(tmp_path / "lower.json")])
+    assert {(r["op"], r["shape"], r["mode"]) for r in result["records"]} == {
+        (op, shape, mode) for op, shape in (("selective_scan", "llm"), ("ssd", "llm_q256"))
+        for mode in ("fwd", "fwd_bwd")}
+    for r in result["records"]:
+        assert "error" not in r, r
+        assert r["lowered_cuda"] and r["triton_calls"] > 0, r
