@@ -309,9 +309,9 @@ def report(result) -> str:
             rows.append(row)
         lines.append("=== train-step ms vs input length (batch %s); slope = log-log fit over "
                      "the longer half ===" % sc[0]["batch"])
-        lines.append(common.table(rows, [("model", "model", "s")]
-                                  + [(str(n), str(n), ".1f") for n in lengths]
-                                  + [("slope", "slope", ".2f"), ("slope_all", "slope(all)", ".2f")]))
+        cols = ([("model", "model", "s")] + [(str(n), str(n), ".1f") for n in lengths]
+                + [("slope", "slope", ".2f"), ("slope_all", "slope(all)", ".2f")])
+        lines.append(common.table(rows, cols))
     return "\n".join(lines)
 
 
@@ -363,6 +363,7 @@ def main(argv=None) -> dict:
     only = set(filter(None, opts.models.split(",")))
     lengths = ([int(x) for x in opts.lengths.split(",") if x] or list(preset["lengths"]))
     jobs = []
+
     def chosen(part, models):
         if only:
             return [m for m in models if m in only]
@@ -386,19 +387,24 @@ def main(argv=None) -> dict:
     tmpdir = os.path.dirname(os.path.abspath(out))
     os.makedirs(tmpdir, exist_ok=True)
     deadline = t0 + opts.budget_s
-    for job in jobs:
+    for i, job in enumerate(jobs):
         left = deadline - time.time()
+        # Scaling sweeps share the time left evenly, so one slow model cannot starve the next;
+        # a sweep stops starting points at its share's end.
+        job_deadline = (time.time() + left / (len(jobs) - i) if job["part"] == "scaling"
+                        else deadline)
         if left < 20:
             result["records"] += [dict(part=job["part"], model=job["model"], impl=job["impl"],
                                        length=n, batch=job["batch"], skipped="time budget spent")
                                   for n in job["lengths"]]
             continue
         if opts.inline:
-            result["records"] += run_job(job, preset, None, deadline)
+            result["records"] += run_job(job, preset, None, job_deadline)
         else:
-            # A scaling sweep stops itself at the deadline; a throughput job gets a hard limit.
+            # A scaling sweep stops itself at its deadline (a point in flight may run on until
+            # the hard limit); a throughput job gets --job-timeout.
             limit = min(opts.job_timeout, left - 5) if job["part"] == "throughput" else left - 5
-            result["records"] += _child(job, opts.preset, limit, tmpdir, deadline)
+            result["records"] += _child(job, opts.preset, limit, tmpdir, job_deadline)
         common.write_json(out, result)
     if "scaling" in parts:
         _finish_scaling(result, png)
