@@ -4,6 +4,8 @@
     python -m hiss_jax.experiments.grid --steps=800 --workdir=runs/grid
     python -m hiss_jax.experiments.grid --seconds=60                      # ~60 s of training each
     python -m hiss_jax.experiments.grid --config.data.name=csp:vector --config.data.dir=/data/csp
+    python -m hiss_jax.experiments.grid --config=configs/csp.py:vector --config.data.dir=/data/csp \
+        --steps=5000                          # the paper's widths and optimizer for that dataset
     python -m hiss_jax.experiments.grid --pairs=s4-mamba,flat-mamba2      # a subset
     python -m hiss_jax.experiments.grid --smoke                           # CPU, seconds
 
