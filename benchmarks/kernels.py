@@ -110,6 +110,14 @@ def ssd_inputs(seed, b, l, h, p, n, dtype):
         dt_bias=_dt_bias(ks[6], h))
 
 
+def make_inputs(op, dims, dtype, seed):
+    """The op's named inputs at `dims`, activations in `dtype`."""
+    dt = jnp.dtype(dtype)
+    if op == "selective_scan":
+        return scan_inputs(seed, dims["b"], dims["l"], dims["d"], dims["n"], dt)
+    return ssd_inputs(seed, dims["b"], dims["l"], dims["h"], dims["p"], dims["n"], dt)
+
+
 def make_call(op, impl, dims, gpu_lowering=False):
     """(names, f(*vals) -> y) for the public op with every optional input of the LLM setting.
 
@@ -157,19 +165,10 @@ def lower_for_gpu(op, shape, dims, dtype, modes) -> list[dict]:
     return recs
 
 
-def make_inputs(op, dims, dtype, seed):
-    dt = jnp.dtype(dtype)
-    if op == "selective_scan":
-        return scan_inputs(seed, dims["b"], dims["l"], dims["d"], dims["n"], dt)
-    return ssd_inputs(seed, dims["b"], dims["l"], dims["h"], dims["p"], dims["n"], dt)
-
-
 # ------------------------------------------------------------------------------ one variant
 def run_variant(op, shape, dims, dtype, impl, modes, opts) -> list[dict]:
     """Times one (op, shape, dtype, impl) in every mode; one record per mode."""
     names, f = make_call(op, impl, dims)
-    in_bytes = None
-    sets = []
     recs = []
     base = {"op": op, "shape": shape, "dims": dims, "dtype": dtype, "impl": impl}
     try:
