@@ -1,6 +1,6 @@
 """Train and evaluate HiSS / flat baselines.
 
-    python train.py --config configs/mamba2.py [--workdir runs/mamba2] [--config.train.batch_size=32]
+    python train.py --config configs/mamba2.py [--workdir runs/mamba2] [--config.optim.lr=1e-3]
     python train.py --config configs/csp.py:vector --config.data.dir=/data/csp
 
 The workdir defaults to runs/<config file stem>[_<arg>]; a run found there is resumed.

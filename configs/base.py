@@ -3,7 +3,8 @@
 Every family file (`configs/s4.py`, `mamba.py`, `mamba2.py`, `lstm.py`, `transformer.py`) and
 the CSP-Bench presets (`configs/csp.py`) start from `get_config()` here and change a few fields.
 Any field can be overridden on the command line, e.g.
-    python train.py --config configs/mamba2.py --config.model.low.kind=lstm --config.train.batch_size=32
+    python train.py --config configs/mamba2.py --config.model.low.kind=lstm \
+        --config.train.batch_size=32
 """
 import ml_collections
 
@@ -14,7 +15,7 @@ def level_config(kind: str = "mamba2", d_model: int = 64, n_layers: int = 2,
                                   dropout: float = 0.0) -> ml_collections.ConfigDict:
     """One level (low / high / flat): the chosen family plus the settings of every family.
 
-    Carrying every family's settings lets `--config.model.low.kind=lstm` work without editing a file.
+    Carrying every family's settings lets `--config.model.low.kind=lstm` work without an edit.
     """
     c = ml_collections.ConfigDict()
     c.kind = kind  # block family: 's4' | 'mamba' | 'mamba2' | 'lstm' | 'transformer'
@@ -64,13 +65,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.model.low = level_config("mamba2", 64, 2)  # low level: runs inside each chunk
     config.model.high = level_config("mamba2", 64, 2)  # high level: runs over chunk features
     config.model.flat = level_config("mamba2", 64, 2)  # flat baseline (model.type='flat' only)
-    config.model.branches = ml_collections.ConfigDict()  # multibranch: name -> [start, stop) input channels
+    # multibranch only: branch name -> [start, stop) input channel range, e.g. {'skin': [0, 30]}
+    config.model.branches = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic:imu"  # 'synthetic:imu' | 'synthetic:tactile' | 'csp:<dataset>'
     config.data.dir = ""  # CSP-Bench root holding <name>/<name>_*.h5 (csp:* only)
     config.data.file = ""  # explicit HDF5 file (raw _processed or resampled); overrides dir
-    config.data.val_file = ""  # explicit validation file for fixed-split datasets (RoNIN, TotalCapture)
+    config.data.val_file = ""  # explicit validation file (fixed splits: RoNIN, TotalCapture)
     config.data.cache_dir = "~/.cache/hiss_jax"  # where built/resampled datasets are cached
     config.data.seed = 0  # seed of the synthetic generator and of random splits
     config.data.n_episodes = 200  # synthetic: number of episodes (train + val)
@@ -97,10 +99,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.num_steps = 0  # training length in steps; > 0 overrides num_epochs
     config.train.window = 0  # train on random windows of this many target steps; 0 = full episodes
     config.train.eval_every = 0  # validate every this many steps; 0 = once per epoch
-    config.train.checkpoint_every = 0  # save a resumable checkpoint every this many steps; 0 = at each eval
+    config.train.checkpoint_every = 0  # resumable checkpoint every this many steps; 0 = each eval
     config.train.log_every = 50  # write train metrics every this many steps
     config.train.max_to_keep = 2  # periodic checkpoints kept (the best one is kept separately)
-    config.train.init_from = ""  # workdir or checkpoint dir to start from when this workdir has none
+    config.train.init_from = ""  # run dir or checkpoint dir to take params from if workdir is new
     config.train.plot_episodes = 3  # validation episodes drawn in predictions.png (0 = no plot)
     config.train.progress = True  # show a tqdm progress bar
 
@@ -112,7 +114,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                               ("state", None))
 
     config.kernels = ml_collections.ConfigDict()
-    config.kernels.impl = "auto"  # scan implementation: 'auto' (pallas on GPU, xla elsewhere) | 'ref' | 'xla' | 'pallas'
+    # scan implementation: 'auto' (pallas on GPU, xla elsewhere) | 'ref' | 'xla' | 'pallas'
+    config.kernels.impl = "auto"
     return config
 
 
@@ -178,7 +181,7 @@ def family_config(kind: str, arg, *, d_model: int, n_layers: int, dropout: float
 
 
 def synthetic_training(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Training defaults for the synthetic tasks: minutes on a laptop CPU, not the paper's 300 epochs.
+    """Training defaults for the synthetic tasks: minutes on a CPU, not the paper's 300 epochs.
 
     The CSP-Bench presets (`configs/csp.py`) keep the paper's Adam 1e-4 / batch 4 instead.
     """

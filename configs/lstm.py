@@ -1,8 +1,8 @@
 """HiSS with LSTM blocks (Dense -> LSTM stack -> Dense) at both levels.
 
-    python train.py --config configs/lstm.py                   # HiSS LSTM -> LSTM, synthetic IMU
-    python train.py --config configs/lstm.py:flat              # flat LSTM baseline (128, 2 layers, dropout 0.1)
-    python train.py --config configs/lstm.py:tiny              # seconds-long smoke run
+    python train.py --config configs/lstm.py            # HiSS LSTM -> LSTM, synthetic IMU
+    python train.py --config configs/lstm.py:flat       # flat LSTM (128, 2 layers, dropout 0.1)
+    python train.py --config configs/lstm.py:tiny       # seconds-long smoke run
 """
 from configs import base
 

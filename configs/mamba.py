@@ -1,7 +1,7 @@
 """HiSS with Mamba (selective scan) blocks at both levels.
 
     python train.py --config configs/mamba.py                  # HiSS Mamba -> Mamba, synthetic IMU
-    python train.py --config configs/mamba.py:flat             # flat Mamba baseline (d 64, 2 layers)
+    python train.py --config configs/mamba.py:flat             # flat Mamba (d 64, 2 layers)
     python train.py --config configs/mamba.py:tiny             # seconds-long smoke run
 """
 from configs import base

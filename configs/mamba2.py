@@ -1,9 +1,10 @@
 """HiSS with Mamba2 (SSD) blocks at both levels: the main job.
 
-    python train.py --config configs/mamba2.py                 # HiSS, synthetic IMU, < 10 min on CPU
+    python train.py --config configs/mamba2.py                 # HiSS, synthetic IMU, < 10 min CPU
     python train.py --config configs/mamba2.py:flat            # flat Mamba2 baseline
     python train.py --config configs/mamba2.py:tiny            # seconds-long smoke run
-    python train.py --config configs/mamba2.py --config.data.name=csp:vector --config.data.dir=/data/csp
+    python train.py --config configs/mamba2.py --config.data.name=csp:vector \
+        --config.data.dir=/data/csp
 """
 from configs import base
 

@@ -1,8 +1,8 @@
 """HiSS with full S4 (DPLR, HiPPO-LegS) blocks at both levels.
 
-    python train.py --config configs/s4.py                     # HiSS S4 -> S4, synthetic IMU
-    python train.py --config configs/s4.py:flat                # flat S4 baseline (d 128, 6 layers, dropout 0.1)
-    python train.py --config configs/s4.py:tiny                # seconds-long smoke run
+    python train.py --config configs/s4.py            # HiSS S4 -> S4, synthetic IMU
+    python train.py --config configs/s4.py:flat       # flat S4 (d 128, 6 layers, dropout 0.1)
+    python train.py --config configs/s4.py:tiny       # seconds-long smoke run
 """
 from configs import base
 

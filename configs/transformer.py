@@ -1,7 +1,7 @@
 """HiSS with causal Transformer blocks (sinusoidal position encoding, pre-norm) at both levels.
 
     python train.py --config configs/transformer.py            # HiSS Transformer -> Transformer
-    python train.py --config configs/transformer.py:flat       # flat baseline (d 128, 2 heads, 6 layers, ff 128)
+    python train.py --config configs/transformer.py:flat       # flat (d 128, 2 heads, 6 layers)
     python train.py --config configs/transformer.py:tiny       # seconds-long smoke run
 """
 from configs import base

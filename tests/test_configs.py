@@ -68,7 +68,8 @@ def _set(config, key, value):
 
 
 @pytest.mark.parametrize("key, value, n_devices, match", [
-    ("model.low.kind", "gru", 1, r"config.model.low.kind='gru'.*\['s4', 'mamba', 'mamba2', 'lstm', 'transformer'\]"),
+    ("model.low.kind", "gru", 1,
+     r"config.model.low.kind='gru'.*\['s4', 'mamba', 'mamba2', 'lstm', 'transformer'\]"),
     ("model.type", "deep", 1, r"config.model.type='deep'.*\['hiss', 'flat', 'multibranch'\]"),
     ("model.chunk_size", 0, 1, r"config.model.chunk_size=0 must be a positive integer"),
     ("model.high.n_layers", -1, 1, r"config.model.high.n_layers=-1"),
@@ -77,10 +78,13 @@ def _set(config, key, value):
     ("kernels.impl", "cuda", 1, r"config.kernels.impl='cuda'.*\['auto', 'ref', 'xla', 'pallas'\]"),
     ("optim.name", "sgd", 1, r"config.optim.name='sgd'.*\['adam', 'adamw'\]"),
     ("optim.schedule", "step", 1, r"config.optim.schedule='step'.*'cosine'"),
-    ("optim.weight_decay", 0.1, 1, r"config.optim.weight_decay=0.1 needs config.optim.name='adamw'"),
-    ("train.batch_size", 6, 4, r"config.train.batch_size=6 is not divisible by the data-axis size 4"),
+    ("optim.weight_decay", 0.1, 1,
+     r"config.optim.weight_decay=0.1 needs config.optim.name='adamw'"),
+    ("train.batch_size", 6, 4,
+     r"config.train.batch_size=6 is not divisible by the data-axis size 4"),
     ("mesh.data", 3, 4, r"config.mesh.data=3 x config.mesh.model=1 does not match the 4"),
-    ("model.low.mamba2.n_groups", 3, 1, r"config.model.low.mamba2.n_groups=3 must divide the number of heads 4.*\[1, 2, 4\]"),
+    ("model.low.mamba2.n_groups", 3, 1,
+     r"config.model.low.mamba2.n_groups=3 must divide the number of heads 4.*\[1, 2, 4\]"),
     ("model.low.s4.mode", "nplr", 1, r"config.model.low.s4.mode='nplr'.*\['dplr', 'diag'\]"),
 ])
 def test_impossible_values_name_the_key_and_allowed_values(key, value, n_devices, match):

@@ -1,4 +1,4 @@
-"""Start-up validation of a config: every impossible value fails with the key, the value and the fix.
+"""Start-up validation of a config: an impossible value fails naming the key, the value, the fix.
 
 Unknown keys (`--config.model.low.foo=1`) are already rejected by ml_collections when the flags
 are parsed, with a bare AttributeError; `train.py` rewords it (see `explain_flag_error`).
@@ -184,7 +184,7 @@ def check_against_data(config, info) -> None:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """'configs/mamba2.py:flat,tiny' -> that file's get_config('flat,tiny'), as config_flags does."""
+    """'configs/mamba2.py:flat,tiny' -> that file's get_config('flat,tiny') (as config_flags)."""
     import importlib.util
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_hiss_config", path)

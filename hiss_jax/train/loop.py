@@ -16,7 +16,8 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from hiss_jax.train import batching, checkpoint, config_check, plots, state as state_lib, step as step_lib
+from hiss_jax.train import batching, checkpoint, config_check, plots
+from hiss_jax.train import state as state_lib, step as step_lib
 from hiss_jax.train.metrics import add_sums, summarise
 
 

@@ -65,7 +65,8 @@ def make_schedule(optim, total_steps: int, peak: float):
     if optim.schedule == "constant":
         if optim.warmup_steps:
             return optax.join_schedules(
-                [optax.linear_schedule(0.0, peak, optim.warmup_steps), optax.constant_schedule(peak)],
+                [optax.linear_schedule(0.0, peak, optim.warmup_steps),
+                 optax.constant_schedule(peak)],
                 [optim.warmup_steps])
         return optax.constant_schedule(peak)
     return optax.warmup_cosine_decay_schedule(

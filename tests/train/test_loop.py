@@ -108,7 +108,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
 
 def test_init_from_another_run_loads_its_params(tmp_path):
     _run(tmp_path / "a", _config())
-    summary = _run(tmp_path / "b", _config(num_steps=1, eval_every=1, init_from=str(tmp_path / "a")))
+    config = _config(num_steps=1, eval_every=1, init_from=str(tmp_path / "a"))
+    summary = _run(tmp_path / "b", config)
     assert summary["source"].startswith("params from") and "best" in summary["source"]
     with pytest.raises(FileNotFoundError, match="config.train.init_from"):
         _run(tmp_path / "c", _config(init_from=str(tmp_path / "nothing")))
