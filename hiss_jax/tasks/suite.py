@@ -6,19 +6,18 @@
 
 Groups: 'copy' (selective copying: Mamba, Mamba2, S4, Transformer), 'disc' (Mamba and S4 under
 each discretisation on selective copying), 'pig' (Pig Latin: Mamba, Mamba2, Transformer).
-Each run writes <out>/<name>/{metrics.jsonl,results.json}; a run whose results.json exists is
-skipped (rerun by deleting it), so an interrupted suite resumes.  Tables go to <out>/TABLES.md.
+Each run is a `python -m hiss_jax.tasks` subprocess (killed after --run_timeout s, default 1200)
+writing <out>/<name>/{metrics.jsonl,results.json} (error.txt when it failed or timed out); a run
+whose results.json exists is skipped (rerun by deleting it), so an interrupted suite resumes.  Tables go to <out>/TABLES.md.
 Extra `--set key=value` overrides apply to every run (e.g. --set train.num_steps=200 for a smoke).
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-import traceback
-
-from hiss_jax.train.config_check import load_config_file
+import subprocess
+import sys
 
 # name -> (config spec, overrides)
 RUNS = {
@@ -43,44 +42,39 @@ RUNS = {
 }
 
 
-def _set(config, key, value):
-    *parents, last = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[last] = type(node[last])(value) if not isinstance(node[last], str) else str(value)
-
-
 def _parse_sets(items):
+    """['train.num_steps=200', ...] -> {'train.num_steps': '200', ...} (passed on as flags)."""
     out = {}
     for item in items or []:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. train.num_steps=200")
+        out[key] = value
     return out
 
 
-def run(out: str, groups, sets) -> None:
-    from hiss_jax.tasks.train_tokens import train_and_evaluate
+def run(out: str, groups, sets, timeout_s: float) -> None:
+    """Each run in its own `python -m hiss_jax.tasks` process, killed after timeout_s."""
     for group in groups:
         for name, (spec, overrides) in RUNS[group].items():
             workdir = os.path.join(out, name)
             if os.path.exists(os.path.join(workdir, "results.json")):
                 print(f"[suite] {name}: done, skipped", flush=True)
                 continue
-            config = load_config_file(spec)
-            for k, v in {**overrides, **sets}.items():
-                _set(config, k, v)
-            print(f"[suite] {name}: {spec} {overrides} {sets}", flush=True)
+            flags = [f"--config.{k}={v}" for k, v in {**overrides, **sets}.items()]
+            cmd = [sys.executable, "-m", "hiss_jax.tasks", f"--config={spec}",
+                   f"--workdir={workdir}", *flags]
+            print(f"[suite] {name}: {' '.join(cmd[1:])}", flush=True)
+            os.makedirs(workdir, exist_ok=True)
             try:
-                train_and_evaluate(config, workdir)
-            except Exception:  # keep going: one failed run should not lose the others
-                os.makedirs(workdir, exist_ok=True)
+                rc = subprocess.run(cmd, timeout=timeout_s).returncode
+                status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+            except subprocess.TimeoutExpired:
+                status = f"TIMEOUT after {timeout_s:.0f} s"
+            if status != "ok":
                 with open(os.path.join(workdir, "error.txt"), "w") as f:
-                    f.write(traceback.format_exc())
-                print(f"[suite] {name}: FAILED, see {workdir}/error.txt", flush=True)
+                    f.write(status + "\n")
+            print(f"[suite] {name}: {status}", flush=True)
 
 
 def _load(out, name):
@@ -89,6 +83,14 @@ def _load(out, name):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def _missing(out, name) -> str:
+    path = os.path.join(out, name, "error.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.readline().strip()
+    return "not run"
 
 
 def tables(out: str) -> str:
@@ -100,7 +102,7 @@ def tables(out: str) -> str:
             r = _load(out, name)
             disc = next(iter(overrides.values()), "default")
             if r is None:
-                lines.append(f"| {name} | {spec.split(':')[1]} | {disc} | - | - | not run | | | |")
+                lines.append(f"| {name} | {spec.split(':')[1]} | {disc} | - | - | {_missing(out, name)} | | | |")
                 continue
             lines.append(f"| {name} | {r['kind']} | {disc} | {r['params']:,} | {r['steps']} | "
                          f"{100 * r['token_acc']:.2f}% | {100 * r['seq_acc']:.2f}% | "
@@ -111,7 +113,7 @@ def tables(out: str) -> str:
     for name, (spec, _) in RUNS["pig"].items():
         r = _load(out, name)
         if r is None:
-            lines.append(f"| {name} | {spec.split(':')[1]} | - | - | not run | | |")
+            lines.append(f"| {name} | {spec.split(':')[1]} | - | - | {_missing(out, name)} | | |")
             continue
         lines.append(f"| {name} | {r['kind']} | {r['params']:,} | {r['steps']} | "
                      f"{100 * r['exact_word_acc']:.2f}% ({r['n_words']} words) | "
@@ -128,15 +130,15 @@ def main(argv=None):
     parser.add_argument("--groups", default="copy,disc,pig")
     parser.add_argument("--set", action="append", help="key=value override for every run")
     parser.add_argument("--table", action="store_true", help="only write the tables")
+    parser.add_argument("--run_timeout", type=float, default=1200.0,
+                        help="seconds before one run is killed (and recorded as TIMEOUT)")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(RUNS))
     if unknown:
         raise SystemExit(f"--groups: unknown {unknown}; allowed {sorted(RUNS)}")
     if not args.table:
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)
-        run(args.out, groups, _parse_sets(args.set))
+        run(args.out, groups, _parse_sets(args.set), args.run_timeout)
     print(tables(args.out))
 
 

@@ -60,7 +60,10 @@ def test_suite_tables_and_overrides(tmp_path):
     assert "| copy_mamba | mamba | default | 1,000 | 10 | 97.50% | 50.00%" in text
     assert "| copy_s4 | s4 | default | - | - | not run" in text
     assert "99.00% (2000 words)" in text and (tmp_path / "TABLES.md").exists()
-    config = _load("configs/selective_copy.py")
-    for k, v in suite._parse_sets(["train.num_steps=7", "model.mamba.disc=zoh"]).items():
-        suite._set(config, k, v)
-    assert config.train.num_steps == 7 and config.model.mamba.disc == "zoh"
+    os.makedirs(tmp_path / "copy_s4")
+    (tmp_path / "copy_s4" / "error.txt").write_text("TIMEOUT after 10 s\n")
+    assert "| copy_s4 | s4 | default | - | - | TIMEOUT after 10 s" in suite.tables(str(tmp_path))
+    assert suite._parse_sets(["train.num_steps=7", "model.mamba.disc=zoh"]) == {
+        "train.num_steps": "7", "model.mamba.disc": "zoh"}
+    with pytest.raises(SystemExit, match="key=value"):
+        suite._parse_sets(["train.num_steps"])
