@@ -134,8 +134,7 @@ class S4Layer(nn.Module):
             return ssm_math.dplr_kernel_bilinear(lam, p, b, c_tilde, dt, length)
         # Zero-order hold has no Woodbury form (exp of a DPLR matrix is not DPLR), so the
         # dense discrete matrix is powered directly.
-        a_f, b_f = ssm_math.dplr_dense(lam, p, b)
-        da, db = ssm_math.discretize_dense(a_f, b_f, dt, self.disc)
+        da, db = ssm_math.discretize_dplr(lam, p, b, dt, self.disc)
         c_f = jnp.concatenate([c, jnp.conj(c)], axis=-1)
         return ssm_math.dense_kernel(da, db, c_f, length)
 
@@ -161,8 +160,7 @@ class S4Layer(nn.Module):
             state, y = ssm_math.dplr_bilinear_step(state, u32, lam, p, b, c, dt)
         else:
             # exp of a DPLR matrix has no O(N) form: zero-order hold steps the dense matrix.
-            a_f, b_f = ssm_math.dplr_dense(lam, p, b)
-            da, db = ssm_math.discretize_dense(a_f, b_f, dt, self.disc)
+            da, db = ssm_math.discretize_dplr(lam, p, b, dt, self.disc)
             n2 = self.d_state // 2
             state, y = ssm_math.dense_half_step(state, u32, da[:, :n2], db[:, :n2], c)
         return state, y + self.D * u32

@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 
 DISCRETIZATIONS = ("bilinear", "zoh")
@@ -147,6 +146,32 @@ def discretize_diag(lam, b, dt, disc: str):
     return jnp.exp(dtl), jnp.expm1(dtl) / lam * b
 
 
+def expm_taylor(x, degree: int = 12, max_squarings: int = 16):
+    """exp of a batch of square matrices by scaling and squaring a Taylor polynomial.
+
+    x: (..., N, N)  ->  exp(x): (..., N, N)
+    Matrix products only: `jax.scipy.linalg.expm` solves a Pade system through LAPACK, and
+    batched complex LU calls running on two XLA CPU threads at once were seen to deadlock
+    (jaxlib 0.10.2, 2 cores). Each matrix is scaled by 2^-s_i so its 1-norm is <= 1/2 (Taylor
+    truncation error < 1e-13), then squared s_i times; the loop has a static trip count (so it
+    differentiates) and skips the squarings a matrix does not need.
+    """
+    n = x.shape[-1]
+    norm = jnp.max(jnp.sum(jnp.abs(x), axis=-2), axis=-1)
+    s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) * 2.0)), 0, max_squarings)
+    s = jax.lax.stop_gradient(s)
+    xs = x / (2.0 ** s).astype(x.dtype)[..., None, None]
+    eye = jnp.eye(n, dtype=x.dtype)
+    r = eye
+    for k in range(degree, 0, -1):  # Horner: I + X/1 (I + X/2 (I + ...))
+        r = eye + (xs @ r) / k
+
+    def square(i, r):
+        return jnp.where((i < s)[..., None, None], r @ r, r)
+
+    return jax.lax.fori_loop(0, max_squarings, square, r)
+
+
 @_full_precision
 def discretize_dense(a, b, dt, disc: str):
     """Discretise a dense SSM.
@@ -155,6 +180,8 @@ def discretize_dense(a, b, dt, disc: str):
     bilinear: dA = (I - dt/2 A)^{-1} (I + dt/2 A),  dB = (I - dt/2 A)^{-1} dt B     (S4 eq. 3)
     zoh:      dA = exp(dt A),  dB = int_0^dt exp(s A) ds B, both read off one matrix
               exponential of the augmented [[A, B], [0, 0]] dt (no inverse of A needed).
+    The S4 layer uses `discretize_dplr`, which needs no linear solve; this general form is the
+    reference it is tested against.
     """
     _check_disc(disc)
     n = a.shape[-1]
@@ -165,10 +192,45 @@ def discretize_dense(a, b, dt, disc: str):
         rhs = jnp.concatenate([eye + dt / 2 * a, dt * b[..., :, None]], axis=-1)
         sol = jnp.linalg.solve(lhs, rhs)
         return sol[..., :, :n], sol[..., :, n]
+    return _zoh_augmented(a, b, dt)
+
+
+def _zoh_augmented(a, b, dt):
+    n = a.shape[-1]
     top = jnp.concatenate([a, b[..., :, None]], axis=-1) * dt
     aug = jnp.concatenate([top, jnp.zeros_like(top[..., :1, :])], axis=-2)
-    e = jsl.expm(aug)
+    e = expm_taylor(aug)
     return e[..., :n, :n], e[..., :n, n]
+
+
+@_full_precision
+def discretize_dplr(lam, p, b, dt, disc: str):
+    """Discretise a DPLR SSM into its dense conjugate-completed discrete matrices.
+
+    lam, p, b: (..., N2) complex  dt: (...)  ->  dA: (..., N, N)  dB: (..., N),  N = 2 N2
+    bilinear: (I - dt/2 A)^{-1} with A = diag(lam_f) - p_f p_f^* by the Woodbury identity
+              (S4 Lemma C.4): M^{-1} = D^{-1} - (dt/2) D^{-1} p_f p_f^* D^{-1} / (1 + dt/2 p_f^* D^{-1} p_f),
+              D = I - dt/2 diag(lam_f); no LAPACK solve (see `expm_taylor` for why).
+    zoh:      the augmented matrix exponential, as in `discretize_dense`.
+    """
+    _check_disc(disc)
+    a_f, b_f = dplr_dense(lam, p, b)
+    dt_c = jnp.asarray(dt).astype(a_f.dtype)
+    if disc == "zoh":
+        return _zoh_augmented(a_f, b_f, dt_c[..., None, None])
+    lam_f = jnp.concatenate([lam, jnp.conj(lam)], axis=-1)
+    p_f = jnp.concatenate([p, jnp.conj(p)], axis=-1)
+    half = (dt_c / 2)[..., None]
+    d_inv = 1.0 / (1.0 - half * lam_f)
+    u = p_f * d_inv
+    w = jnp.conj(p_f) * d_inv
+    denom = 1.0 + half[..., 0] * jnp.sum(jnp.conj(p_f) * u, axis=-1)
+    eye = jnp.eye(a_f.shape[-1], dtype=a_f.dtype)
+    m_inv = (eye * d_inv[..., None, :]
+             - (half[..., 0] / denom)[..., None, None] * u[..., :, None] * w[..., None, :])
+    da = m_inv @ (eye + half[..., None] * a_f)
+    db = jnp.einsum("...nm,...m->...n", m_inv, dt_c[..., None] * b_f)
+    return da, db
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +292,7 @@ def dplr_c_tilde(lam, p, b, c, dt, length: int, disc: str = "bilinear"):
     The stored C is the true output row; C~ is derived per kernel length, so the convolution and
     the recurrence (which uses C) agree for every length. A_bar^L by repeated squaring.
     """
-    a_f, b_f = dplr_dense(lam, p, b)
-    da, _ = discretize_dense(a_f, b_f, dt, disc)
+    da, _ = discretize_dplr(lam, p, b, dt, disc)
     c_f = jnp.concatenate([c, jnp.conj(c)], axis=-1)
     ct = c_f - jnp.einsum("hn,hnm->hm", c_f, jnp.linalg.matrix_power(da, length))
     # The completed row stays conjugate-symmetric, so its first half represents it.
