@@ -29,6 +29,7 @@ def level_config(kind: str = "mamba2", d_model: int = 64, n_layers: int = 2,
     c.s4.disc = "bilinear"  # discretisation: 'bilinear' | 'zoh'
     c.s4.dt_min = 1e-3  # smallest initial step size (log-uniform init)
     c.s4.dt_max = 1e-1  # largest initial step size
+    c.s4.diag_init = "lin"  # S4D (mode 'diag') eigenvalue init: 'lin' | 'inv' | 'legs'
 
     c.mamba = ml_collections.ConfigDict()
     c.mamba.d_state = 16  # state size per channel
@@ -42,7 +43,7 @@ def level_config(kind: str = "mamba2", d_model: int = 64, n_layers: int = 2,
     c.mamba2.d_state = 64  # state size per head
     c.mamba2.d_conv = 4  # causal depthwise conv width
     c.mamba2.expand = 2  # d_inner = expand * d_model
-    c.mamba2.headdim = 64  # channels per head; d_inner must be a multiple of it
+    c.mamba2.headdim = 64  # cap on channels per head: the largest divisor of d_inner <= it
     c.mamba2.n_groups = 1  # B/C groups; must divide the number of heads
     c.mamba2.chunk_size = 64  # SSD chunk length (the scan's block, not the HiSS chunk)
 
