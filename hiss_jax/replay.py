@@ -1,7 +1,7 @@
 """Replay a recorded episode through the streaming predictor, as a deployed model would see it.
 
     python -m hiss_jax.replay --workdir runs/mamba2 --episode 3 [--split val] [--block 1]
-                              [--out replay.json]
+                              [--out replay.json] [--plot replay.png]
 
 Loads the run's config (<workdir>/config.json), its dataset and its best (else latest) checkpoint,
 feeds episode N of the split one sample at a time (or `--block` samples per push) to
@@ -9,6 +9,8 @@ feeds episode N of the split one sample at a time (or `--block` samples per push
 must agree to float rounding), MSE against the targets (normalised, the training metric), and the
 wall-clock latency of each push: per sample (low level only) and at chunk ends (the prediction's
 latency).  The first push of each kind is excluded from the latency statistics (compilation).
+Writes the predictions (JSON) and a plot of the streamed vs true trajectories (PNG), by default
+as <workdir>/replay_<split>_<episode>.{json,png}.
 
 Shapes: episode inputs (L, D_in) at the input rate, targets (T, D_out), T = L // chunk_size.
 """
@@ -123,7 +125,10 @@ def main(argv=None) -> int:
     parser.add_argument("--episode", type=int, required=True, help="episode index in the split")
     parser.add_argument("--split", choices=("train", "val"), default="val")
     parser.add_argument("--block", type=int, default=1, help="samples per push (default 1)")
-    parser.add_argument("--out", default="", help="also write the JSON result to this file")
+    parser.add_argument("--out", default="", help="JSON result with the predictions "
+                        "(default <workdir>/replay_<split>_<episode>.json)")
+    parser.add_argument("--plot", default="", help="PNG of streamed vs true trajectories "
+                        "(default <workdir>/replay_<split>_<episode>.png)")
     args = parser.parse_args(argv)
 
     _, dataset, model, params = load_run(args.workdir)
@@ -132,11 +137,20 @@ def main(argv=None) -> int:
     result = replay_episode(model, params, inputs, targets, block=args.block)
     result.update(workdir=os.path.abspath(args.workdir), split=args.split, episode=args.episode,
                   target_names=list(dataset.info.target_names))
+    stem = os.path.join(os.path.abspath(args.workdir), f"replay_{args.split}_{args.episode}")
+    out, plot = args.out or stem + ".json", args.plot or stem + ".png"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    streamed = np.asarray(result["predictions"], np.float32).reshape(-1, targets.shape[-1])
+    if len(streamed):
+        from hiss_jax.train.plots import plot_trajectories
+        n = len(streamed)
+        plot_trajectories(plot, streamed[None], np.asarray(targets, np.float32)[None, :n],
+                          np.ones((1, n), bool), dataset.info,
+                          title=f"streamed replay: {args.split} episode {args.episode}")
     summary = {k: v for k, v in result.items() if k != "predictions"}
+    summary.update(predictions_json=out, plot=plot if len(streamed) else None)
     print(json.dumps(summary, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
     return 0
 
 

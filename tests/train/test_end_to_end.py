@@ -22,3 +22,10 @@ def test_mamba2_tiny_trains_and_evaluates(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
     with open(run / "summary.json") as f:
         assert json.load(f)["best_step"] in (2, 4)
+    # The replay command streams a validation episode through the trained run's best checkpoint.
+    from hiss_jax import replay
+    assert replay.main(["--workdir", str(run), "--episode", "0"]) == 0
+    with open(run / "replay_val_0.json") as f:
+        result = json.load(f)
+    assert result["predictions_emitted"] > 0 and result["rel_err_vs_parallel"] < 1e-5
+    assert os.path.getsize(run / "replay_val_0.png") > 0
