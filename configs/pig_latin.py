@@ -52,7 +52,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.seed = 0  # init and dropout seed
     config.train.batch_size = 128  # training words per step (sampled with replacement)
     config.train.eval_batch_size = 512  # held-out words per eval / decode batch
-    config.train.num_steps = 8000  # optimizer steps (~55 passes over ~18.6k training words)
+    config.train.num_steps = 12000  # optimizer steps (~83 passes over ~18.5k training words)
     config.train.log_every = 100  # train metrics every this many steps
     config.train.eval_every = 1000  # held-out teacher-forced eval every this many steps
 
