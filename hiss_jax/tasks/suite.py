@@ -2,9 +2,10 @@
 
     python -m hiss_jax.tasks.suite --out runs/tasks                      # all groups
     python -m hiss_jax.tasks.suite --out runs/tasks --groups copy,disc   # a subset
+    python -m hiss_jax.tasks.suite --out runs/tasks --runs copy_mamba    # one run
     python -m hiss_jax.tasks.suite --out runs/tasks --table              # tables from results.json
 
-Groups: 'copy' (selective copying: Mamba, Mamba2, S4, Transformer), 'disc' (Mamba and S4 under
+Groups: 'copy' (selective copying: Mamba, Mamba2, S4, Transformer, S4D), 'disc' (Mamba and S4 under
 each discretisation on selective copying), 'pig' (Pig Latin: Mamba, Mamba2, Transformer).
 Each run is a `python -m hiss_jax.tasks` subprocess (killed after --run_timeout s, default 1200)
 writing <out>/<name>/{metrics.jsonl,results.json} (error.txt when it failed or timed out); a run
@@ -26,6 +27,7 @@ RUNS = {
         "copy_mamba2": ("configs/selective_copy.py:mamba2", {}),
         "copy_s4": ("configs/selective_copy.py:s4", {}),
         "copy_transformer": ("configs/selective_copy.py:transformer", {}),
+        "copy_s4d": ("configs/selective_copy.py:s4", {"model.s4.mode": "diag"}),
     },
     "disc": {
         "disc_mamba_zoh": ("configs/selective_copy.py:mamba", {"model.mamba.disc": "zoh"}),
@@ -53,10 +55,12 @@ def _parse_sets(items):
     return out
 
 
-def run(out: str, groups, sets, timeout_s: float) -> None:
+def run(out: str, groups, sets, timeout_s: float, only=()) -> None:
     """Each run in its own `python -m hiss_jax.tasks` process, killed after timeout_s."""
     for group in groups:
         for name, (spec, overrides) in RUNS[group].items():
+            if only and name not in only:
+                continue
             workdir = os.path.join(out, name)
             if os.path.exists(os.path.join(workdir, "results.json")):
                 print(f"[suite] {name}: done, skipped", flush=True)
@@ -100,11 +104,13 @@ def tables(out: str) -> str:
     for group in ("copy", "disc"):
         for name, (spec, overrides) in RUNS[group].items():
             r = _load(out, name)
-            disc = next(iter(overrides.values()), "default")
+            kind = spec.split(":")[1] + (" (diag)" if overrides.get("model.s4.mode") == "diag"
+                                         else "")
+            disc = overrides.get("model.mamba.disc", overrides.get("model.s4.disc", "default"))
             if r is None:
-                lines.append(f"| {name} | {spec.split(':')[1]} | {disc} | - | - | {_missing(out, name)} | | | |")
+                lines.append(f"| {name} | {kind} | {disc} | - | - | {_missing(out, name)} | | | |")
                 continue
-            lines.append(f"| {name} | {r['kind']} | {disc} | {r['params']:,} | {r['steps']} | "
+            lines.append(f"| {name} | {kind} | {disc} | {r['params']:,} | {r['steps']} | "
                          f"{100 * r['token_acc']:.2f}% | {100 * r['seq_acc']:.2f}% | "
                          f"{r['loss']:.4f} | {r['train_time_s']:.0f} |")
     lines += ["", "## Pig Latin (held-out words, greedy streaming decoding)", "",
@@ -119,6 +125,7 @@ def tables(out: str) -> str:
                      f"{100 * r['exact_word_acc']:.2f}% ({r['n_words']} words) | "
                      f"{100 * r['token_acc']:.2f}% | {r['train_time_s']:.0f} |")
     text = "\n".join(lines) + "\n"
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "TABLES.md"), "w") as f:
         f.write(text)
     return text
@@ -130,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--groups", default="copy,disc,pig")
     parser.add_argument("--set", action="append", help="key=value override for every run")
     parser.add_argument("--table", action="store_true", help="only write the tables")
+    parser.add_argument("--runs", default="", help="comma-separated run names (default: all)")
     parser.add_argument("--run_timeout", type=float, default=1200.0,
                         help="seconds before one run is killed (and recorded as TIMEOUT)")
     args = parser.parse_args(argv)
@@ -138,7 +146,11 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--groups: unknown {unknown}; allowed {sorted(RUNS)}")
     if not args.table:
-        run(args.out, groups, _parse_sets(args.set), args.run_timeout)
+        only = {r.strip() for r in args.runs.split(",") if r.strip()}
+        known = {n for g in RUNS.values() for n in g}
+        if only - known:
+            raise SystemExit(f"--runs: unknown {sorted(only - known)}; known {sorted(known)}")
+        run(args.out, groups, _parse_sets(args.set), args.run_timeout, only)
     print(tables(args.out))
 
 
