@@ -9,16 +9,22 @@ Groups: 'copy' (selective copying: Mamba, Mamba2, S4, Transformer, S4D), 'disc' 
 each discretisation on selective copying), 'pig' (Pig Latin: Mamba, Mamba2, Transformer).
 Each run is a `python -m hiss_jax.tasks` subprocess (killed after --run_timeout s, default 1200)
 writing <out>/<name>/{metrics.jsonl,results.json} (error.txt when it failed or timed out); a run
-whose results.json exists is skipped (rerun by deleting it), so an interrupted suite resumes.  Tables go to <out>/TABLES.md.
+whose results.json exists is skipped (rerun by deleting it), and an unfinished run restarts from
+its last checkpoint (one per held-out eval), so an interrupted suite resumes.  --parallel N runs
+N at once on the one accelerator (small models leave most of it idle), each logging to
+<out>/<name>/log.txt.  Tables go to <out>/TABLES.md.
 Extra `--set key=value` overrides apply to every run (e.g. --set train.num_steps=200 for a smoke).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 # name -> (config spec, overrides)
 RUNS = {
@@ -55,30 +61,50 @@ def _parse_sets(items):
     return out
 
 
-def run(out: str, groups, sets, timeout_s: float, only=()) -> None:
-    """Each run in its own `python -m hiss_jax.tasks` process, killed after timeout_s."""
+def _run_one(name, spec, overrides, out, sets, timeout_s, capture) -> str:
+    workdir = os.path.join(out, name)
+    flags = [f"--config.{k}={v}" for k, v in {**overrides, **sets}.items()]
+    cmd = [sys.executable, "-m", "hiss_jax.tasks", f"--config={spec}", f"--workdir={workdir}",
+           *flags]
+    print(f"[suite] {name}: {' '.join(cmd[1:])}", flush=True)
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ)
+    if capture:  # several runs share one accelerator: no process may preallocate its memory
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    t0 = time.time()
+    try:
+        with open(os.path.join(workdir, "log.txt"), "a") if capture else contextlib.nullcontext() as log:
+            rc = subprocess.run(cmd, timeout=timeout_s, env=env, stdout=log,
+                                stderr=subprocess.STDOUT if capture else None).returncode
+        status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+    except subprocess.TimeoutExpired:
+        status = f"TIMEOUT after {timeout_s:.0f} s (rerun to resume from its last checkpoint)"
+    if status != "ok":
+        with open(os.path.join(workdir, "error.txt"), "w") as f:
+            f.write(status + "\n")
+    elif os.path.exists(os.path.join(workdir, "error.txt")):
+        os.remove(os.path.join(workdir, "error.txt"))
+    print(f"[suite] {name}: {status} ({time.time() - t0:.0f} s)", flush=True)
+    return status
+
+
+def run(out: str, groups, sets, timeout_s: float, only=(), parallel: int = 1) -> None:
+    """Each run in its own `python -m hiss_jax.tasks` process, killed after timeout_s; with
+    parallel > 1, that many at once (output to <out>/<name>/log.txt)."""
+    todo = []
     for group in groups:
         for name, (spec, overrides) in RUNS[group].items():
             if only and name not in only:
                 continue
-            workdir = os.path.join(out, name)
-            if os.path.exists(os.path.join(workdir, "results.json")):
+            if os.path.exists(os.path.join(out, name, "results.json")):
                 print(f"[suite] {name}: done, skipped", flush=True)
                 continue
-            flags = [f"--config.{k}={v}" for k, v in {**overrides, **sets}.items()]
-            cmd = [sys.executable, "-m", "hiss_jax.tasks", f"--config={spec}",
-                   f"--workdir={workdir}", *flags]
-            print(f"[suite] {name}: {' '.join(cmd[1:])}", flush=True)
-            os.makedirs(workdir, exist_ok=True)
-            try:
-                rc = subprocess.run(cmd, timeout=timeout_s).returncode
-                status = "ok" if rc == 0 else f"FAILED (exit {rc})"
-            except subprocess.TimeoutExpired:
-                status = f"TIMEOUT after {timeout_s:.0f} s"
-            if status != "ok":
-                with open(os.path.join(workdir, "error.txt"), "w") as f:
-                    f.write(status + "\n")
-            print(f"[suite] {name}: {status}", flush=True)
+            todo.append((name, spec, overrides))
+    with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = [pool.submit(_run_one, name, spec, overrides, out, sets, timeout_s,
+                               parallel > 1) for name, spec, overrides in todo]
+        for f in futures:
+            f.result()
 
 
 def _load(out, name):
@@ -139,7 +165,10 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="only write the tables")
     parser.add_argument("--runs", default="", help="comma-separated run names (default: all)")
     parser.add_argument("--run_timeout", type=float, default=1200.0,
-                        help="seconds before one run is killed (and recorded as TIMEOUT)")
+                        help="seconds before one run is killed (and recorded as TIMEOUT; a "
+                             "rerun resumes it from its last checkpoint)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once (they share the accelerator; logs to <run>/log.txt)")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(RUNS))
@@ -150,7 +179,7 @@ def main(argv=None):
         known = {n for g in RUNS.values() for n in g}
         if only - known:
             raise SystemExit(f"--runs: unknown {sorted(only - known)}; known {sorted(known)}")
-        run(args.out, groups, _parse_sets(args.set), args.run_timeout, only)
+        run(args.out, groups, _parse_sets(args.set), args.run_timeout, only, args.parallel)
     print(tables(args.out))
 
 

@@ -8,8 +8,11 @@ are all right.
 Reuses hiss_jax.train: `make_optimizer` (Adam/AdamW + schedule, SSM dynamics params routed by
 name to `optim.ssm_lr` without decay), `TrainState` / `create_train_state` (eval_shape + jitted
 sharded init), `make_mesh`, `batch_sharding` / `to_global` (batch over the 'data' axis) and
-`Checkpoints` (the final state is saved under <workdir>/checkpoints).
+`Checkpoints` (a checkpoint at every held-out eval, under <workdir>/checkpoints).
 Outputs in <workdir>: metrics.jsonl (one JSON line per log / eval), results.json (final).
+Resumable: a run killed mid-way restarts from its last checkpoint (state, eval history and
+elapsed training time); batches are a pure function of the step, so the resumed run sees the
+same data as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -116,10 +119,20 @@ def train_and_evaluate(config, workdir: str | None = None, *, verbose: bool = Tr
     eval_batches = task.eval_batches()
     n_params = param_count(state.params)
     log = _Log(workdir, verbose)
-    log.write({"event": "start", "task": task.name, "kind": config.model.kind,
-               "params": n_params, "seq_len": task.seq_len, "steps": n_steps})
-    history, t0 = [], time.time()
-    for step in range(n_steps):
+    ckpt, history, start, elapsed = None, [], 0, 0.0
+    if workdir:
+        from hiss_jax.train.checkpoint import Checkpoints
+        from hiss_jax.train.state import abstract_with_shardings
+        ckpt = Checkpoints(workdir, max_to_keep=1)
+        restored = ckpt.restore_latest(abstract_with_shardings(state, shardings))
+        if restored is not None:
+            state, meta = restored
+            start, history, elapsed = int(meta["step"]), meta["history"], meta["train_time_s"]
+    log.write({"event": "resume" if start else "start", "task": task.name,
+               "kind": config.model.kind, "params": n_params, "seq_len": task.seq_len,
+               "steps": n_steps, "from_step": start})
+    t0 = time.time() - elapsed
+    for step in range(start, n_steps):
         batch = task.train_batch(step)
         state, metrics = train_step(state, to_global({k: batch[k] for k in _BATCH_KEYS}, mesh))
         done = step + 1
@@ -130,6 +143,9 @@ def train_and_evaluate(config, workdir: str | None = None, *, verbose: bool = Tr
             ev = evaluate(eval_step, state.params, eval_batches, mesh)
             history.append({"step": done, **ev})
             log.write({"event": "eval", "step": done, "time_s": time.time() - t0, **ev})
+            if ckpt is not None:
+                ckpt.save(state, {"step": done, "history": history,
+                                  "train_time_s": time.time() - t0})
     results = {"task": task.name, "kind": config.model.kind, "params": n_params,
                "steps": n_steps, "train_time_s": time.time() - t0, **history[-1],
                "history": history}
@@ -139,7 +155,9 @@ def train_and_evaluate(config, workdir: str | None = None, *, verbose: bool = Tr
         results.update(task.decode_eval(decode_fn))
     log.write({"event": "final", **{k: v for k, v in results.items() if k != "history"}})
     if workdir:
-        _save(workdir, state, results)
+        ckpt.close()
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=lambda o: np.asarray(o).tolist())
     return results
 
 
@@ -157,12 +175,3 @@ class _Log:
         if self.verbose:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()), flush=True)
-
-
-def _save(workdir: str, state, results: dict) -> None:
-    from hiss_jax.train.checkpoint import Checkpoints
-    ckpt = Checkpoints(workdir, max_to_keep=1)
-    ckpt.save(state, {"step": int(state.step), "best_val": None, "best_step": None, "epoch": 0})
-    ckpt.close()
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=lambda o: np.asarray(o).tolist())
