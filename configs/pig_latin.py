@@ -26,6 +26,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.task = ml_collections.ConfigDict()
     config.task.name = "pig_latin"  # token task: 'selective_copy' | 'pig_latin'
     config.task.n_words = 20000  # wordfreq English top-n list before filtering
+    # '' = wordfreq's list; else a word-per-line file, most frequent first (for machines without
+    # wordfreq: `python -m hiss_jax.tasks.pig_latin FILE` writes wordfreq's list to FILE)
+    config.task.words_file = ""
     config.task.min_word_len = 2  # shortest word kept
     config.task.max_word_len = 16  # longest word kept
     config.task.n_hyphenated = 1000  # synthetic 'w1-w2' compounds of <= 7-letter list words

@@ -25,6 +25,7 @@ with a seeded permutation (`split_words`).  wordfreq is imported lazily (optiona
 """
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -77,15 +78,29 @@ def decode(tokens) -> str:
     return "".join(out)
 
 
-def word_list(n_words: int = 20000, min_len: int = 2, max_len: int = 16,
-              extra: tuple[str, ...] = ()) -> list[str]:
-    """wordfreq's top `n_words` English words (+ `extra`), filtered, unique, in frequency order."""
+def raw_word_list(n_words: int = 20000, words_file: str = "") -> list[str]:
+    """The first `n_words` lines of `words_file` (one word per line, most frequent first), or
+    wordfreq's top `n_words` English words when no file is given."""
+    if words_file:
+        if not os.path.exists(words_file):
+            raise FileNotFoundError(
+                f"config.task.words_file={words_file!r} does not exist; write one with "
+                f"`python -m hiss_jax.tasks.pig_latin {words_file}` or set it to '' for wordfreq")
+        with open(words_file) as f:
+            return [line.strip() for line in f if line.strip()][:n_words]
     try:
         import wordfreq
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the Pig Latin task needs wordfreq: pip install 'hiss_jax[tasks]' "
-                          "(or pip install wordfreq)") from e
-    words = list(wordfreq.top_n_list("en", n_words, wordlist="best")) + list(extra)
+                          "(or pip install wordfreq), or a config.task.words_file") from e
+    return list(wordfreq.top_n_list("en", n_words, wordlist="best"))
+
+
+def word_list(n_words: int = 20000, min_len: int = 2, max_len: int = 16,
+              extra: tuple[str, ...] = (), words_file: str = "") -> list[str]:
+    """The top `n_words` English words (`raw_word_list`) + `extra`, filtered, unique, in
+    frequency order."""
+    words = raw_word_list(n_words, words_file) + list(extra)
     seen, out = set(), []
     for w in words:
         w = w.lower()
@@ -168,7 +183,8 @@ class PigLatinTask:
         self.seed = int(task_cfg.seed)
         if words is None:
             words = word_list(int(task_cfg.n_words), int(task_cfg.min_word_len),
-                              int(task_cfg.max_word_len))
+                              int(task_cfg.max_word_len),
+                              words_file=task_cfg.get("words_file", ""))
             words = words + hyphenated_compounds(words, int(task_cfg.n_hyphenated), self.seed)
         self.train_words, self.test_words = split_words(words, float(task_cfg.test_fraction),
                                                         self.seed)
@@ -223,3 +239,13 @@ class PigLatinTask:
                 if not ok_word and len(examples) < 10:
                     examples.append((word, want, got))
         return {"exact_word_acc": correct / max(n, 1), "n_words": n, "errors": examples}
+
+
+if __name__ == "__main__":
+    # python -m hiss_jax.tasks.pig_latin FILE [N]: wordfreq's top N (20000) English words to FILE,
+    # for machines without wordfreq (config.task.words_file=FILE).
+    import sys
+    path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+    with open(path, "w") as f:
+        f.write("\n".join(raw_word_list(n)) + "\n")
+    print(f"wrote {n} words to {path}")

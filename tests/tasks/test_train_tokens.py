@@ -49,3 +49,14 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypat
     for a, b in zip(whole["history"], resumed["history"]):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_pig_latin_words_file_replaces_wordfreq(tmp_path):
+    from hiss_jax.tasks import pig_latin
+    path = tmp_path / "words.txt"
+    path.write_text("the\nString\nqueen\nx\nwell-known\nthe\nrhythm\n")
+    assert pig_latin.word_list(3, words_file=str(path)) == ["the", "string", "queen"]
+    assert pig_latin.word_list(words_file=str(path)) == ["the", "string", "queen",
+                                                         "well-known", "rhythm"]
+    with pytest.raises(FileNotFoundError, match="words_file='/nonexistent'"):
+        pig_latin.word_list(words_file="/nonexistent")
