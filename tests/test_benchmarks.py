@@ -190,3 +190,33 @@ def test_kernels_lower_only_reaches_triton_at_the_llm_shapes(tmp_path):
     for r in result["records"]:
         assert "error" not in r, r
         assert r["lowered_cuda"] and r["triton_calls"] > 0, r
+
+
+def test_grid_worker_argv_drops_the_per_worker_flags():
+    argv = ["--smoke", "--workers=4", "--pairs", "s4-s4", "--workdir=/x", "--worker",
+            "--max_total_seconds", "9", "--config.train.num_steps=3"]
+    assert grid._worker_argv(argv) == ["--smoke", "--config.train.num_steps=3"]
+
+
+def test_grid_workers_run_in_parallel_processes_and_collect_rows(tmp_path):
+    """--workers 2: each model in its own process; a worker that dies is a 'failed' row."""
+    import subprocess
+    import sys
+    workdir = tmp_path / "g"
+    (workdir / "flat-mamba").mkdir(parents=True)  # finished earlier: skipped, its row kept
+    (workdir / "flat-mamba" / "summary.json").write_text(json.dumps(
+        {"best_val_mse": 0.5, "zero_baseline_mse": 1.0, "ratio_to_zero": 0.5, "steps": 4}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hiss_jax.experiments.grid", "--smoke", "--workers=2",
+         f"--workdir={workdir}", "--pairs=flat-lstm,lstm-transformer,flat-mamba",
+         "--config.model.high.transformer.n_heads=3"],  # 3 heads do not divide d_model 16
+        capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == grid.EXIT_FAILED, proc.stdout + proc.stderr
+    with open(workdir / "grid.json") as f:
+        rows = {r["id"]: r for r in json.load(f)["records"]}
+    assert rows["flat-lstm"]["status"] == "ok" and math.isfinite(rows["flat-lstm"]["val_mse"])
+    assert rows["flat-mamba"]["val_mse"] == 0.5
+    assert rows["lstm-transformer"]["status"] == "failed", rows["lstm-transformer"]
+    assert "n_heads" in rows["lstm-transformer"]["error"]
+    assert (workdir / "flat-lstm" / "log.txt").exists()

@@ -23,6 +23,9 @@ the command exit 1. Resumable: a model whose workdir holds summary.json is not t
 (delete its folder to retry it); an interrupted model resumes from its last checkpoint.
 --max_total_seconds stops starting models after that many seconds; the rest are 'pending' rows
 and the exit code is 3 (rerun the same command to continue), unless something failed (1).
+--workers N trains N models at once, each in its own process (`--pairs=<id>`, output in
+<workdir>/<id>/log.txt) sharing the one accelerator: the models are small, so one alone leaves
+the GPU mostly idle and compilation (CPU) dominates; N = 6-8 suits a 16-core H100 machine.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -135,8 +139,9 @@ def record_from_summary(pair: str, run_dir: str, summary: dict) -> dict:
 
 def run_grid(config, workdir: str, pairs, *, steps: int = 0, seconds: float = 0.0,
              max_total_seconds: float = 0.0, keep_checkpoints: bool = False,
-             dataset=None, log=print) -> tuple[list[dict], int]:
-    """Trains every pair not yet finished; returns (records, exit code) and writes grid.md/json.
+             dataset=None, log=print, write: bool = True) -> tuple[list[dict], int]:
+    """Trains every pair not yet finished; returns (records, exit code) and writes grid.md/json
+    (unless write=False: a worker of run_grid_parallel, whose parent writes them).
 
     dataset: injected by tests; by default load_dataset(config.data), loaded once for all pairs.
     """
@@ -190,7 +195,95 @@ def run_grid(config, workdir: str, pairs, *, steps: int = 0, seconds: float = 0.
         log(f"[grid] {pair}: {rec['status']} val MSE {rec.get('val_mse')} "
             f"ratio {rec.get('ratio')} in {rec['wall_s']:.0f} s; {left} to go, about "
             f"{left * sum(walls) / len(walls) / 60:.1f} min more")
+        if write:
+            write_outputs(workdir, records, config)
+    if write:
         write_outputs(workdir, records, config)
+    statuses = {r["status"] for r in records}
+    code = EXIT_FAILED if statuses & {"nan", "failed"} else (
+        EXIT_PENDING if "pending" in statuses else 0)
+    return records, code
+
+
+def collect_record(workdir: str, pair: str, note: str = "") -> dict:
+    """The record of a model trained by a worker process: from its summary.json, else failed
+    (error.txt or `note`), else pending."""
+    run_dir = os.path.join(workdir, pair)
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return record_from_summary(pair, run_dir, json.load(f))
+    error_path = os.path.join(run_dir, "error.txt")
+    if os.path.exists(error_path):
+        with open(error_path) as f:
+            lines = [ln for ln in f.read().strip().splitlines() if ln.strip()]
+        return {"id": pair, "status": "failed", "error": (lines[-1] if lines else note)[:1000]}
+    if note:
+        return {"id": pair, "status": "failed", "error": note}
+    return {"id": pair, "status": "pending", "error": "not started"}
+
+
+def _worker_argv(argv) -> list[str]:
+    """argv minus the flags the parent sets per worker (--pairs, --workdir, --workers,
+    --max_total_seconds), in either '--flag=v' or '--flag v' form."""
+    drop = ("--pairs", "--workdir", "--workers", "--worker", "--max_total_seconds")
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in arg and name != "--worker"  # the value is the next word
+            continue
+        out.append(arg)
+    return out
+
+
+def run_grid_parallel(config, workdir: str, pairs, workers: int, argv, *,
+                      max_total_seconds: float = 0.0, log=print) -> tuple[list[dict], int]:
+    """Like run_grid, with `workers` models at once, each `python -m hiss_jax.experiments.grid
+    --pairs=<id>` (argv's other flags passed on), logging to <workdir>/<id>/log.txt."""
+    t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # N processes share the GPU
+    todo = [p for p in pairs if not os.path.exists(os.path.join(workdir, p, "summary.json"))]
+    log(f"[grid] {len(pairs) - len(todo)} finished earlier, {len(todo)} to train, "
+        f"{workers} at once")
+    running, notes = {}, {}
+    while todo or running:
+        while todo and len(running) < workers and not (
+                max_total_seconds and time.time() - t0 > max_total_seconds):
+            pair = todo.pop(0)
+            run_dir = os.path.join(workdir, pair)
+            os.makedirs(run_dir, exist_ok=True)
+            for stale in ("error.txt",):
+                if os.path.exists(os.path.join(run_dir, stale)):
+                    os.remove(os.path.join(run_dir, stale))
+            cmd = [sys.executable, "-m", "hiss_jax.experiments.grid", f"--pairs={pair}",
+                   f"--workdir={workdir}", "--worker", *_worker_argv(argv)]
+            out = open(os.path.join(run_dir, "log.txt"), "a")
+            running[pair] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                              env=env), out, time.time())
+        if not running:
+            break  # the time limit stopped the rest: they stay pending
+        time.sleep(1.0)
+        for pair, (proc, out, t_start) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            out.close()
+            del running[pair]
+            if rc not in (0, EXIT_FAILED):  # killed, crashed: no row written by the worker
+                notes[pair] = f"worker exit code {rc}; see {pair}/log.txt"
+            rec = collect_record(workdir, pair, notes.get(pair, ""))
+            log(f"[grid] {pair}: {rec['status']} val MSE {rec.get('val_mse')} ratio "
+                f"{rec.get('ratio')} in {time.time() - t_start:.0f} s; {len(todo)} queued, "
+                f"{len(running)} running, {time.time() - t0:.0f} s elapsed")
+            write_outputs(workdir, [collect_record(workdir, p, notes.get(p, ""))
+                                    for p in pairs], config)
+    records = [collect_record(workdir, p, notes.get(p, "")) for p in pairs]
     write_outputs(workdir, records, config)
     statuses = {r["status"] for r in records}
     code = EXIT_FAILED if statuses & {"nan", "failed"} else (
@@ -264,9 +357,15 @@ def main(argv):
     config.train.progress = False
     workdir = f.workdir or os.path.join(
         "runs", "grid_" + config.data.name.replace(":", "_") + ("_smoke" if f.smoke else ""))
-    records, code = run_grid(config, workdir, pairs, steps=f.steps, seconds=f.seconds,
-                             max_total_seconds=f.max_total_seconds,
-                             keep_checkpoints=f.keep_checkpoints)
+    if f.workers > 1 and len(pairs) > 1:
+        records, code = run_grid_parallel(config, workdir, pairs, f.workers, sys.argv[1:],
+                                          max_total_seconds=f.max_total_seconds)
+    else:
+        records, code = run_grid(config, workdir, pairs, steps=f.steps, seconds=f.seconds,
+                                 max_total_seconds=f.max_total_seconds,
+                                 keep_checkpoints=f.keep_checkpoints, write=not f.worker)
+    if f.worker:
+        sys.exit(code)
     print("\n" + markdown(records))
     print(f"wrote {workdir}/grid.md and grid.json; exit code {code} "
           "(0 all done, 1 NaN or failure, 3 pending: rerun to continue)", flush=True)
@@ -285,6 +384,8 @@ def _define_flags():
     flags.DEFINE_float("seconds", 0.0, "Training seconds per model (overrides --steps).")
     flags.DEFINE_float("max_total_seconds", 0.0, "Start no model after this (0: no limit).")
     flags.DEFINE_bool("keep_checkpoints", False, "Keep each model's checkpoints/ and best/.")
+    flags.DEFINE_integer("workers", 1, "Models trained at once, each in its own process.")
+    flags.DEFINE_bool("worker", False, "Internal: a --workers child (writes no grid.md/json).")
     flags.DEFINE_bool("smoke", False, "Tiny models, 4 steps, two models (CPU check).")
 
 
