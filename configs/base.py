@@ -26,7 +26,7 @@ def level_config(kind: str = "mamba2", d_model: int = 64, n_layers: int = 2,
     c.s4 = ml_collections.ConfigDict()
     c.s4.d_state = 64  # state size N (complex: N/2 conjugate pairs), HiPPO-LegS init
     c.s4.mode = "dplr"  # 'dplr' = full S4 (diagonal plus low rank, as in HiSS) | 'diag' = S4D
-    c.s4.disc = "bilinear"  # discretisation: 'bilinear' | 'zoh'
+    c.s4.disc = "bilinear"  # discretisation: 'bilinear' | 'zoh' (exact) | 'approx_zoh' (dt B)
     c.s4.dt_min = 1e-3  # smallest initial step size (log-uniform init)
     c.s4.dt_max = 1e-1  # largest initial step size
     c.s4.diag_init = "lin"  # S4D (mode 'diag') eigenvalue init: 'lin' | 'inv' | 'legs'
@@ -38,6 +38,7 @@ def level_config(kind: str = "mamba2", d_model: int = 64, n_layers: int = 2,
     c.mamba.dt_rank = 0  # rank of the dt projection; 0 = ceil(d_model / 16)
     c.mamba.dt_min = 1e-3  # smallest initial dt (log-uniform, stored via inverse softplus)
     c.mamba.dt_max = 1e-1  # largest initial dt
+    c.mamba.disc = "approx_zoh"  # discretisation: 'approx_zoh' (kernel) | 'zoh' | 'bilinear'
 
     c.mamba2 = ml_collections.ConfigDict()
     c.mamba2.d_state = 64  # state size per head

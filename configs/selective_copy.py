@@ -20,7 +20,6 @@ FAMILIES = ("mamba", "mamba2", "s4", "transformer", "lstm")
 def model_config(kind: str, d_model: int, n_layers: int) -> ml_collections.ConfigDict:
     """A level config (every family's settings) with the task-level extras."""
     c = level_config(kind, d_model, n_layers, 0.0)
-    c.mamba.disc = "approx_zoh"  # Mamba discretisation: 'approx_zoh' (kernel) | 'zoh' | 'bilinear'
     c.mamba2.headdim = 32  # channels per head (d_inner 384 -> 12 heads)
     c.s4.d_state = 64  # S4 state size (HiPPO-LegS, full DPLR)
     c.transformer.n_heads = 4  # attention heads

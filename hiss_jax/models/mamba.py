@@ -10,6 +10,11 @@ R = dt_rank.  One mixer (Gu & Dao 2023, Sec. 3.4, Fig. 3, Algorithm 2):
     y     = selective_scan(x, delta, A = -exp(A_log), B, C, D) * silu(z)
     out   = out_proj(y)                        no bias
 
+Discretisation (`disc`, `hiss_jax.models.ssm_math`): 'approx_zoh' (default, Mamba's A_bar =
+exp(dt A), B_bar = dt B) runs `kernels.selective_scan`; 'zoh' (exact) and 'bilinear' give a B_bar
+per (channel, state), which the kernel does not take, and run `ssm_math.selective_scan_disc`
+(pure-JAX associative scan, `scan_impl` unused, materialises (B, L, d_inner, N) float32).
+
 The stack follows mamba_ssm's MixerModel, which HiSS uses: per layer `residual += hidden;
 hidden = mixer(LayerNorm(residual))`, then a final LayerNorm of `residual + hidden`; LayerNorm eps
 1e-5, residual kept in float32.  The SSM dynamics parameters are named `A_log`, `dt_bias`, `D`
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import kernels
+from hiss_jax.models import ssm_math
 
 # PyTorch's default nn.Linear / nn.Conv1d init (kaiming_uniform with a = sqrt(5)) is uniform with
 # variance 1 / (3 fan_in); mamba_ssm keeps it for every projection except dt_proj.
@@ -107,6 +113,7 @@ class MambaMixer(nn.Module):
     dt_max: float = 1e-1
     n_layers: int = 1  # only scales the out_proj init (mamba_ssm's prenorm-residual rescale)
     scan_impl: str = "auto"
+    disc: str = "approx_zoh"  # 'approx_zoh' (kernel) | 'zoh' | 'bilinear' (module docstring)
 
     @property
     def d_inner(self) -> int:
@@ -154,8 +161,13 @@ class MambaMixer(nn.Module):
         dt, b, c = self._split_x_proj(xs)
         delta = self.dt_proj(dt)
         a = -jnp.exp(self.A_log.astype(jnp.float32))
-        y = kernels.selective_scan(xs, delta, a, b, c, self.D, z=z, delta_bias=self.dt_bias,
-                                   delta_softplus=True, impl=self.scan_impl)
+        if self.disc == "approx_zoh":
+            y = kernels.selective_scan(xs, delta, a, b, c, self.D, z=z, delta_bias=self.dt_bias,
+                                       delta_softplus=True, impl=self.scan_impl)
+        else:
+            y = ssm_math.selective_scan_disc(xs, delta, a, b, c, self.D, z=z,
+                                             delta_bias=self.dt_bias, delta_softplus=True,
+                                             disc=self.disc)
         return self.out_proj(y.astype(x.dtype))
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
@@ -165,8 +177,8 @@ class MambaMixer(nn.Module):
 
     def step(self, state, x_t):
         """One time step. x_t: (B, d_model) -> (state, y_t (B, d_model)); the recurrence of
-        Gu & Dao 2023, Eq. 2a-2b with ZOH A-bar = exp(delta A) and Euler B-bar = delta B, as the
-        scan computes them.
+        Gu & Dao 2023, Eq. 2a-2b under `disc` (for 'approx_zoh': A-bar = exp(delta A) and Euler
+        B-bar = delta B, as the kernel computes them).
         """
         xz = self.in_proj(x_t)
         xs, z = jnp.split(xz, 2, axis=-1)
@@ -175,9 +187,9 @@ class MambaMixer(nn.Module):
         dt, b, c = self._split_x_proj(xs)
         delta = jax.nn.softplus(self.dt_proj(dt).astype(jnp.float32) + self.dt_bias)
         a = -jnp.exp(self.A_log.astype(jnp.float32))
+        a_bar, scale = ssm_math.discretize(delta[..., None], a, self.disc)
         u = xs.astype(jnp.float32)
-        h = (jnp.exp(delta[..., None] * a) * state["ssm"]
-             + (delta * u)[..., None] * b.astype(jnp.float32)[:, None, :])
+        h = a_bar * state["ssm"] + scale * u[..., None] * b.astype(jnp.float32)[:, None, :]
         y = jnp.einsum("bdn,bn->bd", h, c.astype(jnp.float32)) + self.D * u
         y = y * jax.nn.silu(z.astype(jnp.float32))
         return {"conv": conv, "ssm": h}, self.out_proj(y.astype(x_t.dtype))
@@ -199,15 +211,19 @@ class MambaStack(nn.Module):
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     scan_impl: str = "auto"
+    disc: str = "approx_zoh"  # 'approx_zoh' (kernel) | 'zoh' | 'bilinear'
 
     def setup(self):
         if self.n_layers < 1:
             raise ValueError(f"MambaStack needs n_layers >= 1, got {self.n_layers=}")
+        if self.disc not in ssm_math.DISCRETIZATIONS:
+            raise ValueError(f"{self.disc=} is not a Mamba discretisation; use one of "
+                             f"{ssm_math.DISCRETIZATIONS} (config: model.<level>.mamba.disc)")
         self.norms = [nn.LayerNorm(epsilon=1e-5) for _ in range(self.n_layers)]
         self.mixers = [MambaMixer(d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv,
                                   expand=self.expand, dt_rank=self.dt_rank, dt_min=self.dt_min,
                                   dt_max=self.dt_max, n_layers=self.n_layers,
-                                  scan_impl=self.scan_impl)
+                                  scan_impl=self.scan_impl, disc=self.disc)
                        for _ in range(self.n_layers)]
         self.norm_f = nn.LayerNorm(epsilon=1e-5)
 

@@ -4,6 +4,8 @@ on `kind` / `type` strings (STYLE.md).
 A level config (`configs/base.py:level_config`) carries `kind`, `d_model`, `n_layers`, `dropout`
 and one sub-dict per family; `make_stack` passes exactly the chosen family's sub-dict to its Stack
 (plus `scan_impl` for the Stacks that take one), so `--config.model.low.kind=lstm` needs no edit.
+Every field of that sub-dict is a Stack field, e.g. `mamba.disc` -> `MambaStack.disc` and
+`s4.disc` -> `S4Stack.disc` (discretisations: `hiss_jax.models.ssm_math`).
 """
 import dataclasses
 from typing import Any, Mapping

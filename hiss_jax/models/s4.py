@@ -21,12 +21,14 @@ learning rate without weight decay):
 The other leaves are `kernel` / `bias` (Dense) and `scale` / `bias` (LayerNorm).
 
 Kernels: 'dplr' + 'bilinear' by Cauchy + Woodbury at the roots of unity then irfft (S4
-Algorithm 1); 'dplr' + 'zoh' by Krylov doubling of the dense discrete matrix (exp of a DPLR
-matrix is not DPLR); 'diag' by Vandermonde. Convolution by FFT of length 2L (causal).
+Algorithm 1); 'dplr' + 'zoh' / 'approx_zoh' by Krylov doubling of the dense discrete matrix (exp
+of a DPLR matrix is not DPLR); 'diag' by Vandermonde. Convolution by FFT of length 2L (causal).
+Discretisations (`ssm_math.DISCRETIZATIONS`): 'bilinear', exact 'zoh', and 'approx_zoh'
+(A_bar = exp(dt A), B_bar = dt B, as Mamba).
 Streaming steps (same parameters, same discretisation): 'dplr' + 'bilinear' O(N) per channel
-via Woodbury, 'dplr' + 'zoh' O(N^2) with the dense matrix, 'diag' O(N). Numerics: in float32
-the 'zoh' expm of dt A (||A|| ~ N^2 / 2 for LegS) is the least accurate piece, about 4e-5
-absolute at d_state 64 and dt 0.1; bilinear is about 100x tighter.
+via Woodbury, 'dplr' + 'zoh' / 'approx_zoh' O(N^2) with the dense matrix, 'diag' O(N).
+Numerics: in float32 the 'zoh' expm of dt A (||A|| ~ N^2 / 2 for LegS) is the least accurate
+piece, about 4e-5 absolute at d_state 64 and dt 0.1; bilinear is about 100x tighter.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure SSM math for S4 (DPLR / NPLR) and S4D (diagonal) layers.
+"""Pure SSM math for S4 (DPLR / NPLR) and S4D (diagonal) layers, and Mamba's discretisations.
 
 Shape legend: H channels (one SSM each), N state size of the real system, N2 = N // 2 the
 conjugate-pair representatives actually stored, L kernel / sequence length, B batch.
@@ -15,6 +15,13 @@ where it is complex and conjugate-symmetric: state (x, conj x), A = diag(Lambda,
 Note that the rank-1 term couples the two halves: the "conj" Cauchy kernel below sums over
 both, which keeps the system exactly the real HiPPO-LegS one at initialisation.
 
+Discretisations (DISCRETIZATIONS), with step dt (S4 eq. 3; Gu & Dao 2023, eq. 4, Sec. 3.5):
+  'bilinear'    A_bar = (I - dt/2 A)^{-1} (I + dt/2 A),  B_bar = (I - dt/2 A)^{-1} dt B
+  'zoh'         A_bar = exp(dt A),  B_bar = A^{-1} (exp(dt A) - I) B  (exact zero-order hold)
+  'approx_zoh'  A_bar = exp(dt A),  B_bar = dt B  (what `kernels.selective_scan` computes)
+
+S4 defaults to 'bilinear', Mamba to 'approx_zoh' (`selective_scan_disc` below runs all three).
+
 Everything here is a pure function of arrays (no flax); math runs in complex64 for float32
 inputs (complex128 under x64), i.e. float32 accumulation.
 """
@@ -26,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DISCRETIZATIONS = ("bilinear", "zoh")
+DISCRETIZATIONS = ("bilinear", "zoh", "approx_zoh")
 
 
 def _full_precision(fn):
@@ -136,12 +143,15 @@ def discretize_diag(lam, b, dt, disc: str):
     lam, b: (..., N) complex   dt: broadcastable to (..., N)   ->  dA, dB: (..., N)
     bilinear: dA = (1 + dt/2 lam) / (1 - dt/2 lam),  dB = dt b / (1 - dt/2 lam)   (S4 eq. 3)
     zoh:      dA = exp(dt lam),  dB = (exp(dt lam) - 1) / lam * b
+    approx_zoh: dA = exp(dt lam),  dB = dt b
     """
     _check_disc(disc)
     dtl = dt * lam
     if disc == "bilinear":
         denom = 1.0 - dtl / 2
         return (1.0 + dtl / 2) / denom, dt * b / denom
+    if disc == "approx_zoh":
+        return jnp.exp(dtl), dt * b
     # expm1 keeps (e^{dt lam} - 1)/lam accurate when |dt lam| is small.
     return jnp.exp(dtl), jnp.expm1(dtl) / lam * b
 
@@ -180,6 +190,7 @@ def discretize_dense(a, b, dt, disc: str):
     bilinear: dA = (I - dt/2 A)^{-1} (I + dt/2 A),  dB = (I - dt/2 A)^{-1} dt B     (S4 eq. 3)
     zoh:      dA = exp(dt A),  dB = int_0^dt exp(s A) ds B, both read off one matrix
               exponential of the augmented [[A, B], [0, 0]] dt (no inverse of A needed).
+    approx_zoh: dA = exp(dt A),  dB = dt B.
     The S4 layer uses `discretize_dplr`, which needs no linear solve; this general form is the
     reference it is tested against.
     """
@@ -192,6 +203,8 @@ def discretize_dense(a, b, dt, disc: str):
         rhs = jnp.concatenate([eye + dt / 2 * a, dt * b[..., :, None]], axis=-1)
         sol = jnp.linalg.solve(lhs, rhs)
         return sol[..., :, :n], sol[..., :, n]
+    if disc == "approx_zoh":
+        return expm_taylor(a * dt), dt[..., 0] * b
     return _zoh_augmented(a, b, dt)
 
 
@@ -212,12 +225,15 @@ def discretize_dplr(lam, p, b, dt, disc: str):
               (S4 Lemma C.4): M^{-1} = D^{-1} - (dt/2) D^{-1} p_f p_f^* D^{-1} / (1 + dt/2 p_f^* D^{-1} p_f),
               D = I - dt/2 diag(lam_f); no LAPACK solve (see `expm_taylor` for why).
     zoh:      the augmented matrix exponential, as in `discretize_dense`.
+    approx_zoh: dA = exp(dt A) (Taylor, as `discretize_dense`),  dB = dt B.
     """
     _check_disc(disc)
     a_f, b_f = dplr_dense(lam, p, b)
     dt_c = jnp.asarray(dt).astype(a_f.dtype)
     if disc == "zoh":
         return _zoh_augmented(a_f, b_f, dt_c[..., None, None])
+    if disc == "approx_zoh":
+        return expm_taylor(a_f * dt_c[..., None, None]), dt_c[..., None] * b_f
     lam_f = jnp.concatenate([lam, jnp.conj(lam)], axis=-1)
     p_f = jnp.concatenate([p, jnp.conj(p)], axis=-1)
     half = (dt_c / 2)[..., None]
@@ -393,3 +409,70 @@ def dplr_bilinear_step(x, u, lam, p, b, c, dt):
     q = inner(pc, dv) / (1.0 + h * inner(pc, d * p))
     x = dv - h * d * p * q
     return x, 2.0 * jnp.real(jnp.einsum("hn,bhn->bh", c, x))
+
+
+# --------------------------------------------------------------------------------------------
+# Selective (Mamba) SSM under a discretisation
+# --------------------------------------------------------------------------------------------
+def discretize(dt, A, disc: str):
+    """Elementwise discretisation of Mamba's diagonal, real A (module docstring, per (d, n)).
+
+    dt: (..., Di, 1)  A: (Di, N)  ->  (A_bar, B_scale): (..., Di, N);  B_bar = B_scale * B.
+    approx_zoh: (exp(dt A), dt);  zoh: (exp(dt A), expm1(dt A) / A);
+    bilinear: ((1 + dt A/2) / (1 - dt A/2), dt / (1 - dt A/2)).
+    """
+    _check_disc(disc)
+    dta = dt * A
+    if disc == "approx_zoh":
+        return jnp.exp(dta), jnp.broadcast_to(dt, dta.shape)
+    if disc == "zoh":
+        # expm1(dt A) / A == dt * expm1(x) / x with x = dt A: accurate as dt A -> 0.
+        return jnp.exp(dta), jnp.expm1(dta) / A
+    denom = 1.0 - dta / 2
+    return (1.0 + dta / 2) / denom, dt / denom
+
+
+def selective_scan_disc(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
+                        delta_softplus=False, disc="approx_zoh", initial_state=None,
+                        return_final_state=False):
+    """The selective scan of `kernels.selective_scan` under any discretisation `disc`.
+
+    u, delta, z: (B, L, Di)  A: (Di, N)  B, C: (B, L, N)  D, delta_bias: (Di,)
+    initial_state: (B, Di, N).  Returns y (B, L, Di) in u's dtype [, h_L (B, Di, N) float32].
+    dt = softplus(delta + delta_bias);  h_t = A_bar_t h_{t-1} + B_bar_t u_t;
+    y_t = C_t . h_t + D u_t;  y *= silu(z)  (Gu & Dao 2023, Algorithm 2; A_bar, B_bar from
+    `discretize`).  Exact ZOH and bilinear give a B_bar per (channel, state), which the kernel
+    (one dt B_t per state) does not take, so this is a pure-JAX `jax.lax.associative_scan` that
+    materialises (B, L, Di, N) float32; for 'approx_zoh' it equals `kernels.selective_scan`.
+    """
+    _check_disc(disc)
+    if u.ndim != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (B, L, Di); got {u.shape=}, {delta.shape=}")
+    b, l, di = u.shape
+    if A.shape[0] != di or B.shape != (b, l, A.shape[1]) or C.shape != B.shape:
+        raise ValueError(f"need A (Di={di}, N), B and C (B, L, N); got {A.shape=}, {B.shape=}, "
+                         f"{C.shape=} (grouped B/C are not supported here)")
+    f32 = jnp.result_type(jnp.float32, u.dtype)
+    dt = delta.astype(f32)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(f32)
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    a, scale = discretize(dt[..., None], A.astype(f32), disc)  # (b, l, di, n)
+    x = scale * (u.astype(f32)[..., None] * B.astype(f32)[:, :, None, :])
+    if initial_state is not None:
+        x = x.at[:, 0].add(a[:, 0] * initial_state.astype(f32))
+
+    def combine(left, right):
+        a1, x1 = left
+        a2, x2 = right
+        return a1 * a2, a2 * x1 + x2
+
+    _, h = jax.lax.associative_scan(combine, (a, x), axis=1)
+    y = jnp.einsum("bldn,bln->bld", h, C.astype(f32))
+    if D is not None:
+        y = y + D.astype(f32) * u.astype(f32)
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(f32))
+    y = y.astype(u.dtype)
+    return (y, h[:, -1]) if return_final_state else y

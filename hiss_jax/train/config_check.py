@@ -13,7 +13,8 @@ IMPLS = ("auto", "ref", "xla", "pallas")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 S4_MODES = ("dplr", "diag")
-S4_DISCS = ("bilinear", "zoh")
+S4_DISCS = ("bilinear", "zoh", "approx_zoh")
+MAMBA_DISCS = ("approx_zoh", "zoh", "bilinear")
 # Used when hiss_jax.data cannot be imported.
 _DEFAULT_DATASETS = ("synthetic:imu", "synthetic:tactile", "csp:marker_writing",
                      "csp:intrinsic_slip", "csp:joystick", "csp:ronin", "csp:vector",
@@ -67,6 +68,7 @@ def _check_level(key: str, lvl) -> None:
             raise ConfigError(f"config.{key}.s4.dt_min={lvl.s4.dt_min} and dt_max={lvl.s4.dt_max} "
                               "must satisfy 0 < dt_min <= dt_max")
     elif lvl.kind == "mamba":
+        _one_of(f"{key}.mamba.disc", lvl.mamba.disc, MAMBA_DISCS)
         for f in ("d_state", "d_conv", "expand"):
             _positive_int(f"{key}.mamba.{f}", lvl.mamba[f])
         if lvl.mamba.dt_rank < 0:

@@ -13,7 +13,8 @@ from hiss_jax.models import ssm_math
 from hiss_jax.models.s4 import S4_SSM_PARAM_NAMES, S4Layer, S4Stack
 from tests.conftest import TOLERANCES, assert_close
 
-COMBOS = [(m, d) for m in ("dplr", "diag") for d in ("bilinear", "zoh")]
+DISCS = ("bilinear", "zoh", "approx_zoh")
+COMBOS = [(m, d) for m in ("dplr", "diag") for d in DISCS]
 H, N, L, BATCH = 4, 8, 37, 2
 
 
@@ -51,6 +52,8 @@ def _np_discretize(a, b, dt, disc):
     if disc == "bilinear":
         inv = np.linalg.inv(eye - dt / 2 * a)
         return inv @ (eye + dt / 2 * a), inv @ (dt * b)
+    if disc == "approx_zoh":
+        return scipy.linalg.expm(a * dt), dt * b
     aug = np.zeros((n + 1, n + 1), complex)
     aug[:n, :n], aug[:n, n] = a * dt, b * dt
     e = scipy.linalg.expm(aug)
@@ -116,6 +119,7 @@ def test_discretize_scalar_closed_form():
     expected = {
         "bilinear": ((1 + dt * a / 2) / (1 - dt * a / 2), dt * b / (1 - dt * a / 2)),
         "zoh": (np.exp(a * dt), (np.exp(a * dt) - 1) / a * b),
+        "approx_zoh": (np.exp(a * dt), dt * b),
     }
     with jax.enable_x64(True):
         for disc, (da_ref, db_ref) in expected.items():
@@ -126,12 +130,13 @@ def test_discretize_scalar_closed_form():
 
 
 def test_discretize_jordan_block_closed_form():
-    """A = [[a, 1], [0, a]], B = [0, 1]: both discretisations in closed form."""
+    """A = [[a, 1], [0, a]], B = [0, 1]: every discretisation in closed form."""
     a, dt = -0.9, 0.2
     h, m, q, e = dt / 2, 1 - dt / 2 * a, 1 + dt / 2 * a, np.exp(a * dt)
     expected = {
         "bilinear": ([[q / m, h / m + h * q / m**2], [0, q / m]], [h * dt / m**2, dt / m]),
         "zoh": ([[e, dt * e], [0, e]], [(e * (a * dt - 1) + 1) / a**2, (e - 1) / a]),
+        "approx_zoh": ([[e, dt * e], [0, e]], [0.0, dt]),
     }
     with jax.enable_x64(True):
         for disc, (da_ref, db_ref) in expected.items():
@@ -177,7 +182,7 @@ def test_cauchy_woodbury_kernel_matches_powering(length):
     assert_close(k32, ref, jnp.float32, what="Cauchy kernel, float32")
 
 
-@pytest.mark.parametrize("disc", ["bilinear", "zoh"])
+@pytest.mark.parametrize("disc", DISCS)
 def test_dense_and_vandermonde_kernels_match_powering(disc):
     rng = np.random.default_rng(1)
     lam, p, b, c, dt = _random_dplr(rng, 2, N)
@@ -337,7 +342,7 @@ def test_bfloat16_inputs_keep_dtype_and_track_float32():
     assert_close(y16, model.apply(variables, x), jnp.bfloat16, what="S4Stack bf16 vs f32")
 
 
-@pytest.mark.parametrize("disc", ["bilinear", "zoh"])
+@pytest.mark.parametrize("disc", DISCS)
 def test_discretize_dplr_matches_dense_reference(disc):
     """The solve-free DPLR discretisation (Woodbury / Taylor expm) == the dense reference."""
     lam, p, b, _ = ssm_math.hippo_legs_nplr(16)

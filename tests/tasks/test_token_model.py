@@ -9,8 +9,7 @@ from configs.base import level_config
 from hiss_jax.tasks import pig_latin as pl
 from hiss_jax.tasks.decode import (greedy_decode_parallel, greedy_decode_streaming,
                                    streaming_logits)
-from hiss_jax.tasks.discretization import DiscMambaStack, DiscS4Stack
-from hiss_jax.tasks.lm import TokenModel, build_token_model, make_token_stack
+from hiss_jax.tasks.lm import TokenModel, build_token_model
 from hiss_jax.models.mamba import MambaStack
 from hiss_jax.models.s4 import S4Stack
 from tests.conftest import assert_close
@@ -78,21 +77,19 @@ def test_token_model_trains_with_decreasing_loss():
     assert 0.0 <= last["token_acc"] <= 1.0 and res["params"] > 0
 
 
-def test_make_token_stack_uses_registry_unless_a_task_field_is_set():
-    assert isinstance(make_token_stack(tiny_level("mamba")), MambaStack)
-    assert type(make_token_stack(tiny_level("mamba", disc="approx_zoh"))) is MambaStack
-    stack = make_token_stack(tiny_level("mamba", disc="zoh"))
-    assert isinstance(stack, DiscMambaStack) and stack.disc == "zoh" and stack.d_state == 4
+def test_token_model_uses_the_registry_stack_with_its_disc():
+    assert type(build_token_model(tiny_level("mamba"), 11).stack) is MambaStack
+    stack = build_token_model(tiny_level("mamba", disc="zoh"), 11).stack
+    assert type(stack) is MambaStack and stack.disc == "zoh" and stack.d_state == 4
     s4 = tiny_level("s4")
     s4.s4.disc = "approx_zoh"
-    assert isinstance(make_token_stack(s4), DiscS4Stack) and make_token_stack(s4).d_state == 8
-    s4.s4.disc = "zoh"
-    assert type(make_token_stack(s4)) is S4Stack
-    with pytest.raises(ValueError, match="approx_zoh"):
-        make_token_stack(tiny_level("mamba", disc="euler"))
+    stack = build_token_model(s4, 11).stack
+    assert type(stack) is S4Stack and stack.disc == "approx_zoh" and stack.d_state == 8
+    with pytest.raises(ValueError, match="approx_zoh"):  # checked when the Stack is set up
+        init(build_token_model(tiny_level("mamba", disc="euler"), 11), 4)
     bad = tiny_level("s4")
     bad.s4.foo = 1
     with pytest.raises(ValueError, match="foo"):
-        make_token_stack(bad)
+        build_token_model(bad, 11)
     with pytest.raises(ValueError, match="allowed kinds"):
-        make_token_stack(tiny_level("gru"))
+        build_token_model(tiny_level("gru"), 11)
