@@ -203,6 +203,14 @@ class BlockSizes:
     num_warps: int = 1         # 1 warp keeps the bwd's per-step channel sums in shuffles
     num_stages: int = 1
     bwd_num_warps: int = 1
+    # "tile": v3, the compiler lays the (N, block_d) state tile out as it likes (it picked 4
+    # states x 4 channels per lane, so every step pays layout conversions through shared
+    # memory, barriers and shuffles). "lane": v4, one channel per lane with its N states in
+    # registers, obtained by never reading or writing a 2-D tile from memory (rows only);
+    # also carries the prefetched rows across chunk boundaries, reads B/C as float32 and
+    # computes softplus/sigmoid with MUFU ex2/lg2.
+    layout: str = "lane"
+    bwd_layout: str = "lane"   # the same choice for the backward kernel
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -217,6 +225,10 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.prefetch={self.prefetch} must be >= 0")
         if self.unroll > self.chunk:
             raise ValueError(f"BlockSizes.unroll={self.unroll} must be <= chunk={self.chunk}")
+        for name in ("layout", "bwd_layout"):
+            if getattr(self, name) not in ("tile", "lane"):
+                raise ValueError(f"BlockSizes.{name}={getattr(self, name)!r} must be 'tile' or "
+                                 f"'lane'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +248,8 @@ class _Cfg:
     num_warps: int
     num_stages: int
     bwd_num_warps: int
+    lane: bool             # BlockSizes.layout == "lane" (forward kernel)
+    bwd_lane: bool         # BlockSizes.bwd_layout == "lane" (backward kernel)
     interpret: bool
 
 
@@ -256,15 +270,84 @@ def _exp2(cfg, x):
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
 
 
+def _lg2(cfg, x):
+    if cfg.interpret:
+        return jnp.log2(x)
+    return pltr.elementwise_inline_asm(
+        "lg2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
+def _softplus_fast(cfg, x):
+    """softplus with two MUFU ops instead of libdevice log1pf(expf) (~30 instructions).
+
+    log1p(e) for e = exp(x): a 4-term series below e = 1/32 (error < e^5/5, i.e. relative
+    < 2e-7), else lg2(1 + e) (1 + e rounds with relative error < 2e-6 of log1p(e) there).
+    """
+    if cfg.interpret:
+        return _softplus_f32(x)
+    e = _exp2(cfg, jnp.minimum(x, 20.0) * _LOG2E)
+    series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * 0.25)))
+    big = _lg2(cfg, 1.0 + e) * (1.0 / _LOG2E)
+    return jnp.where(x > 20.0, x, jnp.where(e < 0.03125, series, big))
+
+
+def _sigmoid(cfg, x, lane):
+    if cfg.interpret or not lane:
+        return jax.nn.sigmoid(x)
+    # ex2 of a large argument is +inf and 1 / inf = 0: no clamp needed.
+    return 1.0 / (1.0 + _exp2(cfg, -x * _LOG2E))
+
+
+def _rows_to_tile(rows):
+    """N rows (bd,) -> (N, bd) tile, with selects on a row iota (no 2-D memory access).
+
+    With one channel per lane the row index of every register is a compile-time constant,
+    so the selects fold away.
+    """
+    n, bd = len(rows), rows[0].shape[0]
+    iota = jax.lax.broadcasted_iota(jnp.int32, (n, bd), 0)
+    tile = jnp.broadcast_to(rows[0][None, :], (n, bd))
+    for k in range(1, n):
+        tile = jnp.where(iota == k, rows[k][None, :], tile)
+    return tile
+
+
+def _tile_row(tile, k):
+    """Row k (bd,) of an (N, bd) tile: a masked sum over N (in-thread in the lane layout)."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+    return jnp.sum(jnp.where(iota == k, tile, 0.0), axis=0)
+
+
+def _load_tile(lane, ref, lead, cols):
+    """ref[*lead, :, cols] -> (N, bd) float32; row by row in the lane layout."""
+    if not lane:
+        return ref[lead + (slice(None), cols)].astype(jnp.float32)
+    return _rows_to_tile([ref[lead + (k, cols)].astype(jnp.float32)
+                          for k in range(ref.shape[len(lead)])])
+
+
+def _store_tile(lane, ref, lead, cols, tile):
+    """ref[*lead, :, cols] = tile; row by row in the lane layout."""
+    if not lane:
+        ref[lead + (slice(None), cols)] = tile.astype(ref.dtype)
+        return
+    for k in range(tile.shape[0]):
+        ref[lead + (k, cols)] = _tile_row(tile, k).astype(ref.dtype)
+
+
 def _softplus_f32(x):
     # log1p(exp(x)) overflows for large x, where softplus(x) == x to float32 precision.
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _step_size(cfg, dt_raw, bias, t):
+def _step_size(cfg, dt_raw, bias, t, lane):
     """delta (+ bias, softplus), zeroed on padded steps AFTER softplus so they are identity."""
     x = dt_raw.astype(jnp.float32) + bias
-    dt = _softplus_f32(x) if cfg.softplus else x
+    if cfg.softplus:
+        dt = _softplus_fast(cfg, x) if lane else _softplus_f32(x)
+    else:
+        dt = x
     return jnp.where(t < cfg.length, dt, 0.0), x
 
 
@@ -301,6 +384,36 @@ def _prefetched_loop(lo, hi, load, body, carry, prefetch, unroll, reverse=False)
     return c
 
 
+def _stream_queue(steps, load, prefetch):
+    """The rows of the first `prefetch` iterations of a step stream (see `_stream_loop`)."""
+    return tuple(tuple(load(t) for t in steps(i)) for i in range(prefetch))
+
+
+def _stream_loop(i0, n, steps, load, body, carry, queue):
+    """Iterations i0..i0+n-1 of a step stream, the prefetched rows carried across calls.
+
+    `steps(i)` lists the (traced) steps of global iteration i; `queue` holds the rows of
+    iterations i0..i0+prefetch-1 on entry and of i0+n.. on exit, so a loop over chunks keeps
+    its loads in flight across chunk boundaries (`_prefetched_loop` restarts them per chunk).
+    `load(t)` must clamp t: the stream is read past its end.
+    """
+    prefetch = len(queue)
+
+    def it(k, state):
+        c, q = state
+        i = i0 + k
+        if prefetch:
+            rows = q[0]
+            q = q[1:] + (tuple(load(t) for t in steps(i + prefetch)),)
+        else:
+            rows = tuple(load(t) for t in steps(i))
+        for t, row in zip(steps(i), rows):
+            c = body(t, row, c)
+        return c, q
+
+    return jax.lax.fori_loop(0, n, it, (carry, queue))
+
+
 def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     """Forward scan of one (batch, channel block): eq. 2a-2b, states saved per chunk.
 
@@ -319,7 +432,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     cols = pl.ds(j * cfg.block_d, cfg.block_d)
     last = cfg.n_chunks * cfg.chunk - 1
     # exp2 with A pre-scaled by log2(e): one MUFU op per state update.
-    a2 = at_ref[:, cols].astype(jnp.float32) * _LOG2E
+    a2 = _load_tile(cfg.lane, at_ref, (), cols) * _LOG2E
     dskip = d_ref[cols].astype(jnp.float32)
     bias = bias_ref[cols].astype(jnp.float32)
 
@@ -332,25 +445,40 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     def body(t, row, h):
         dt_raw, u, bt, ct = row[:4]
         u = u.astype(jnp.float32)
-        dt, _ = _step_size(cfg, dt_raw, bias, t)
+        dt, _ = _step_size(cfg, dt_raw, bias, t, cfg.lane)
         h = (_exp2(cfg, dt[None, :] * a2) * h
              + (dt * u)[None, :] * bt.astype(jnp.float32)[:, None])
         y = jnp.sum(h * ct.astype(jnp.float32)[:, None], axis=0) + dskip * u
         if cfg.has_z:
             zt = row[4].astype(jnp.float32)
-            y = y * (zt * jax.nn.sigmoid(zt))
+            y = y * (zt * _sigmoid(cfg, zt, cfg.lane))
         y_ref[bi, t, cols] = y.astype(y_ref.dtype)
         return h
 
-    def chunk_body(c, h):
-        if save_states:
-            hs_ref[bi, c, :, cols] = h
-        return _prefetched_loop(c * cfg.chunk, (c + 1) * cfg.chunk, load, body, h,
-                                cfg.prefetch, cfg.unroll)
+    h = _load_tile(cfg.lane, h0_ref, (bi,), cols)
+    if cfg.lane:
+        ipc = cfg.chunk // cfg.unroll
 
-    h = h0_ref[bi, :, cols].astype(jnp.float32)
-    h = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, h)
-    hl_ref[bi, :, cols] = h
+        def steps(i):
+            return [i * cfg.unroll + k for k in range(cfg.unroll)]
+
+        def chunk_body(c, state):
+            h, q = state
+            if save_states:
+                _store_tile(cfg.lane, hs_ref, (bi, c), cols, h)
+            return _stream_loop(c * ipc, ipc, steps, load, body, h, q)
+
+        h, _ = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body,
+                                 (h, _stream_queue(steps, load, cfg.prefetch)))
+    else:
+        def chunk_body(c, h):
+            if save_states:
+                hs_ref[bi, c, :, cols] = h
+            return _prefetched_loop(c * cfg.chunk, (c + 1) * cfg.chunk, load, body, h,
+                                    cfg.prefetch, cfg.unroll)
+
+        h = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, h)
+    _store_tile(cfg.lane, hl_ref, (bi,), cols, h)
 
 
 def _bwd_kernel(*refs, cfg: _Cfg):
@@ -377,7 +505,8 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * cfg.block_d, cfg.block_d)
     last = cfg.n_chunks * cfg.chunk - 1
-    at = at_ref[:, cols].astype(jnp.float32)
+    lane = cfg.bwd_lane
+    at = _load_tile(lane, at_ref, (), cols)
     a2 = at * _LOG2E
     dskip = d_ref[cols].astype(jnp.float32)
     bias = bias_ref[cols].astype(jnp.float32)
@@ -390,8 +519,8 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     def recompute(t, row, h):
         # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
         dt_raw, u, bt = row
-        dt, _ = _step_size(cfg, dt_raw, bias, t)
-        scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :] = h
+        dt, _ = _step_size(cfg, dt_raw, bias, t, lane)
+        _store_tile(lane, scr_ref, (bi, j, jax.lax.rem(t, cfg.chunk)), slice(None), h)
         return (_exp2(cfg, dt[None, :] * a2) * h
                 + (dt * u.astype(f32))[None, :] * bt.astype(f32)[:, None])
 
@@ -405,14 +534,14 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         g, dat, dd, dbias = carry
         dt_raw, u, bt, ct, dout = row[:5]
         u, bt, ct, dout = u.astype(f32), bt.astype(f32), ct.astype(f32), dout.astype(f32)
-        dt, x = _step_size(cfg, dt_raw, bias, t)
-        h_prev = scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :]
+        dt, x = _step_size(cfg, dt_raw, bias, t, lane)
+        h_prev = _load_tile(lane, scr_ref, (bi, j, jax.lax.rem(t, cfg.chunk)), slice(None))
         a = _exp2(cfg, dt[None, :] * a2)
         dtu = dt * u
         h = a * h_prev + dtu[None, :] * bt[:, None]
         if cfg.has_z:
             zt = row[5].astype(f32)
-            sig = jax.nn.sigmoid(zt)
+            sig = _sigmoid(cfg, lane=lane, x=zt)
             y = jnp.sum(h * ct[:, None], axis=0) + dskip * u
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
             dz_ref[bi, t, cols] = dz.astype(dz_ref.dtype)
@@ -427,32 +556,62 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         du = dskip * dy + dt * gb
         ddt = gb * u + jnp.sum(ga * at, axis=0)
         if cfg.softplus:
-            ddt = ddt * jax.nn.sigmoid(x)
+            ddt = ddt * _sigmoid(cfg, lane=lane, x=x)
         ddt = jnp.where(t < cfg.length, ddt, 0.0)
         du_ref[bi, t, cols] = du.astype(du_ref.dtype)
         ddt_ref[bi, t, cols] = ddt.astype(ddt_ref.dtype)
         return g * a, dat + ga * dt[None, :], dd + dy * u, dbias + ddt
 
-    def chunk_body(i, carry):
-        c = cfg.n_chunks - 1 - i
-        lo, hi = c * cfg.chunk, (c + 1) * cfg.chunk
-        _prefetched_loop(lo, hi, load_fwd, recompute, hs_ref[bi, c, :, cols], cfg.prefetch,
-                         cfg.unroll)
+    def barrier():
         if not cfg.interpret:
-            # Scratch written above is read back by other threads of the program.
+            # Scratch written by the recompute is read back by other threads of the program
+            # (in the lane layout each lane reads back only its own column).
             pltr.debug_barrier()
-        carry = _prefetched_loop(lo, hi, load_bwd, adjoint, carry, cfg.prefetch, cfg.unroll,
-                                 reverse=True)
-        if not cfg.interpret:
-            pltr.debug_barrier()
-        return carry
 
     nb = cfg.block_d
-    init = (dhl_ref[bi, :, cols].astype(f32), jnp.zeros((cfg.d_state, nb), f32),
+    init = (_load_tile(lane, dhl_ref, (bi,), cols), jnp.zeros((cfg.d_state, nb), f32),
             jnp.zeros((nb,), f32), jnp.zeros((nb,), f32))
-    g, dat, dd, dbias = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, init)
-    dh0_ref[bi, :, cols] = g
-    dat_ref[bi, :, cols] = dat
+    if lane:
+        ipc, u_ = cfg.chunk // cfg.unroll, cfg.unroll
+
+        def steps_fwd(i):
+            # Recompute stream: chunks last to first, steps ascending inside a chunk.
+            c = cfg.n_chunks - 1 - i // ipc
+            base = c * cfg.chunk + jax.lax.rem(i, ipc) * u_
+            return [base + k for k in range(u_)]
+
+        def steps_bwd(i):
+            return [last - (i * u_ + k) for k in range(u_)]
+
+        def chunk_body(i, state):
+            carry, qf, qb = state
+            c = cfg.n_chunks - 1 - i
+            _, qf = _stream_loop(i * ipc, ipc, steps_fwd, load_fwd, recompute,
+                                 _load_tile(lane, hs_ref, (bi, c), cols), qf)
+            barrier()
+            carry, qb = _stream_loop(i * ipc, ipc, steps_bwd, load_bwd, adjoint, carry, qb)
+            barrier()
+            return carry, qf, qb
+
+        g, dat, dd, dbias = jax.lax.fori_loop(
+            0, cfg.n_chunks, chunk_body,
+            (init, _stream_queue(steps_fwd, load_fwd, cfg.prefetch),
+             _stream_queue(steps_bwd, load_bwd, cfg.prefetch)))[0]
+    else:
+        def chunk_body(i, carry):
+            c = cfg.n_chunks - 1 - i
+            lo, hi = c * cfg.chunk, (c + 1) * cfg.chunk
+            _prefetched_loop(lo, hi, load_fwd, recompute, hs_ref[bi, c, :, cols],
+                             cfg.prefetch, cfg.unroll)
+            barrier()
+            carry = _prefetched_loop(lo, hi, load_bwd, adjoint, carry, cfg.prefetch,
+                                     cfg.unroll, reverse=True)
+            barrier()
+            return carry
+
+        g, dat, dd, dbias = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, init)
+    _store_tile(lane, dh0_ref, (bi,), cols, g)
+    _store_tile(lane, dat_ref, (bi,), cols, dat)
     dd_ref[bi, cols] = dd
     dbias_ref[bi, cols] = dbias
 
@@ -569,7 +728,9 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                softplus=bool(delta_softplus), has_z=z is not None, unroll=unroll,
                prefetch=bs.prefetch,
                num_warps=bs.num_warps, num_stages=bs.num_stages,
-               bwd_num_warps=bs.bwd_num_warps, interpret=bool(interpret))
+               bwd_num_warps=bs.bwd_num_warps, lane=bs.layout == "lane",
+               bwd_lane=bs.bwd_layout == "lane",
+               interpret=bool(interpret))
 
     def chan(x, fill=0.0):
         # (..., Di) -> (..., G * cgp): pad each group's channels (no copy when cg == cgp).
@@ -590,6 +751,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     pad_bc = [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)]
     B_p = Bg if pad_bc == [(0, 0)] * 4 else jnp.pad(Bg, pad_bc)
     C_p = Cg if pad_bc == [(0, 0)] * 4 else jnp.pad(Cg, pad_bc)
+    if cfg.lane or cfg.bwd_lane:
+        # B/C are small next to u and delta (N per step, not d_inner): converting them once
+        # here saves the kernels two conversions per state and step.
+        B_p, C_p = B_p.astype(f32), C_p.astype(f32)
     AT = jnp.pad(chan(A.astype(f32).T), [(0, np_ - n), (0, 0)])
     D_p = chan(jnp.zeros((di,), f32) if D is None else D.astype(f32))
     bias_p = chan(jnp.zeros((di,), f32) if delta_bias is None else delta_bias.astype(f32))

@@ -301,6 +301,18 @@ class BlockSizes:
     bwd_heads: heads per program where dB, dC are summed over heads (rounded down to a
       divisor of the heads per group); they sum in registers, so only H / bwd_heads partials
       are written.
+    num_warps_dstate / num_warps_dx: warps of the dL/dh pass and of the split3 dx pass
+      (None: num_warps_fwd); num_warps_bwd is the dB/dC (and "split"/"fused") kernels'.
+    fwd_pblock / dstate_pblock: head channels per program in the sequential forward and dL/dh
+      passes (None: all of P); state rows are independent, so a block < P gives P / block
+      times more programs (C B^T recomputed per block). Clipped to the padded P.
+    dbc_nblock: state columns per dB/dC program (None: all of N). Clipped to the padded N.
+    dx_heads: heads per split3 dx program (a loop sharing B, C and C B^T; rounded down to a
+      divisor of the heads per group).
+    state_stride: 1 keeps every chunk-entry state and every chunk-end dL/dh; 2 keeps every
+      other one (pairs of chunks) and recomputes the missing one in the split3 dx and dB/dC
+      passes from the neighbouring chunk: half the state traffic (split3 only; time is padded
+      to a multiple of 2 chunks).
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
@@ -308,6 +320,13 @@ class BlockSizes:
     num_stages: int = 2
     bwd: str = "split3"
     bwd_heads: int = 32
+    num_warps_dstate: int | None = None
+    num_warps_dx: int | None = None
+    fwd_pblock: int | None = None
+    dstate_pblock: int | None = None
+    dbc_nblock: int | None = None
+    state_stride: int = 1
+    dx_heads: int = 1
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -315,6 +334,17 @@ class BlockSizes:
                              f"got {self.bwd=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
+        if self.dx_heads < 1:
+            raise ValueError(f"BlockSizes.dx_heads must be >= 1; got {self.dx_heads=}")
+        for name in ("fwd_pblock", "dstate_pblock", "dbc_nblock"):
+            v = getattr(self, name)
+            if v is not None and (v < 16 or v & (v - 1)):
+                raise ValueError(f"BlockSizes.{name} must be a power of two >= 16 or None; "
+                                 f"got {v}")
+        if self.state_stride not in (1, 2):
+            raise ValueError(f"BlockSizes.state_stride must be 1 or 2; got {self.state_stride=}")
+        if self.state_stride == 2 and self.bwd != "split3":
+            raise ValueError(f"BlockSizes.state_stride=2 needs bwd='split3'; got {self.bwd=}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -365,24 +395,33 @@ def _chunk_common(dt, a, C, B, q):
 
 
 def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
-                    y_ref, hT_ref, st_ref, *, q, nc, rep):
-    """One program per (batch, head): a sequential pass over the chunks (Mamba-2 sec. 6).
+                    y_ref, hT_ref, st_ref, *, q, nc, rep, pb=None, stride=1):
+    """One program per (batch, head[, block of pb head channels]): a sequential pass over
+    the chunks (Mamba-2 sec. 6).
 
     x, z, y: (B, Lp, H, P)  dt: (B, Lp, H) f32  B, C: (B, Lp, G, N)  D: (H, P) f32
-    h0, hT: (B, H, P, N) f32  st: (B, nc, H, P, N) chunk-entry states (only for the backward).
+    h0, hT: (B, H, P, N) f32  st: (B, nc // stride, H, P, N) chunk-entry states of every
+    `stride`-th chunk (only for the backward).
     Per chunk: y = (C B^T o decay) (dt x) + exp(cs) C h^T + D x, gated by silu(z);
     h <- exp(cs_Q) h + (exp(cs_Q - cs) dt x)^T B. Fusing the state pass with the output
     keeps the state in registers: no (B, nc, H, P, N) round trip through memory.
+    The rows of the state (head channels) evolve independently, so a third grid axis may
+    split P into blocks of pb (more programs for the sequential pass; C B^T is recomputed
+    per block).
     """
     bi, hi = pl.program_id(0), pl.program_id(1)
     gi = hi // rep
+    if pb is None:
+        ps = slice(None)
+    else:
+        ps = pl.ds(pl.multiple_of(pl.program_id(2) * pb, pb), pb)
     a = a_ref[hi]
-    d = d_ref[hi, :]
+    d = d_ref[hi, ps]
     dot_dtype = x_ref.dtype
 
     def body(c, h):
         t = pl.ds(pl.multiple_of(c * q, q), q)
-        x = x_ref[bi, t, hi, :]
+        x = x_ref[bi, t, hi, ps]
         dt = dt_ref[bi, t, hi]
         Bc = b_ref[bi, t, gi, :]
         Cc = c_ref[bi, t, gi, :]
@@ -393,16 +432,21 @@ def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
         y = y + jnp.exp(cs)[:, None] * _dot(Cc, h.astype(dot_dtype), ((1,), (1,)))
         y = y + d[None, :] * xf
         if z_ref is not None:
-            zf = z_ref[bi, t, hi, :].astype(jnp.float32)
+            zf = z_ref[bi, t, hi, ps].astype(jnp.float32)
             y = y * (zf * jax.nn.sigmoid(zf))
-        y_ref[bi, t, hi, :] = y.astype(y_ref.dtype)
+        y_ref[bi, t, hi, ps] = y.astype(y_ref.dtype)
         if st_ref is not None:
-            st_ref[bi, c, hi, :, :] = h.astype(st_ref.dtype)
+            if stride == 1:
+                st_ref[bi, c, hi, ps, :] = h.astype(st_ref.dtype)
+            else:
+                @pl.when(jax.lax.rem(c, stride) == 0)
+                def _():
+                    st_ref[bi, jax.lax.div(c, stride), hi, ps, :] = h.astype(st_ref.dtype)
         w = jnp.exp(total - cs)
         return jnp.exp(total) * h + _dot((xdt * w[:, None]).astype(dot_dtype), Bc,
                                          ((0,), (0,)))
 
-    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, :, :])
+    hT_ref[bi, hi, ps, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, ps, :])
 
 
 def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy_ref, dhT_ref,
@@ -492,16 +536,20 @@ def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy
 
 
 def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref, dh0_ref,
-                           *, q, nc, rep):
-    """Split backward, pass 1: one program per (batch, head), chunks in reverse.
+                           *, q, nc, rep, pb=None, stride=1):
+    """Split backward, pass 1: one program per (batch, head[, pb-row block]), chunks in reverse.
 
     dt: (B, Lp, H) f32  C: (B, Lp, G, N)  dy: (B, Lp, H, P)  dhT, dh0: (B, H, P, N) f32
-    dst: (B, nc, H, P, N) = dL/dh at the END of each chunk. The adjoint of the state pass:
-    dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with dy_core = dy silu(z).
-    Shaped like the forward pass, so it costs about what the forward does.
+    dst: (B, nc // stride, H, P, N) = dL/dh at the END of chunk stride*k + stride - 1. The
+    adjoint of the state pass: dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with
+    dy_core = dy silu(z). Rows of dh are independent (optional P split, like the forward).
     """
     bi, hi = pl.program_id(0), pl.program_id(1)
     gi = hi // rep
+    if pb is None:
+        ps = slice(None)
+    else:
+        ps = pl.ds(pl.multiple_of(pl.program_id(2) * pb, pb), pb)
     a = a_ref[hi]
     f32 = jnp.float32
     dot_dtype = c_ref.dtype
@@ -509,20 +557,25 @@ def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref
     def body(i, dh):
         c = nc - 1 - i
         t = pl.ds(pl.multiple_of(c * q, q), q)
-        dst_ref[bi, c, hi, :, :] = dh.astype(dst_ref.dtype)
+        if stride == 1:
+            dst_ref[bi, c, hi, ps, :] = dh.astype(dst_ref.dtype)
+        else:
+            @pl.when(jax.lax.rem(c, stride) == stride - 1)
+            def _():
+                dst_ref[bi, jax.lax.div(c, stride), hi, ps, :] = dh.astype(dst_ref.dtype)
         dt = dt_ref[bi, t, hi]
         Cc = c_ref[bi, t, gi, :]
         dA = dt * a
         cs = jnp.cumsum(dA)
         total = jnp.sum(dA)
-        dout = dy_ref[bi, t, hi, :].astype(f32)
+        dout = dy_ref[bi, t, hi, ps].astype(f32)
         if z_ref is not None:
-            zf = z_ref[bi, t, hi, :].astype(f32)
+            zf = z_ref[bi, t, hi, ps].astype(f32)
             dout = dout * zf * jax.nn.sigmoid(zf)
         g = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
         return jnp.exp(total) * dh + _dot(g, Cc, ((0,), (0,)))
 
-    dh0_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, :, :])
+    dh0_ref[bi, hi, ps, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, ps, :])
 
 
 def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
@@ -615,71 +668,146 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
     dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, Bc)
 
 
-def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
-                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep):
-    """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
+def _chunk_states(x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref, st_ref, dst_ref, *, a, bi, c,
+                  hi, gi, q, stride, ns=slice(None)):
+    """(h_prev, dh) of chunk c, head hi, columns ns of N: the chunk-entry state and dL/dh at
+    the chunk's end, in the storage dtype.
 
-    Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
-    (B, nc, H, P). The (Q, N) products of the head-block kernel are replaced by (Q, P) ones
-    (t_inter from C h_prev^T), which keeps the live set small enough not to spill at P=64,
-    N=128; dB and dC come from `_ssd_bwd_dbc_kernel`.
+    stride 1: both are stored (forward / dL/dh pass).
+    stride 2: only pair k = c // 2 is stored (h at the entry of chunk 2k, dL/dh at the end of
+    chunk 2k + 1); the missing one is recomputed from the neighbouring chunk of the pair with
+    one (P, Q) x (Q, N) matmul: for odd c, h_prev = exp(cs_Q') h_2k + (exp(cs_Q' - cs') dt'
+    x')^T B' of chunk c - 1; for even c, dh = exp(cs_Q') dh_2k+1 + (exp(cs') dy_core')^T C'
+    of chunk c + 1. Halves the state traffic of the forward and of every backward pass.
     """
-    bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    gi = hi // rep
+    f32 = jnp.float32
+    if stride == 1:
+        return st_ref[bi, c, hi, :, ns], dst_ref[bi, c, hi, :, ns]
+    dot_dtype = x_ref.dtype
+    # lax.rem / lax.div: c >= 0, and jnp's floor-mod does not lower to Triton.
+    k = jax.lax.div(c, 2)
+    par = jax.lax.rem(c, 2)
+    odd = par == 1
+    nb = c + 1 - 2 * par
+    tn = pl.ds(pl.multiple_of(nb * q, q), q)
+    dtn = dt_ref[bi, tn, hi]
+    dan = dtn * a
+    csn = jnp.cumsum(dan)
+    totn = jnp.sum(dan)
+
+    def from_prev():
+        u = x_ref[bi, tn, hi, :].astype(f32) * (dtn * jnp.exp(totn - csn))[:, None]
+        return _dot(u.astype(dot_dtype), b_ref[bi, tn, gi, ns], ((0,), (0,)))
+
+    def from_next():
+        dn = dy_ref[bi, tn, hi, :].astype(f32)
+        if z_ref is not None:
+            zn = z_ref[bi, tn, hi, :].astype(f32)
+            dn = dn * zn * jax.nn.sigmoid(zn)
+        g = dn * jnp.exp(csn)[:, None]
+        return _dot(g.astype(dot_dtype), c_ref[bi, tn, gi, ns], ((0,), (0,)))
+
+    r = jax.lax.cond(odd, from_prev, from_next)
+    an = jnp.exp(totn)
+    st = st_ref[bi, k, hi, :, ns].astype(f32)
+    dst = dst_ref[bi, k, hi, :, ns].astype(f32)
+    # Back to the storage dtype: stride 1 and 2 feed the same (bf16) operands to the dots,
+    # and the f32 (P, N) tiles would double the live registers.
+    h_prev = jnp.where(odd, an * st + r, st).astype(st_ref.dtype)
+    dh = jnp.where(odd, dst, an * dst + r).astype(dst_ref.dtype)
+    return h_prev, dh
+
+
+def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
+                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep, stride=1,
+                       hx=1):
+    """Three-kernel backward, pass 2: one program per (batch, chunk, block of hx heads of a
+    group), no accumulators.
+
+    Shapes as in `_ssd_bwd_chunk_kernel` (states of every `stride`-th chunk, see
+    `_chunk_states`); writes dx, ddt, dz, dA (B, nc, H, 16), dD (B, nc, H, P). The (Q, N)
+    products of the head-block kernel are replaced by (Q, P) ones (t_inter from C h_prev^T),
+    which keeps the live set small enough not to spill at P=64, N=128; dB and dC come from
+    `_ssd_bwd_dbc_kernel`. With hx > 1 the heads of a block share B, C and C B^T (a loop).
+    """
+    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = (blk * hx) // rep
     f32 = jnp.float32
     dot_dtype = x_ref.dtype
     t = pl.ds(pl.multiple_of(c * q, q), q)
     Bc = b_ref[bi, t, gi, :]
     Cc = c_ref[bi, t, gi, :]
-    a = a_ref[hi]
-    d = d_ref[hi, :]
-    x = x_ref[bi, t, hi, :]
-    dt = dt_ref[bi, t, hi]
-    h_prev = st_ref[bi, c, hi, :, :]
-    dh = dst_ref[bi, c, hi, :, :]
-    dout = dy_ref[bi, t, hi, :].astype(f32)
-    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
-    ecs = jnp.exp(cs)
-    xf = x.astype(f32)
-    xdt = xf * dt[:, None]
-    xdt_c = xdt.astype(dot_dtype)
-    m = cb * decay
-    ch = _dot(Cc, h_prev, ((1,), (1,)))                                     # (Q, P)
-    if z_ref is not None:
-        zf = z_ref[bi, t, hi, :].astype(f32)
-        y = _dot(m.astype(dot_dtype), xdt_c) + ecs[:, None] * ch + d[None, :] * xf
-        sz = jax.nn.sigmoid(zf)
-        dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(dz_ref.dtype)
-        dout = dout * zf * sz
-    dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
-    dout_c = dout.astype(dot_dtype)
-    dm = _dot(dout_c, xdt_c, ((1,), (1,)))                                   # (Q, Q)
-    dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))                  # (Q, P)
-    t_inter = ecs * jnp.sum(dout * ch, axis=1)                               # d/dcs_i
-    w = jnp.exp(total - cs)
-    bdh = _dot(Bc, dh, ((1,), (1,)))                                         # (Q, P)
-    dxdt = dxdt + w[:, None] * bdh
-    f_write = w * jnp.sum(xdt * bdh, axis=1)
-    s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
-    e = dm * m
-    excl = jnp.cumsum(e, axis=1) - e                                         # sum_{j<k} e_ik
-    dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
-    dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
-    ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
-    dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
-    da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
+    cb = _dot(Cc, Bc, ((1,), (1,)))
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+
+    def head(hi):
+        a = a_ref[hi]
+        d = d_ref[hi, :]
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        h_prev, dh = _chunk_states(x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref, st_ref,
+                                   dst_ref, a=a, bi=bi, c=c, hi=hi, gi=gi, q=q, stride=stride)
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+        ecs = jnp.exp(cs)
+        xf = x.astype(f32)
+        xdt = xf * dt[:, None]
+        xdt_c = xdt.astype(dot_dtype)
+        m = cb * decay
+        ch = _dot(Cc, h_prev.astype(dot_dtype), ((1,), (1,)))               # (Q, P)
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            y = _dot(m.astype(dot_dtype), xdt_c) + ecs[:, None] * ch + d[None, :] * xf
+            sz = jax.nn.sigmoid(zf)
+            dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(
+                dz_ref.dtype)
+            dout = dout * zf * sz
+        dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
+        dout_c = dout.astype(dot_dtype)
+        dm = _dot(dout_c, xdt_c, ((1,), (1,)))                               # (Q, Q)
+        dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))              # (Q, P)
+        t_inter = ecs * jnp.sum(dout * ch, axis=1)                           # d/dcs_i
+        w = jnp.exp(total - cs)
+        bdh = _dot(Bc, dh.astype(dot_dtype), ((1,), (1,)))                   # (Q, P)
+        dxdt = dxdt + w[:, None] * bdh
+        f_write = w * jnp.sum(xdt * bdh, axis=1)
+        s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+        e = dm * m
+        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
+        dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+        ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+        dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+        da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
+
+    if hx == 1:
+        head(blk)
+    else:
+        def body(j, carry):
+            head(blk * hx + j)
+            return carry
+        jax.lax.fori_loop(0, hx, body, 0)
 
 
 def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_ref, dy_ref,
-                        db_ref, dc_ref, *, q, hb, rep):
-    """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group).
+                        db_ref, dc_ref, *, q, hb, rep, nb=None, stride=1):
+    """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group
+    [, block of nb state columns]).
 
     dB = sum_h [ (d(C B^T)_h)^T C + (exp(cs_Q - cs) o dt x)_h dh_h ]
     dC = sum_h [ d(C B^T)_h B + (exp(cs) o dy_core)_h h_prev_h ]
     A matmul K-loop over the block's heads: only the three accumulators are carried.
+    Columns of dB, dC only read the same columns of the states, so an optional fourth grid
+    axis splits N (d(C B^T) is recomputed per column block; accumulators shrink).
     Outputs dB, dC: (B, Lp, H // hb, N) f32 partials.
     """
     bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ns = slice(None) if nb is None else pl.ds(pl.multiple_of(pl.program_id(3) * nb, nb), nb)
     gi = (blk * hb) // rep
     f32 = jnp.float32
     dot_dtype = x_ref.dtype
@@ -705,16 +833,24 @@ def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_r
         dm = _dot(dout.astype(dot_dtype), xdt.astype(dot_dtype), ((1,), (1,)))
         u = (xdt * jnp.exp(total - cs)[:, None]).astype(dot_dtype)
         v = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
+        h_prev, dh = _chunk_states(x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref, st_ref,
+                                   dst_ref, a=a, bi=bi, c=c, hi=hi, gi=gi, q=q,
+                                   stride=stride, ns=ns)
         return (dcb_acc + dm * decay,
-                db_acc + _dot(u, dst_ref[bi, c, hi, :, :]),
-                dc_acc + _dot(v, st_ref[bi, c, hi, :, :]))
+                db_acc + _dot(u, dh.astype(dot_dtype)),
+                dc_acc + _dot(v, h_prev.astype(dot_dtype)))
 
-    n = b_ref.shape[-1]
+    n = b_ref.shape[-1] if nb is None else nb
     init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
     dcb, db, dc = jax.lax.fori_loop(0, hb, head, init)
     dcb_c = dcb.astype(dot_dtype)
-    db_ref[bi, t, blk, :] = db + _dot(dcb_c, c_ref[bi, t, gi, :], ((0,), (0,)))
-    dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, b_ref[bi, t, gi, :])
+    db_ref[bi, t, blk, ns] = db + _dot(dcb_c, c_ref[bi, t, gi, ns], ((0,), (0,)))
+    dc_ref[bi, t, blk, ns] = dc + _dot(dcb_c, b_ref[bi, t, gi, ns])
+
+
+def _block(block, size):
+    """A block size clipped to `size`; None when it covers all of it (no extra grid axis)."""
+    return None if block is None or block >= size else block
 
 
 def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
@@ -728,12 +864,14 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
+    stride = bs.state_stride
+    pb = _block(bs.fwd_pblock, p)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]
     if save_states:
         # Stored in the input dtype: bf16 entry states halve the largest residual and stay
         # within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
-        out_shape.append(jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((b, nc // stride, h, p, n), x.dtype))
 
     has_z = z is not None
     n_in = 7 + has_z
@@ -741,10 +879,11 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
     def kernel(*refs):
         ins = list(refs[:6]) + [refs[6] if has_z else None, refs[n_in - 1]]
         outs = list(refs[n_in:]) + ([] if save_states else [None])
-        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
+        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g, pb=pb, stride=stride)
 
     args = [x, dt, A, B, C, D] + ([z] if z is not None else []) + [h0]
-    return _pallas_call(kernel, out_shape, (b, h), bs.num_warps_fwd, bs.num_stages, interpret,
+    grid = (b, h) if pb is None else (b, h, p // pb)
+    return _pallas_call(kernel, out_shape, grid, bs.num_warps_fwd, bs.num_stages, interpret,
                         "ssd_fwd")(*args)
 
 
@@ -785,6 +924,30 @@ def _largest_divisor_at_most(v: int, cap: int) -> int:
     return max(k for k in range(1, min(v, cap) + 1) if v % k == 0)
 
 
+def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
+    """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at (every stride-th) chunk end, dh0."""
+    b, lp, h, p = dy.shape
+    g, n = C.shape[2:]
+    nc = lp // q
+    stride = bs.state_stride
+    pb = _block(bs.dstate_pblock, p)
+    has_z = z is not None
+
+    def kernel(*refs):
+        refs = list(refs)
+        ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
+        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g, pb=pb, stride=stride)
+
+    args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
+    return _pallas_call(
+        kernel,
+        [jax.ShapeDtypeStruct((b, nc // stride, h, p, n), states_dtype),
+         jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
+        (b, h) if pb is None else (b, h, p // pb),
+        bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
+        "ssd_bwd_dstate")(*args)
+
+
 def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     """Launches the two split-backward kernels; returns the same tuple as `_bwd_call`."""
     b, lp, h, p = x.shape
@@ -795,17 +958,8 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     has_z = z is not None
     f32 = jnp.float32
 
-    def dstate_kernel(*refs):
-        refs = list(refs)
-        ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
-        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=rep)
-
-    args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
-    dstates, dh0 = _pallas_call(
-        dstate_kernel,
-        [jax.ShapeDtypeStruct(states.shape, states.dtype),
-         jax.ShapeDtypeStruct((b, h, p, n), f32)],
-        (b, h), bs.num_warps_fwd, bs.num_stages, interpret, "ssd_bwd_dstate")(*args)
+    dstates, dh0 = _dstate_call(dt, A, C, z, dy, dhT, states_dtype=states.dtype, q=q, bs=bs,
+                                interpret=interpret)
 
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
                  jax.ShapeDtypeStruct((b, lp, h), f32),                  # ddt
@@ -855,22 +1009,27 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
         ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
         outs = refs[9:]
         outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
-        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep)
+        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep, stride=bs.state_stride, hx=hx)
 
+    hx = _largest_divisor_at_most(rep, bs.dx_heads)
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
-    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h), bs.num_warps_fwd, bs.num_stages,
-                            interpret, "ssd_bwd_dx")(*args))
+    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h // hx),
+                            bs.num_warps_dx or bs.num_warps_fwd,
+                            bs.num_stages, interpret, "ssd_bwd_dx")(*args))
     dz = res.pop(2) if has_z else None
     dx, ddt, da, dd = res
 
     def dbc_kernel(*refs):
         refs = list(refs)
         ins = refs[:5] + ([refs.pop(5)] if has_z else [None]) + refs[5:8]
-        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep)
+        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep, nb=nb,
+                            stride=bs.state_stride)
 
+    nb = _block(bs.dbc_nblock, n)
+    grid = (b, nc, h // hb) if nb is None else (b, nc, h // hb, n // nb)
     args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
     dbp, dcp = _pallas_call(
-        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)] * 2, (b, nc, h // hb),
+        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)] * 2, grid,
         bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
     return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
 
@@ -928,7 +1087,7 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
     if interpret is None:
         interpret = not _on_gpu()
     q = _kernel_chunk(chunk_size, bs)
-    lp = -(-l // q) * q
+    lp = -(-l // (q * bs.state_stride)) * q * bs.state_stride
     pp, nn = max(16, _next_pow2(p)), max(16, _next_pow2(n))
     f32 = jnp.float32
     dt_eff = _pad_to(_effective_dt(dt, dt_bias, dt_softplus), 1, lp)

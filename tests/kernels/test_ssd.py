@@ -183,46 +183,57 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     compare(got, ref, jnp.float32, f"pallas l={l} chunk={chunk} g={g} p={p} n={n}")
 
 
-@pytest.mark.parametrize("bwd,bwd_heads", [
-    ("split3", 1),   # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
-    ("split", 1),
-    ("fused", 32),
+@pytest.mark.parametrize("l,p,n,kw", [
+    # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
+    (29, 16, 16, dict(bwd="split3", bwd_heads=1)),
+    (29, 16, 16, dict(bwd="split", bwd_heads=1)),
+    (29, 16, 16, dict(bwd="fused", bwd_heads=32)),
+    # states of every other chunk: 3 chunks padded to 4, both parities recomputed
+    (45, 16, 16, dict(state_stride=2, bwd_heads=1)),
+    # P split in the sequential passes, N split in dB/dC, 2 heads per dx program
+    (45, 32, 32, dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=16,
+                      dx_heads=2)),
+    (29, 32, 32, dict(fwd_pblock=16, dstate_pblock=16, dbc_nblock=16, dx_heads=2)),
 ])
-def test_pallas_backward_variants_match_reference(bwd, bwd_heads):
+def test_pallas_backward_variants_match_reference(l, p, n, kw):
     key = jax.random.PRNGKey(15)
-    args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
+    args = make_inputs(key, l=l, h=4, g=2, p=p, n=n)
     ref = vjp_all(ssd_reference, args, key)
-    bs = BlockSizes(bwd=bwd, bwd_heads=bwd_heads)
-    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=bs)
-    compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward")
+    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=BlockSizes(**kw))
+    compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, backward {kw}")
 
 
-def test_pallas_bfloat16():
+@pytest.mark.parametrize("state_stride", [1, 2])
+def test_pallas_bfloat16(state_stride):
     key = jax.random.PRNGKey(12)
     args = make_inputs(key, l=40, g=2, p=16, n=16, dtype=jnp.bfloat16)
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    y, h, grads = vjp_all(functools.partial(ssd, impl="pallas", chunk_size=16), args, key)
+    fn = functools.partial(ssd_pallas, chunk_size=16,
+                           block_sizes=BlockSizes(state_stride=state_stride))
+    y, h, grads = vjp_all(fn, args, key)
     y0, h0, grads0 = vjp_all(ssd_reference, args32, key)
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
     compare((y, h, grads), (y0, h0, grads0), jnp.bfloat16, "pallas bf16")
 
 
-@pytest.mark.parametrize("bwd,kernels", [
-    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
-    ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk")),
-    ("fused", ("ssd_bwd",)),
+@pytest.mark.parametrize("bs_kw,kernels", [
+    (dict(bwd="split3"), ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
+    (dict(bwd="split"), ("ssd_bwd_dstate", "ssd_bwd_chunk")),
+    (dict(bwd="fused"), ("ssd_bwd",)),
+    (dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=32, dx_heads=2),
+     ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
 ])
-def test_pallas_lowers_to_triton(bwd, kernels):
+def test_pallas_lowers_to_triton(bs_kw, kernels):
     """Forward and backward cross-lower to Triton IR without a GPU (catches lowering errors)."""
     args = make_inputs(jax.random.PRNGKey(13), b=1, l=70, h=2, p=32, n=64, g=1,
-                       dtype=jnp.bfloat16)
+                       dtype=jnp.bfloat16)  # 2 chunks of 64
     names = list(FLOAT_ARGS)
 
     def loss(*vals):
         kw = dict(zip(names, vals))
         y, h = ssd_pallas(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
                           chunk_size=64, dt_softplus=True, return_final_state=True,
-                          interpret=False, block_sizes=BlockSizes(bwd=bwd), **kw)
+                          interpret=False, block_sizes=BlockSizes(**bs_kw), **kw)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     vals = [args[k] for k in names]
@@ -240,3 +251,11 @@ def test_pallas_block_sizes_validated():
         run(ssd_pallas, args, chunk_size=16, block_sizes=BlockSizes(chunk=24))
     with pytest.raises(ValueError, match="BlockSizes.bwd"):
         BlockSizes(bwd="reverse")
+    with pytest.raises(ValueError, match="state_stride"):
+        BlockSizes(state_stride=3)
+    with pytest.raises(ValueError, match="state_stride=2 needs"):
+        BlockSizes(state_stride=2, bwd="fused")
+    with pytest.raises(ValueError, match="dbc_nblock"):
+        BlockSizes(dbc_nblock=24)
+    with pytest.raises(ValueError, match="dx_heads"):
+        BlockSizes(dx_heads=0)
