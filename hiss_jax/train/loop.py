@@ -1,8 +1,11 @@
 """train_and_evaluate: the whole run (data, model, state, loop, checkpoints, logs, summary).
 
 Writes to the workdir: config.json, metrics.jsonl, TensorBoard events (tb/), checkpoints/, best/,
-summary.json and predictions.png. Restore order: this workdir's last checkpoint, else
-config.train.init_from (params only; fresh optimizer at step 0), else a fresh init.
+summary.json and (when config.train.plot_episodes > 0) predictions.png. Restore order: this
+workdir's last checkpoint, else config.train.init_from (params only; fresh optimizer at step 0),
+else a fresh init. Wall time (summary `wall_s`, metrics `elapsed_s`) is cumulative over resumes:
+each checkpoint's meta holds the wall time up to it, and a resumed run adds it back (the time
+between the last checkpoint and a kill is not counted).
 """
 from __future__ import annotations
 
@@ -111,7 +114,8 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
     abstract = state_lib.abstract_with_shardings(state, shardings)
 
     ckpts = checkpoint.Checkpoints(workdir, tc.max_to_keep)
-    meta = {"step": 0, "best_val": None, "best_step": None, "zero_mse": None, "epoch": 0}
+    meta = {"step": 0, "best_val": None, "best_step": None, "zero_mse": None, "epoch": 0,
+            "wall_s": 0.0}
     restored = ckpts.restore_latest(abstract)
     source = "fresh"
     if restored is not None:
@@ -122,6 +126,12 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
         state = jax.jit(lambda s, p: s.replace(params=p), out_shardings=shardings,
                         donate_argnums=0)(state, params)
         source = f"params from {where}"
+    # wall time of the earlier segments of this run (checkpoints written before this version
+    # hold none)
+    wall_before = float(meta.get("wall_s") or 0.0)
+
+    def wall_s() -> float:
+        return wall_before + time.time() - t_start
 
     train_step = step_lib.make_train_step(model, tx, schedule, mesh, shardings, rules)
     eval_step = step_lib.make_eval_step(model, mesh, shardings.params, rules)
@@ -149,7 +159,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
             host = jax.device_get(window)
             avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             avg["epoch"] = batches.epoch(step)
-            avg["elapsed_s"] = time.time() - t_start
+            avg["elapsed_s"] = wall_s()
             log.write("train", done, avg)
             bar.set_postfix(loss=f"{avg['loss']:.4f}")
             window = []
@@ -164,7 +174,8 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
             improved = meta["best_val"] is None or val["mse"] < meta["best_val"]
             if improved:
                 meta.update(best_val=val["mse"], best_step=done)
-            meta.update(step=done, zero_mse=val["zero_mse"], epoch=batches.epoch(step))
+            meta.update(step=done, zero_mse=val["zero_mse"], epoch=batches.epoch(step),
+                        wall_s=wall_s())
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", val=f"{val['mse']:.4f}",
                             best=f"{meta['best_val']:.4f}")
             if done % ckpt_every == 0 or done == n_steps or improved:
@@ -172,7 +183,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
             t_side += time.time() - t0
         elif done % ckpt_every == 0:
             t0 = time.time()
-            meta.update(step=done, epoch=batches.epoch(step))
+            meta.update(step=done, epoch=batches.epoch(step), wall_s=wall_s())
             ckpts.save(state, dict(meta))
             t_side += time.time() - t0
     jax.block_until_ready(state)
@@ -188,7 +199,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
     summary = {
         "best_val_mse": val["mse"], "zero_baseline_mse": val["zero_mse"],
         "ratio_to_zero": val["mse_over_zero"], "best_step": meta["best_step"],
-        "steps": n_steps, "steps_per_s": steps_per_s, "wall_s": time.time() - t_start,
+        "steps": n_steps, "steps_per_s": steps_per_s, "wall_s": wall_s(),
         "data_s": t_data, "train_loop_s": t_end - t_loop, "param_count": n_params,
         "dataset": info.name, "model": f"{config.model.type} {_levels(config)}",
         "val_rmse_raw": [val[f"rmse_raw_{i}"] for i in range(info.output_dim)],
@@ -200,11 +211,14 @@ def train_and_evaluate(config, workdir: str, *, dataset=None, model=None) -> dic
     if main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        written = ["summary.json", "metrics.jsonl", "tb/"]
+        if tc.plot_episodes:
+            written.append("predictions.png")
         print(f"best val MSE {summary['best_val_mse']:.5f} (step {summary['best_step']}) | "
               f"zero baseline {summary['zero_baseline_mse']:.5f} | ratio "
               f"{summary['ratio_to_zero']:.3f} | {steps_per_s or 0:.2f} steps/s | wall "
               f"{summary['wall_s']:.0f} s (data {t_data:.0f} s) | {n_params:,} params\n"
-              f"wrote {workdir}/summary.json, metrics.jsonl, tb/, predictions.png", flush=True)
+              f"wrote {workdir}/{', '.join(written)}", flush=True)
     log.close()
     ckpts.close()
     return summary

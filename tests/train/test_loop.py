@@ -1,6 +1,8 @@
-"""The loop on stand-ins: outputs, checkpoint round trip, kill-and-resume equality, init_from."""
+"""The loop on stand-ins: outputs, checkpoint round trip, kill-and-resume equality (and the wall
+time adding up over the segments), init_from."""
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -35,10 +37,11 @@ def _latest_params(workdir, config):
     return jax.device_get(restored.params), meta
 
 
-def test_run_writes_summary_metrics_plot_and_events(tmp_path):
+def test_run_writes_summary_metrics_plot_and_events(tmp_path, capsys):
     summary = _run(tmp_path, _config())
     for name in ("summary.json", "metrics.jsonl", "predictions.png", "config.json"):
         assert os.path.getsize(tmp_path / name) > 0, name
+    assert "predictions.png" in capsys.readouterr().out.splitlines()[-1]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     with open(tmp_path / "summary.json") as f:
         assert json.load(f) == pytest.approx(summary)
@@ -52,6 +55,13 @@ def test_run_writes_summary_metrics_plot_and_events(tmp_path):
     assert {"loss", "lr", "grad_norm", "param_norm"} <= set(train[0])
     assert [l["step"] for l in lines if l["split"] == "val"] == [3, 6]
     assert sorted(int(s) for s in os.listdir(tmp_path / "best")) == [summary["best_step"]]
+
+
+def test_no_plot_is_drawn_or_reported_with_plot_episodes_0(tmp_path, capsys):
+    _run(tmp_path, _config(num_steps=2, eval_every=2, plot_episodes=0))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("wrote ") and "summary.json" in last, last
+    assert "predictions.png" not in last and not os.path.exists(tmp_path / "predictions.png")
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
@@ -91,16 +101,23 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
         return call(self, step)
 
     monkeypatch.setattr(batching.TrainBatches, "__call__", killed_at_4)
+    t0 = time.time()
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "resumed", _config())
+    first_segment = time.time() - t0
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+    _, meta_3 = _latest_params(tmp_path / "resumed", config)
+    assert 0 < meta_3["wall_s"] <= first_segment  # the first segment's time up to step 3
     monkeypatch.setattr(batching.TrainBatches, "__call__", call)
     summary = _run(tmp_path / "resumed", _config())  # new objects, same workdir
     assert summary["source"].startswith("resumed")
+    # the wall time adds the first segment (up to its checkpoint) to the second's
+    assert summary["wall_s"] >= meta_3["wall_s"] + summary["train_loop_s"]
 
     a, meta_a = _latest_params(tmp_path / "straight", config)
     b, meta_b = _latest_params(tmp_path / "resumed", config)
     assert meta_a["step"] == meta_b["step"] == 6
+    assert meta_b["wall_s"] > meta_3["wall_s"]
     jax.tree.map(np.testing.assert_array_equal, a, b)
     val = lambda d: [l for l in map(json.loads, open(d / "metrics.jsonl")) if l["split"] == "val"]
     assert val(tmp_path / "straight")[-1] == val(tmp_path / "resumed")[-1]
