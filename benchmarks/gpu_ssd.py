@@ -1,35 +1,39 @@
 """GPU check and timing of kernels.ssd (one script, one device call).
 
 Run on the GPU machine from the repository root:
-    python benchmarks/gpu_ssd.py [--quick]
-Sections, each guarded so one failure does not lose the rest; JSON is rewritten to
-$OUT/ssd_gpu.json (or ./ssd_gpu.json) after every section:
-  1. equivalence at realistic shapes (every optional argument, bf16) vs an f32 sequential
-     reference: y, h_L and the gradient of every float input; pass = within the bf16 entry of
-     tests/conftest.py TOLERANCES.
-  2. dA / ddt gradient accuracy at length 65536 (pallas, f32 and bf16 inputs) vs the reference.
-  3. timings under jax.jit: 2 warm-up calls, then the mean of 50 back-to-back calls with one
-     block_until_ready; forward and forward+backward (jax.grad of sum(y) wrt x, dt, A, B, C, D);
-     shapes L (b8 L4096 h32 p64 n128 g1) and S (b64 L1024 h4 p32 n64 g1), bf16 activations;
-     impl pallas (several tilings) vs xla, and the peer jax-linear-attention when installed.
+    python benchmarks/gpu_ssd.py [--budget 270] [--variants a,b] [--no-precompile]
+The parent process never touches the GPU; it runs tasks in worker processes and rewrites
+$OUT/ssd_gpu.json (or ./ssd_gpu.json) after each:
+  0. (parallel, optional) precompile: one worker per variant compiles that variant's jitted
+     functions into a persistent compilation cache while task 1 runs;
+  1. references: f32 sequential `ssd_reference` (every optional argument, bf16 inputs upcast)
+     at L (b2) and S (b8): y, h_L and the gradient of every float input, saved to a file;
+  2. per-kernel breakdown at L and S for a few variants (forward, forward + residuals, dL/dh
+     pass, dx pass, dB/dC pass, each jitted alone on the padded operands);
+  3. per variant, in priority order: equivalence of y, h_L and every gradient vs the
+     references (pass = within the bf16 entry of tests/conftest.py TOLERANCES), then timings
+     under jax.jit (2 warm-up calls, mean of 50 back-to-back calls with one
+     block_until_ready) of the forward and of forward+backward (jax.grad of sum(y) wrt x,
+     dt, A, B, C, D) at L (b8 L4096 h32 p64 n128 g1) and S (b64 L1024 h4 p32 n64 g1);
+  4. (optional) dA / ddt gradient accuracy at length 65536 for one variant.
+Each worker has a watchdog: a task over its time limit is recorded as an error and the next
+worker goes on with the remaining tasks. No new task starts after --budget seconds.
+The table is printed last.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.ssd import BlockSizes, ssd, ssd_pallas, ssd_reference  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # Copied from tests/conftest.py TOLERANCES["bfloat16"] (the one tolerance table).
 BF16_TOL = {"out": 2e-2, "grad": 3e-2}
@@ -37,21 +41,49 @@ SHAPES = {
     "L": dict(b=8, l=4096, h=32, p=64, n=128, g=1),
     "S": dict(b=64, l=1024, h=4, p=32, n=64, g=1),
 }
+EQ_BATCH = {"L": 2, "S": 8}
 if os.environ.get("SSD_BENCH_TINY"):  # CPU dry run of the script itself (interpret mode)
     SHAPES = {"L": dict(b=2, l=128, h=4, p=64, n=128, g=1),
               "S": dict(b=2, l=64, h=2, p=32, n=64, g=1)}
+    EQ_BATCH = {"L": 1, "S": 1}
 OUT = os.environ.get("OUT", ".")
-RESULTS = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
-           "equivalence": [], "grad_64k": [], "timings": [], "errors": []}
+CACHE_DIR = os.environ.get("SSD_JAX_CACHE", "/tmp/ssd_jax_cache")
+REF_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ssd_gpu_refs.npz")
+
+# name -> BlockSizes keywords (chunk 64 pinned). Order = priority: a device call may end
+# before the last. "s1" keeps a state per chunk (run-3 default), "s2" every other chunk.
+VARIANTS = {
+    "s1 run3-default": dict(),
+    "s2": dict(state_stride=2),
+    "s2 nb64": dict(state_stride=2, dbc_nblock=64),
+    "s2 pb32": dict(state_stride=2, fwd_pblock=32, dstate_pblock=32),
+    "s2 dxw8": dict(state_stride=2, num_warps_dx=8),
+    "s2 dxh4": dict(state_stride=2, dx_heads=4),
+    "s2 all": dict(state_stride=2, fwd_pblock=32, dstate_pblock=32, dbc_nblock=64,
+                   num_warps_dx=8),
+    "s1 pb32 nb64": dict(fwd_pblock=32, dstate_pblock=32, dbc_nblock=64),
+    "s2 dbcw4": dict(state_stride=2, num_warps_bwd=4),
+    "s2 st1": dict(state_stride=2, num_stages=1),
+    "s2 st3": dict(state_stride=2, num_stages=3),
+}
+BREAKDOWN = ("s1 run3-default", "s2", "s2 all")
+GRAD64K = "s2"
 
 
-def save():
-    path = RESULTS.get("_path") or os.path.join(OUT, "ssd_gpu.json")
-    with open(path, "w") as f:
-        json.dump({k: v for k, v in RESULTS.items() if k != "_path"}, f, indent=1)
+# --------------------------------------------------------------------------------------------
+# Worker side (imports jax).
+# --------------------------------------------------------------------------------------------
+def _jax():
+    import jax
+    jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return jax
 
 
 def rel_err(a, e):
+    import jax.numpy as jnp
+    import numpy as np
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     e = np.asarray(jnp.asarray(e, jnp.float32), np.float64)
     if not np.all(np.isfinite(a)):
@@ -59,12 +91,17 @@ def rel_err(a, e):
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
 
 
-def inputs(key, b, l, h, p, n, g, dtype=jnp.bfloat16, optional=False):
+def inputs(key, b, l, h, p, n, g, optional=False, dtype=None):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    dtype = dtype or jnp.bfloat16
     ks = jax.random.split(key, 9)
     args = dict(
         x=jax.random.normal(ks[0], (b, l, h, p), jnp.float32).astype(dtype),
         # dt after softplus in the Mamba-2 range (0.001 .. 0.1 at init, larger in training).
-        dt=jnp.exp(jax.random.uniform(ks[1], (b, l, h), minval=np.log(1e-3), maxval=np.log(0.2))),
+        dt=jnp.exp(jax.random.uniform(ks[1], (b, l, h), minval=np.log(1e-3),
+                                      maxval=np.log(0.2))),
         A=-jnp.exp(jax.random.uniform(ks[2], (h,), minval=0.0, maxval=np.log(16.0))),
         B=jax.random.normal(ks[3], (b, l, g, n), jnp.float32).astype(dtype),
         C=jax.random.normal(ks[4], (b, l, g, n), jnp.float32).astype(dtype),
@@ -86,60 +123,191 @@ def call(fn, args, **kw):
     return fn(*[args[k] for k in POS], **{k: v for k, v in args.items() if k not in POS}, **kw)
 
 
-def vjp_all(fn, args, key, **kw):
-    names = list(args)
+def vjp_fn(fn, names, **kw):
+    """jit-able: (vals, key) -> y, h_L, grads of every input under a random cotangent."""
+    import jax
+    import jax.numpy as jnp
 
-    @jax.jit
-    def go(vals):
+    def go(vals, key):
         def f(*v):
             return call(fn, dict(zip(names, v)), return_final_state=True, **kw)
         (y, h), pull = jax.vjp(f, *vals)
         k1, k2 = jax.random.split(key)
         gy = jax.random.normal(k1, y.shape, jnp.float32).astype(y.dtype)
         gh = jax.random.normal(k2, h.shape, jnp.float32)
-        return y, h, dict(zip(names, pull((gy, gh))))
+        return y, h, pull((gy, gh))
+    return go
 
-    return go([args[k] for k in names])
 
-
-def section(name, fn):
+def compiled(f, *args):
+    """Explicit lower + compile (the same path in precompile and measuring workers, so the
+    persistent cache key matches); returns (executable, compile seconds)."""
+    jax = _jax()
     t0 = time.time()
-    try:
-        fn()
-    except Exception as e:  # keep the other sections' results
-        RESULTS["errors"].append({"section": name, "error": repr(e)[:2000],
-                                  "trace": traceback.format_exc()[-3000:]})
-        print(f"[{name}] FAILED: {e!r}"[:2000], flush=True)
-    print(f"[{name}] {time.time() - t0:.1f} s", flush=True)
-    save()
+    exe = jax.jit(f).lower(*args).compile()
+    return exe, time.time() - t0
 
 
-def equivalence():
-    for shape, b in (("L", 2), ("S", 8)):
-        cfg = dict(SHAPES[shape], b=b)
-        key = jax.random.PRNGKey(0)
-        args = inputs(key, **cfg, optional=True)
-        args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+def bench(exe, args, iters=50):
+    jax = _jax()
+    for _ in range(2):
+        jax.block_until_ready(exe(*args))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = exe(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def block_sizes(name):
+    from kernels.ssd import BlockSizes
+    return BlockSizes(**{"chunk": 64, **VARIANTS[name]})
+
+
+def _pallas(bs):
+    from kernels.ssd import ssd_pallas
+
+    def f(x, dt, A, B, C, **kw):
+        return ssd_pallas(x, dt, A, B, C, chunk_size=64, block_sizes=bs, **kw)
+    return f
+
+
+def eq_setup(shape):
+    jax = _jax()
+    import jax.numpy as jnp
+    cfg = dict(SHAPES[shape], b=EQ_BATCH[shape])
+    key = jax.random.PRNGKey(0)
+    args = inputs(key, **cfg, optional=True)
+    names = list(args)
+    return cfg, key, args, names, jnp
+
+
+def task_refs(rec, precompile=False):
+    del precompile
+    jax = _jax()
+    import numpy as np
+    from kernels.ssd import ssd_reference
+    out = {}
+    for shape in ("L", "S"):
+        cfg, key, args, names, jnp = eq_setup(shape)
+        args32 = [args[k].astype(jnp.float32) for k in names]
         with jax.default_matmul_precision("highest"):
-            ref = vjp_all(ssd_reference, args32, key, dt_softplus=True)
-        got = vjp_all(ssd, args, key, chunk_size=64, impl="pallas", dt_softplus=True)
-        errs = {"y": rel_err(got[0], ref[0]), "h_L": rel_err(got[1], ref[1])}
-        errs.update({"d" + k: rel_err(got[2][k], ref[2][k]) for k in ref[2]})
-        ok = all(v <= BF16_TOL["out" if k in ("y", "h_L") else "grad"] for k, v in errs.items())
-        RESULTS["equivalence"].append({"shape": shape, **cfg, "errors": errs, "pass": ok})
-        print(f"equivalence {shape} b={b}: pass={ok} " +
-              " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
+            y, h, grads = jax.jit(vjp_fn(ssd_reference, names, dt_softplus=True))(args32, key)
+        out[f"{shape}/y"] = np.asarray(y, np.float32)
+        out[f"{shape}/h_L"] = np.asarray(h, np.float32)
+        for k, g in zip(names, grads):
+            out[f"{shape}/d{k}"] = np.asarray(g, np.float32)
+    np.savez(REF_PATH, **out)
+    rec["saved"] = REF_PATH
 
 
-def grad_64k():
+def task_variant(rec, name, precompile=False):
+    jax = _jax()
+    import jax.numpy as jnp
+    import numpy as np
+    bs = block_sizes(name)
+    f = _pallas(bs)
+    rec["block_sizes"] = VARIANTS[name]
+    rec["compile_s"] = {}
+    refs = None if precompile or not os.path.exists(REF_PATH) else np.load(REF_PATH)
+    for shape in ("L", "S"):
+        cfg, key, args, names, _ = eq_setup(shape)
+        vals = [args[k] for k in names]
+        exe, ct = compiled(vjp_fn(f, names, dt_softplus=True), vals, key)
+        rec["compile_s"][f"{shape} eq"] = round(ct, 1)
+        if refs is not None:
+            y, h, grads = exe(vals, key)
+            errs = {"y": rel_err(y, refs[f"{shape}/y"]), "h_L": rel_err(h, refs[f"{shape}/h_L"])}
+            errs.update({"d" + k: rel_err(g, refs[f"{shape}/d{k}"])
+                         for k, g in zip(names, grads)})
+            ok = all(v <= BF16_TOL["out" if k in ("y", "h_L") else "grad"]
+                     for k, v in errs.items())
+            rec[f"{shape}_errors"] = errs
+            rec[f"{shape}_max_err"] = max(errs.values())
+            rec[f"{shape}_pass"] = ok
+        del exe
+    for shape in ("L", "S"):
+        cfg = SHAPES[shape]
+        args = inputs(jax.random.PRNGKey(3), **cfg)
+        vals = [args[k] for k in ("x", "dt", "A", "B", "C", "D")]
+
+        def fwd(x, dt, A, B, C, D):
+            return f(x, dt, A, B, C, D=D)
+
+        def loss(*v):
+            return jnp.sum(fwd(*v).astype(jnp.float32))
+
+        for what, fn in (("fwd", fwd), ("fwd_bwd", jax.grad(loss, argnums=tuple(range(6))))):
+            exe, ct = compiled(fn, *vals)
+            rec["compile_s"][f"{shape} {what}"] = round(ct, 1)
+            if not precompile:
+                rec[f"{shape}_{what}_ms"] = bench(exe, vals)
+            del exe
+
+
+def task_breakdown(rec, name, precompile=False):
+    """Each kernel of the variant jitted alone at L and S on the padded operands."""
+    jax = _jax()
+    import jax.numpy as jnp
+    import importlib
+    K = importlib.import_module("kernels.ssd")  # the package re-exports `ssd`, the function
+    bs = block_sizes(name)
+    q = 64
+    for shape in ("L", "S"):
+        cfg = SHAPES[shape]
+        args = inputs(jax.random.PRNGKey(3), **cfg)
+        b, l, h, p, n, g = (cfg[k] for k in ("b", "l", "h", "p", "n", "g"))
+        x, dt, A, B, C = (args[k] for k in POS)
+        D = jnp.broadcast_to(args["D"][:, None], (h, p)).astype(jnp.float32)
+        h0 = jnp.zeros((b, h, p, n), jnp.float32)
+        dy = jax.random.normal(jax.random.PRNGKey(4), x.shape, jnp.float32).astype(x.dtype)
+        dhT = jnp.zeros((b, h, p, n), jnp.float32)
+        hb = K._largest_divisor_at_most(h // g, bs.bwd_heads)
+        if (l // q) % bs.state_stride:
+            continue
+        kw = dict(q=q, bs=bs, interpret=jax.default_backend() != "gpu")
+        if precompile:   # shapes only: no GPU work while other workers time kernels
+            st_shape = (b, l // q // bs.state_stride, h, p, n)
+            states = dstates = jnp.zeros(st_shape, x.dtype)
+        else:
+            _, _, states = jax.jit(lambda *a: K._fwd_call(*a, None, h0, save_states=True,
+                                                          **kw))(x, dt, A, B, C, D)
+            dstates, _ = jax.jit(lambda *a: K._dstate_call(*a, states_dtype=x.dtype, **kw))(
+                dt, A, C, None, dy, dhT)
+        jobs = {
+            "fwd": (lambda *a: K._fwd_call(*a, None, h0, save_states=False, **kw),
+                    (x, dt, A, B, C, D)),
+            "fwd_res": (lambda *a: K._fwd_call(*a, None, h0, save_states=True, **kw),
+                        (x, dt, A, B, C, D)),
+            "dstate": (lambda *a: K._dstate_call(*a, states_dtype=x.dtype, **kw),
+                       (dt, A, C, None, dy, dhT)),
+            "dx": (lambda *a: K._dx_call(*a, **kw),
+                   (x, dt, A, B, C, D, None, states, dstates, dy)),
+            "dbc": (lambda *a: K._dbc_call(*a, hb=hb, **kw),
+                    (x, dt, A, B, C, None, states, dstates, dy)),
+        }
+        for what, (fn, a) in jobs.items():
+            exe, _ = compiled(fn, *a)
+            if not precompile:
+                rec[f"{shape}_{what}_ms"] = bench(exe, a)
+        if not precompile:
+            rec[f"{shape}_sum_ms"] = sum(rec[f"{shape}_{k}_ms"]
+                                         for k in ("fwd_res", "dstate", "dx", "dbc"))
+
+
+def task_grad64k(rec, name, precompile=False):
+    jax = _jax()
+    import jax.numpy as jnp
+    from kernels.ssd import ssd_reference
+    if precompile:
+        return
     cfg = dict(b=1, l=65536, h=4, p=32, n=64, g=1)
-    key = jax.random.PRNGKey(1)
-    base = inputs(key, **cfg, dtype=jnp.float32)
-    names = ("dt", "A")
+    base = inputs(jax.random.PRNGKey(1), **cfg, dtype=jnp.float32)
+    f = _pallas(block_sizes(name))
 
-    def grads(fn, args, **kw):
+    def grads(fn, args):
         def loss(dt, A):
-            y = call(fn, {**args, "dt": dt, "A": A}, **kw)
+            y = call(fn, {**args, "dt": dt, "A": A})
             w = jax.random.normal(jax.random.PRNGKey(2), y.shape, jnp.float32)
             return jnp.sum(y.astype(jnp.float32) * w)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(args["dt"], args["A"])
@@ -148,180 +316,186 @@ def grad_64k():
         ref = grads(ssd_reference, base)
     for dtype in (jnp.float32, jnp.bfloat16):
         args = {k: (v.astype(dtype) if k in ("x", "B", "C") else v) for k, v in base.items()}
-        for impl in ("pallas",):
-            got = grads(ssd, args, chunk_size=64, impl=impl)
-            errs = {"d" + k: rel_err(g, r) for k, g, r in zip(names, got, ref)}
-            RESULTS["grad_64k"].append({"dtype": jnp.dtype(dtype).name, "impl": impl, **cfg,
-                                        "errors": errs,
-                                        "pass": all(v <= BF16_TOL["grad"] for v in errs.values())})
-            print(f"grad 64k {jnp.dtype(dtype).name} {impl}: {errs}", flush=True)
+        got = grads(f, args)
+        errs = {"d" + k: rel_err(gv, r) for k, gv, r in zip(("dt", "A"), got, ref)}
+        rec[jnp.dtype(dtype).name] = errs
+        rec[jnp.dtype(dtype).name + "_pass"] = all(v <= BF16_TOL["grad"] for v in errs.values())
 
 
-def bench(f, args, iters=50):
-    out = f(*args)
-    jax.block_until_ready(out)
-    out = f(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters * 1e3
+TASKS = {"refs": task_refs, "variant": task_variant, "breakdown": task_breakdown,
+         "grad64k": task_grad64k}
 
 
-def floors(cfg):
-    """Bytes (bf16 x, y, B, C; f32 dt) and flops of the chunked forward at chunk 64."""
-    b, l, h, p, n, g = (cfg[k] for k in ("b", "l", "h", "p", "n", "g"))
-    q = 64
-    bytes_fwd = 2 * (2 * b * l * h * p + 2 * b * l * g * n) + 4 * b * l * h
-    flops_fwd = b * (l // q) * h * (2 * q * q * n + 2 * q * q * p + 4 * q * p * n)
-    return bytes_fwd, flops_fwd
+def worker(job_path, results_path, precompile):
+    """Runs the tasks of a job file in order, appending one JSON line per task."""
+    with open(job_path) as f:
+        job = json.load(f)
+    print(f"[worker] {'precompile ' if precompile else ''}{len(job)} tasks", flush=True)
+    if precompile:
+        os.nice(10)
+    for task in job:
+        if time.time() > task["deadline"]:
+            print("[worker] deadline reached", flush=True)
+            return
+        rec = {"task": task["kind"], "name": task.get("name"), "precompile": precompile}
+        done = threading.Event()
+
+        def watchdog(limit=task["limit_s"], rec=rec):
+            if not done.wait(limit):
+                rec["error"] = f"over {limit} s (compile or run)"
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"[worker] {rec['task']} {rec['name']}: over {limit} s", flush=True)
+                os._exit(3)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        t0 = time.time()
+        try:
+            kw = {"name": task["name"]} if task.get("name") else {}
+            TASKS[task["kind"]](rec, precompile=precompile, **kw)
+        except Exception as e:  # keep the other tasks' results
+            rec["error"] = repr(e)[:1500]
+            rec["trace"] = traceback.format_exc()[-2500:]
+        rec["wall_s"] = round(time.time() - t0, 1)
+        done.set()
+        with open(results_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
+                 if k not in ("trace", "L_errors", "S_errors", "block_sizes", "compile_s")}
+        print(f"[worker] {short}", flush=True)
 
 
-def _bs(**kw):
-    return BlockSizes(**{"chunk": 64, "num_warps_fwd": 4, **kw})
+# --------------------------------------------------------------------------------------------
+# Parent side (no jax).
+# --------------------------------------------------------------------------------------------
+def run_tasks(tasks, results_path, deadline, precompile=False, tag="main", hard_end=None):
+    """Runs tasks in workers, restarting after a watchdog kill; no task starts after the
+    deadline, and a worker still running at hard_end is killed."""
+    pending = list(tasks)
+    hard_end = hard_end or deadline
+    while pending and time.time() < deadline:
+        job_path = os.path.join(OUT, f"_job_{tag}.json")
+        with open(job_path, "w") as f:
+            json.dump([dict(t, deadline=deadline) for t in pending], f)
+        before = _read(results_path)
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", job_path,
+               "--results", results_path] + (["--precompile"] if precompile else [])
+        try:
+            subprocess.run(cmd, timeout=max(5.0, hard_end - time.time()), check=False)
+        except subprocess.TimeoutExpired:
+            pass
+        os.remove(job_path)
+        n_done = len(_read(results_path)) - len(before)
+        pending = pending[max(n_done, 1):]
+    return pending
 
 
-# Variants whose Triton compile may take minutes ((128, 128) tiles): run in a subprocess with
-# a time limit so they cannot eat the device call. Run 2 measured chunk 128 (compiled in time,
-# 1.3 / 7.1 ms at L): no longer timed.
-RISKY = set()
+def _read(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def make_variants(shape):
-    """Timing variants, most informative first (a device call may end before the last)."""
-    del shape
-    return [("xla", dict(impl="xla", chunk_size=64)),
-            ("jax-linear-attention", None),
-            ("pallas default", dict(impl="pallas", chunk_size=64)),  # run 3: split3 hb8 w4/8
-            ("pallas q64 split3 hb8 w4/4", dict(chunk_size=64, block_sizes=_bs(
-                num_warps_bwd=4))),
-            ("pallas q64 split3 hb32 w4/8", dict(chunk_size=64, block_sizes=_bs(
-                bwd_heads=32))),
-            ("pallas q32 split3 hb8 w4/8", dict(chunk_size=32, block_sizes=_bs(chunk=32))),
-            ("pallas q64 split hb8 w4/8", dict(chunk_size=64, block_sizes=_bs(bwd="split"))),
-            ("pallas q64 fused w4/4", dict(chunk_size=64, block_sizes=_bs(
-                bwd="fused", num_warps_bwd=4)))]
-
-
-def _bind(kw):
-    """The public `ssd` for plain variants; `ssd_pallas` when a tiling is pinned."""
-    fn = ssd_pallas if "block_sizes" in kw else ssd
-    kw = {k: v for k, v in kw.items() if not (fn is ssd_pallas and k == "impl")}
-
-    def f(x, dt, A, B, C, D):
-        return fn(x, dt, A, B, C, D=D, **kw)
-    return f
-
-
-def jla_fn():
-    from jla.layers.ssm import mamba2_ssd  # noqa: WPS433 (peer, optional)
-
-    def f(x, dt, A, B, C, D):
-        y, _ = mamba2_ssd(x, dt, A, B, C, d=D, chunk_size=64)
-        return y
-    return f
-
-
-def _run_isolated(shape, name, limit_s=150):
-    """Times one variant in a child process with a time limit; returns its record."""
-    path = os.path.join(OUT, f"ssd_child_{shape}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--skip", "equivalence,grad_64k",
-           "--shapes", shape, "--only", name, "--json", path, "--no-isolate"]
-    try:
-        subprocess.run(cmd, timeout=limit_s, check=False)
-        with open(path) as f:
-            recs = json.load(f)["timings"]
-        os.remove(path)
-        return recs[0] if recs else {"shape": shape, "variant": name, "error": "no record"}
-    except subprocess.TimeoutExpired:
-        return {"shape": shape, "variant": name, "error": f"compile+run over {limit_s} s"}
-
-
-def timings(quick, shapes=("L", "S"), only=None, isolate=True):
-    for shape in shapes:
-        cfg = SHAPES[shape]
-        args = inputs(jax.random.PRNGKey(3), **cfg)
-        vals = [args[k] for k in ("x", "dt", "A", "B", "C", "D")]
-        by, fl = floors(cfg)
-        RESULTS.setdefault("floors", {})[shape] = {"bytes_fwd": by, "flops_fwd": fl,
-                                                   "ms_at_3.35TBps": by / 3.35e12 * 1e3}
-        variants = [(n, None if kw is None else _bind(kw)) for n, kw in make_variants(shape)]
-        if quick:
-            variants = variants[:3]
-        if only:
-            variants = [v for v in variants if v[0] in only]
-        for name, f in variants:
-            if isolate and name in RISKY:
-                RESULTS["timings"].append(_run_isolated(shape, name))
-                print(f"timing {RESULTS['timings'][-1]}", flush=True)
-                save()
-                continue
-            rec = {"shape": shape, "variant": name}
-            try:
-                if f is None:
-                    f = jla_fn()
-                fwd = jax.jit(f)
-                rec["fwd_ms"] = bench(fwd, vals)
-                if name == "pallas default":
-                    # forward that also writes the backward's residuals (chunk-entry states)
-                    rec["fwd_with_residuals_ms"] = bench(
-                        jax.jit(lambda *v: jax.vjp(f, *v)[0]), vals)
-                loss = lambda *v: jnp.sum(f(*v).astype(jnp.float32))  # noqa: E731
-                rec["fwd_bwd_ms"] = bench(jax.jit(jax.grad(loss, argnums=tuple(range(6)))), vals)
-            except Exception as e:
-                rec["error"] = repr(e)[:600]
-            RESULTS["timings"].append(rec)
-            print(f"timing {rec}", flush=True)
-            save()
-
-
-def table():
-    rows = RESULTS["timings"]
-    print("\nshape variant                      fwd ms   fwd+bwd ms   vs xla (fwd / fwd+bwd)")
-    for shape in ("L", "S"):
-        base = next((r for r in rows if r["shape"] == shape and r["variant"] == "xla"), {})
-        for r in rows:
-            if r["shape"] != shape:
-                continue
-            f, fb = r.get("fwd_ms"), r.get("fwd_bwd_ms")
-            ratio = ""
-            if f and base.get("fwd_ms") and fb and base.get("fwd_bwd_ms"):
-                ratio = f"{base['fwd_ms'] / f:5.2f}x / {base['fwd_bwd_ms'] / fb:5.2f}x"
-            fs = f"{f:8.3f}" if f else "     n/a"
-            fbs = f"{fb:10.3f}" if fb else "       n/a"
-            print(f"{shape:5s} {r['variant']:28s} {fs} {fbs}   {ratio} {r.get('error', '')[:80]}")
-    for e in RESULTS["equivalence"]:
-        print(f"equivalence {e['shape']}: pass={e['pass']} max err "
-              f"{max(e['errors'].values()):.2e} (bf16 tol out {BF16_TOL['out']}, "
-              f"grad {BF16_TOL['grad']})")
-    for g in RESULTS["grad_64k"]:
-        print(f"grad 64k {g['dtype']} {g['impl']}: {g['errors']} pass={g['pass']}")
+def table(recs):
+    rows = [r for r in recs if r["task"] == "variant" and not r.get("precompile")]
+    print("\nvariant            L fwd   L f+b    S fwd   S f+b   max rel err (L / S)  pass")
+    for r in rows:
+        def ms(k):
+            v = r.get(k)
+            return f"{v:7.3f}" if isinstance(v, float) else "    n/a"
+        err = f"{r.get('L_max_err', float('nan')):.1e} / {r.get('S_max_err', float('nan')):.1e}"
+        ok = r.get("L_pass") and r.get("S_pass")
+        print(f"{r['name']:17s} {ms('L_fwd_ms')} {ms('L_fwd_bwd_ms')}  {ms('S_fwd_ms')} "
+              f"{ms('S_fwd_bwd_ms')}   {err:19s}  {ok}  {r.get('error', '')[:60]}")
+    for r in recs:
+        if r["task"] == "breakdown" and not r.get("precompile"):
+            for shape in ("L", "S"):
+                parts = " ".join(f"{k}={r.get(f'{shape}_{k}_ms', float('nan')):.3f}"
+                                 for k in ("fwd", "fwd_res", "dstate", "dx", "dbc", "sum"))
+                print(f"breakdown {r['name']} {shape}: {parts} {r.get('error', '')[:60]}")
+        if r["task"] == "grad64k":
+            print(f"grad 64k {r['name']}: f32 {r.get('float32')} bf16 {r.get('bfloat16')} "
+                  f"{r.get('error', '')[:80]}")
+        if r["task"] == "refs" and r.get("error"):
+            print(f"refs: {r['error'][:200]}")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer timing variants")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip")
-    parser.add_argument("--shapes", default="L,S")
-    parser.add_argument("--only", default="", help="comma list of timing variant names")
-    parser.add_argument("--json", default="", help="JSON path (default $OUT/ssd_gpu.json)")
-    parser.add_argument("--no-isolate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="seconds after which no new task starts")
+    parser.add_argument("--hard-limit", type=float, default=275.0,
+                        help="seconds after which a running worker is killed")
+    parser.add_argument("--variants", default="", help="comma list (default: all, in order)")
+    parser.add_argument("--breakdown", default=",".join(BREAKDOWN))
+    parser.add_argument("--grad64k", default=GRAD64K, help="variant name, or '' to skip")
+    parser.add_argument("--no-precompile", action="store_true")
+    parser.add_argument("--precompile-workers", type=int, default=6)
+    parser.add_argument("--precompile-s", type=float, default=110.0,
+                        help="precompile workers stop this many seconds after the start")
+    parser.add_argument("--variant-limit", type=float, default=90.0)
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--results", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    skip = set(opts.skip.split(","))
-    if opts.json:
-        RESULTS["_path"] = opts.json
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    if "timings" not in skip:
-        only = set(opts.only.split(",")) - {""}
-        section("timings", lambda: timings(opts.quick, opts.shapes.split(","), only,
-                                           not opts.no_isolate))
-    if "equivalence" not in skip:
-        section("equivalence", equivalence)
-    if "grad_64k" not in skip:
-        section("grad_64k", grad_64k)
-    table()
-    save()
+    if opts.worker:
+        worker(opts.worker, opts.results, opts.precompile)
+        return
+    start = time.time()
+    deadline = start + opts.budget
+    hard_end = start + opts.hard_limit
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.makedirs(OUT, exist_ok=True)
+    results_path = os.path.join(OUT, "ssd_gpu_tasks.jsonl")
+    pre_path = os.path.join(OUT, "ssd_gpu_precompile.jsonl")
+    for path in (results_path, pre_path):
+        if os.path.exists(path):
+            os.remove(path)
+    names = [v for v in opts.variants.split(",") if v] or list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    breakdown = [v for v in opts.breakdown.split(",") if v]
+    # Priority: the two main variants, their breakdowns, then the rest.
+    tasks = [{"kind": "variant", "name": v, "limit_s": opts.variant_limit} for v in names]
+    bd = [{"kind": "breakdown", "name": v, "limit_s": 60} for v in breakdown]
+    tasks = tasks[:2] + bd[:2] + tasks[2:] + bd[2:]
+    # Precompile in parallel (CPU-bound Triton/XLA compiles) while the references run.
+    procs = []
+    if not opts.no_precompile:
+        groups = [[] for _ in range(max(1, opts.precompile_workers))]
+        for i, t in enumerate(tasks):
+            groups[i % len(groups)].append(t)
+        for i, grp in enumerate(groups):
+            if grp:
+                procs.append(threading.Thread(target=run_tasks, args=(
+                    grp, f"{pre_path}.{i}", start + opts.precompile_s, True, f"pre{i}")))
+        for t in procs:
+            t.start()
+    run_tasks([{"kind": "refs", "limit_s": 120}], results_path, deadline, tag="refs",
+              hard_end=hard_end)
+    for t in procs:
+        t.join()
+    with open(pre_path, "w") as f:
+        for i in range(len(procs)):
+            for r in _read(f"{pre_path}.{i}"):
+                f.write(json.dumps(r) + "\n")
+            if os.path.exists(f"{pre_path}.{i}"):
+                os.remove(f"{pre_path}.{i}")
+    print(f"[parent] refs + precompile done at {time.time() - start:.0f} s", flush=True)
+    if opts.grad64k:
+        tasks.append({"kind": "grad64k", "name": opts.grad64k, "limit_s": 60})
+    left = run_tasks(tasks, results_path, deadline, hard_end=hard_end)
+    recs = _read(results_path)
+    summary = {"shapes": SHAPES, "eq_batch": EQ_BATCH, "variants": VARIANTS,
+               "tol_bf16": BF16_TOL, "results": recs, "precompile": _read(pre_path),
+               "not_run": [t.get("name") or t["kind"] for t in left],
+               "wall_s": round(time.time() - start, 1)}
+    with open(os.path.join(OUT, "ssd_gpu.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[parent] done in {time.time() - start:.0f} s; not run: {summary['not_run']}")
+    table(recs)
 
 
 if __name__ == "__main__":

@@ -991,10 +991,20 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
 def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, bs,
                      interpret):
     """Passes 2 and 3 of the three-kernel backward (after the dL/dh pass)."""
+    dx, ddt, dz, da, dd = _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, q=q, bs=bs,
+                                   interpret=interpret)
+    dbp, dcp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
+                         interpret=interpret)
+    return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
+
+
+def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
+    """Launches `_ssd_bwd_dx_kernel`: dx, ddt, dz, per-chunk dA (B, nc, H, 16), dD (B, nc, H, P)."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
     rep = h // g
+    hx = _largest_divisor_at_most(rep, bs.dx_heads)
     has_z = z is not None
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
@@ -1011,13 +1021,23 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
         outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
         _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep, stride=bs.state_stride, hx=hx)
 
-    hx = _largest_divisor_at_most(rep, bs.dx_heads)
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
     res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h // hx),
-                            bs.num_warps_dx or bs.num_warps_fwd,
-                            bs.num_stages, interpret, "ssd_bwd_dx")(*args))
+                            bs.num_warps_dx or bs.num_warps_fwd, bs.num_stages, interpret,
+                            "ssd_bwd_dx")(*args))
     dz = res.pop(2) if has_z else None
     dx, ddt, da, dd = res
+    return dx, ddt, dz, da, dd
+
+
+def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
+    """Launches `_ssd_bwd_dbc_kernel`: dB, dC partials (B, Lp, H // hb, N) f32."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    rep = h // g
+    has_z = z is not None
+    nb = _block(bs.dbc_nblock, n)
 
     def dbc_kernel(*refs):
         refs = list(refs)
@@ -1025,13 +1045,11 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
         _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep, nb=nb,
                             stride=bs.state_stride)
 
-    nb = _block(bs.dbc_nblock, n)
     grid = (b, nc, h // hb) if nb is None else (b, nc, h // hb, n // nb)
     args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
-    dbp, dcp = _pallas_call(
-        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)] * 2, grid,
+    return _pallas_call(
+        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2, grid,
         bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
-    return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
