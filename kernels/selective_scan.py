@@ -225,6 +225,10 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.prefetch={self.prefetch} must be >= 0")
         if self.unroll > self.chunk:
             raise ValueError(f"BlockSizes.unroll={self.unroll} must be <= chunk={self.chunk}")
+        if self.bwd_layout == "lane" and (self.block_d > 32 or self.bwd_num_warps != 1):
+            raise ValueError(f"BlockSizes.bwd_layout='lane' sums over the lanes of one warp: "
+                             f"needs block_d <= 32 and bwd_num_warps == 1; got "
+                             f"{self.block_d=}, {self.bwd_num_warps=}")
         for name in ("layout", "bwd_layout"):
             if getattr(self, name) not in ("tile", "lane"):
                 raise ValueError(f"BlockSizes.{name}={getattr(self, name)!r} must be 'tile' or "
@@ -297,6 +301,39 @@ def _sigmoid(cfg, x, lane):
         return jax.nn.sigmoid(x)
     # ex2 of a large argument is +inf and 1 / inf = 0: no clamp needed.
     return 1.0 / (1.0 + _exp2(cfg, -x * _LOG2E))
+
+
+def _shfl_xor(cfg, v, m):
+    """Lane l gets lane l ^ m's element of v (bd,): one `shfl.sync.bfly` in the lane layout."""
+    if cfg.interpret:
+        return v[jnp.arange(v.shape[0]) ^ m]
+    return pltr.elementwise_inline_asm(
+        f"shfl.sync.bfly.b32 $0, $1, {m}, 0x1f, 0xffffffff;", args=[v], constraints="=r,r",
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])[0]
+
+
+def _lane_reduce_scatter(cfg, rows):
+    """Sums of V rows (bd,) over their bd lanes, with V - 1 shuffles instead of V log2(bd).
+
+    Recursive halving: at the level of mask m, lanes with bit m clear keep the first half of
+    the rows and send the second to lane l ^ m, the others the reverse, and each adds what it
+    receives; once one row is left, plain butterfly levels finish it. Returns max(V // bd, 1)
+    vectors; slot s of lane l holds the sum of row l * (V // bd) + s (V >= bd), or of row
+    l // (bd // V) (V < bd). Needs one element per lane, lanes in order (lane layout, one warp).
+    """
+    bd = rows[0].shape[0]
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
+    m = bd // 2
+    while m >= 1:
+        if len(rows) > 1:
+            half = len(rows) // 2
+            upper = (lane & m) != 0
+            rows = [jnp.where(upper, b, a) + _shfl_xor(cfg, jnp.where(upper, a, b), m)
+                    for a, b in zip(rows[:half], rows[half:])]
+        else:
+            rows = [rows[0] + _shfl_xor(cfg, rows[0], m)]
+        m //= 2
+    return rows
 
 
 def _rows_to_tile(rows):
@@ -499,7 +536,9 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     do_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, hs_ref, dhl_ref = (next(it) for _ in range(8))
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if cfg.has_z else None
-    db_ref, dc_ref, dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(7))
+    # Lane layout: one output holds dB and dC, in the slots of `_lane_reduce_scatter`.
+    db_ref, dc_ref = (next(it), None) if cfg.bwd_lane else (next(it), next(it))
+    dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(5))
 
     bi, j = pl.program_id(0), pl.program_id(1)
     grp = j // cfg.blocks_per_group
@@ -549,10 +588,20 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         else:
             dy = dout
         g = g + ct[:, None] * dy[None, :]
-        dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
-        db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
+        if lane:
+            # dB_t, dC_t: 2N sums over the block's channels, i.e. over the lanes.
+            pdb, pdc = g * dtu[None, :], h * dy[None, :]
+            rows = ([_tile_row(pdb, k) for k in range(cfg.d_state)]
+                    + [_tile_row(pdc, k) for k in range(cfg.d_state)])
+            for s_, v in enumerate(_lane_reduce_scatter(cfg, rows)):
+                db_ref[bi, t, j, s_, :] = v
+            ga_ = g * a
+            ga = ga_ * h_prev
+        else:
+            dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
+            db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
+            ga = g * a * h_prev
         gb = jnp.sum(g * bt[:, None], axis=0)
-        ga = g * a * h_prev
         du = dskip * dy + dt * gb
         ddt = gb * u + jnp.sum(ga * at, axis=0)
         if cfg.softplus:
@@ -560,7 +609,7 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         ddt = jnp.where(t < cfg.length, ddt, 0.0)
         du_ref[bi, t, cols] = du.astype(du_ref.dtype)
         ddt_ref[bi, t, cols] = ddt.astype(ddt_ref.dtype)
-        return g * a, dat + ga * dt[None, :], dd + dy * u, dbias + ddt
+        return (ga_ if lane else g * a), dat + ga * dt[None, :], dd + dy * u, dbias + ddt
 
     def barrier():
         if not cfg.interpret:
@@ -635,6 +684,20 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
     )(*ins)
 
 
+def _n_slots(cfg):
+    return max(2 * cfg.d_state // cfg.block_d, 1)
+
+
+def _unscatter_dbc(cfg, dbc):
+    """(b, lp, nb, slots, bd) from `_lane_reduce_scatter` -> dB, dC partials (b, lp, nb, Np)."""
+    v, bd = 2 * cfg.d_state, cfg.block_d
+    if v >= bd:     # slot s of lane l holds row l * slots + s
+        tot = jnp.swapaxes(dbc, -1, -2).reshape(dbc.shape[:3] + (v,))
+    else:           # lane l holds row l // (bd // v)
+        tot = dbc[:, :, :, 0, ::bd // v]
+    return tot[..., :cfg.d_state], tot[..., cfg.d_state:]
+
+
 def _bwd_call(cfg, res, dy, dhl):
     u, dt, z, Bm, Cm, AT, D, bias, hs = res
     b, lp, dp = u.shape
@@ -643,9 +706,11 @@ def _bwd_call(cfg, res, dy, dhl):
     f32 = jnp.float32
     out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                  + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
-                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
-                    jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
-                    jax.ShapeDtypeStruct((b, np_, dp), f32),
+                 + ([jax.ShapeDtypeStruct((b, lp, n_blocks, _n_slots(cfg), cfg.block_d), f32)]
+                    if cfg.bwd_lane else
+                    [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                     jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32)])
+                 + [jax.ShapeDtypeStruct((b, np_, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, np_, dp), f32),
@@ -679,7 +744,12 @@ def _scan_padded_bwd(cfg, res, cts):
     outs = _bwd_call(cfg, res, dy.astype(u.dtype), dhl.astype(jnp.float32))
     du, ddt = outs[0], outs[1]
     dz = outs[2] if cfg.has_z else None
-    db, dc, dat, dd, dbias, dh0 = outs[3:] if cfg.has_z else outs[2:]
+    rest = outs[3:] if cfg.has_z else outs[2:]
+    if cfg.bwd_lane:
+        (db, dc), rest = _unscatter_dbc(cfg, rest[0]), rest[1:]
+    else:
+        (db, dc), rest = rest[:2], rest[2:]
+    dat, dd, dbias, dh0 = rest
     b, lp, _, np_ = db.shape
     # Per-block partial sums of dB/dC reduced here (deterministic, no atomics).
     db = db.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Bm.dtype)
