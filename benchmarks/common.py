@@ -146,3 +146,77 @@ def loglog_slope(xs, ys) -> float | None:
         return None
     lx, ly = np.array(pts).T
     return float(np.polyfit(lx, ly, 1)[0])
+
+
+# Kernel-name categories for profile summaries (first match wins; matched lower-case).
+PROFILE_CATEGORIES = (
+    ("pallas scan", ("ssd", "selective", "_scan_")),
+    ("matmul", ("gemm", "cutlass", "xmma", "cublas", "dot", "matmul", "sm90")),
+    ("copy/transpose", ("memcpy", "memset", "copy", "transpose")),
+    ("reduce", ("reduce",)),
+    ("fusion/other", ("",)),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    return next(cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys))
+
+
+def profile_summary(run: Callable[[], Any], n_steps: int, log_dir: str, top: int = 15) -> dict:
+    """Runs `run()` n_steps times under jax.profiler and summarises the device kernels from the
+    Perfetto trace: per step, device busy time (union of kernel intervals), kernel count and time
+    per category and for the `top` kernels by time.  busy_ms << wall ms means the device waits on
+    the host (launch-bound); a large share of one category names the bottleneck."""
+    import glob
+    import gzip
+    import shutil
+
+    shutil.rmtree(log_dir, ignore_errors=True)
+    jax.block_until_ready(run())
+    t = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        out = None
+        for _ in range(n_steps):
+            out = run()
+        jax.block_until_ready(out)
+    wall_ms = (time.perf_counter() - t) * 1e3 / n_steps
+    paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        return {"error": f"no perfetto trace under {log_dir}"}
+    with gzip.open(paths[0]) as fh:
+        data = json.load(fh)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return {"wall_ms": wall_ms, **summarise_trace(events, n_steps, top)}
+
+
+def summarise_trace(events, n_steps: int, top: int = 15) -> dict:
+    """Chrome/Perfetto trace events -> per-step device busy ms, kernel ms by category and name."""
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev_pids = {p for p, n in procs.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev_pids
+               and "dur" in e]
+    if not kernels:
+        return {"error": f"no device events (processes: {sorted(procs.values())})"}
+    # union of [ts, ts + dur) over every stream: time the device had any kernel running
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels)
+    busy, end = 0.0, -math.inf
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    by_name, by_cat = {}, {}
+    for e in kernels:
+        n = e["name"]
+        by_name[n] = by_name.get(n, 0.0) + float(e["dur"])
+        c = _category(n)
+        by_cat[c] = by_cat.get(c, 0.0) + float(e["dur"])
+    per = 1e-3 / n_steps  # us in total -> ms per step
+    return {"n_steps": n_steps, "device_busy_ms": busy * per,
+            "kernels_per_step": len(kernels) / n_steps,
+            "kernel_ms": sum(by_name.values()) * per,
+            "by_category_ms": {k: v * per for k, v in sorted(by_cat.items(), key=lambda x: -x[1])},
+            "top_kernels_ms": [(k, v * per) for k, v in
+                               sorted(by_name.items(), key=lambda x: -x[1])[:top]]}

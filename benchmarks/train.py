@@ -155,6 +155,16 @@ def measure_point(model: str, impl: str, length: int, batch: int, preset: dict) 
         means.append((time.perf_counter() - t) / n * 1e3)
     step_ms = float(np.median(means))
     loss = float(metrics["loss"])
+    prof = None
+    if preset.get("profile"):
+        box = {"state": state}
+
+        def one_step():
+            box["state"], m = compiled(box["state"], gbatch)
+            return m
+
+        prof = common.profile_summary(one_step, int(preset["profile"]),
+                                      os.path.join(ROOT, ".cache", f"prof_{model}_{impl}"))
     return {"step_ms": step_ms, "step_ms_min": min(means), "step_ms_max": max(means),
             "n_steps": n, "repeats": preset["repeats"], "steps_per_s": 1e3 / step_ms,
             "samples_per_s": batch * 1e3 / step_ms,
@@ -163,7 +173,8 @@ def measure_point(model: str, impl: str, length: int, batch: int, preset: dict) 
             "param_count": state_lib.param_count(state.params),
             "compiled_bytes": (sum(v for k, v in mem.items() if k != "alias_size_in_bytes")
                                if mem else None),
-            "memory_analysis": mem, "peak_bytes_in_use": common.peak_memory_bytes()}
+            "memory_analysis": mem, "peak_bytes_in_use": common.peak_memory_bytes(),
+            **({"profile": prof} if prof else {})}
 
 
 def run_job(job: dict, preset: dict, out: str | None = None, deadline: float | None = None):
@@ -191,11 +202,11 @@ def run_job(job: dict, preset: dict, out: str | None = None, deadline: float | N
     return recs
 
 
-def _child(job, preset_name, timeout, tmpdir, deadline):
+def _child(job, preset_name, timeout, tmpdir, deadline, profile=0):
     path = os.path.join(tmpdir, f"train_child_{job['part']}_{job['model']}_{job['impl']}.json")
     if os.path.exists(path):
         os.remove(path)
-    spec = dict(job=job, preset=preset_name, deadline=deadline)
+    spec = dict(job=job, preset=preset_name, deadline=deadline, profile=profile)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--out", path]
     err = None
     try:
@@ -297,6 +308,18 @@ def report(result) -> str:
             ("compile_s", "compile s", ".1f"), ("peak_GiB", "peak GiB", ".2f"),
             ("param_count", "params", "d"), ("speedup_vs_xla", "vs xla", ".2f"),
             ("status", "status", "s")]))
+    prof = [r for r in tp if r.get("profile") and "device_busy_ms" in r["profile"]]
+    if prof:
+        cats = sorted({c for r in prof for c in r["profile"]["by_category_ms"]})
+        rows = [{"model": r["model"], "impl": r["impl"], "wall": r["profile"]["wall_ms"],
+                 "busy": r["profile"]["device_busy_ms"], "n": r["profile"]["kernels_per_step"],
+                 **r["profile"]["by_category_ms"]} for r in prof]
+        lines.append("=== profile: ms per step (wall, device busy, kernel time by category), "
+                     "kernels per step ===")
+        lines.append(common.table(rows, [("model", "model", "s"), ("impl", "impl", "s"),
+                                         ("wall", "wall", ".2f"), ("busy", "busy", ".2f"),
+                                         ("n", "kernels", ".0f")]
+                                  + [(c, c, ".2f") for c in cats]))
     sc = [r for r in recs if r["part"] == "scaling"]
     if sc:
         lengths = sorted({r["length"] for r in sc})
@@ -329,6 +352,9 @@ def parse(argv=None):
     p.add_argument("--inline", action="store_true", help="no child processes")
     p.add_argument("--job-timeout", type=float, default=300.0, help="throughput job limit")
     p.add_argument("--budget-s", type=float, default=540.0)
+    p.add_argument("--profile", type=int, default=0,
+                   help="trace this many steps per point after timing (jax.profiler): device "
+                        "busy time and kernel time by category in the JSON and table")
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="", help="comma list of JSONs: merge + plot, no runs")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -342,7 +368,8 @@ def main(argv=None) -> dict:
     opts = parse(argv)
     if opts.child:
         spec = json.loads(opts.child)
-        recs = run_job(spec["job"], PRESETS[spec["preset"]], opts.out, spec["deadline"])
+        preset = dict(PRESETS[spec["preset"]], profile=spec.get("profile", 0))
+        recs = run_job(spec["job"], preset, opts.out, spec["deadline"])
         return {"records": recs}
     t0 = time.time()
     out = opts.out or common.default_out("train_smoke.json" if opts.smoke else "train.json")
@@ -358,7 +385,7 @@ def main(argv=None) -> dict:
         print(report(result))
         return result
 
-    preset = PRESETS[opts.preset]
+    preset = dict(PRESETS[opts.preset], profile=opts.profile)
     parts = set(filter(None, opts.part.split(",")))
     only = set(filter(None, opts.models.split(",")))
     lengths = ([int(x) for x in opts.lengths.split(",") if x] or list(preset["lengths"]))
@@ -404,7 +431,8 @@ def main(argv=None) -> dict:
             # A scaling sweep stops itself at its deadline (a point in flight may run on until
             # the hard limit); a throughput job gets --job-timeout.
             limit = min(opts.job_timeout, left - 5) if job["part"] == "throughput" else left - 5
-            result["records"] += _child(job, opts.preset, limit, tmpdir, job_deadline)
+            result["records"] += _child(job, opts.preset, limit, tmpdir, job_deadline,
+                                        opts.profile)
         common.write_json(out, result)
     if "scaling" in parts:
         _finish_scaling(result, png)

@@ -220,3 +220,22 @@ def test_grid_workers_run_in_parallel_processes_and_collect_rows(tmp_path):
     assert rows["lstm-transformer"]["status"] == "failed", rows["lstm-transformer"]
     assert "n_heads" in rows["lstm-transformer"]["error"]
     assert (workdir / "flat-lstm" / "log.txt").exists()
+
+
+def test_trace_summary_busy_time_is_the_union_of_kernel_intervals():
+    from benchmarks import common
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "PjitFunction", "ts": 0, "dur": 1000},  # host: ignored
+        {"ph": "X", "pid": 2, "name": "_ssd_fwd_kernel", "ts": 0, "dur": 100},
+        {"ph": "X", "pid": 2, "name": "gemm_fusion_dot", "ts": 50, "dur": 100},  # overlaps
+        {"ph": "X", "pid": 2, "name": "loop_add_fusion", "ts": 400, "dur": 50},
+    ]
+    s = common.summarise_trace(events, n_steps=2)
+    assert s["device_busy_ms"] == pytest.approx((150 + 50) / 2 / 1e3)
+    assert s["kernel_ms"] == pytest.approx(250 / 2 / 1e3)
+    assert s["kernels_per_step"] == 1.5
+    assert s["by_category_ms"] == pytest.approx(
+        {"pallas scan": 0.05, "matmul": 0.05, "fusion/other": 0.025})
+    assert "error" in common.summarise_trace(events[:1], 1)
