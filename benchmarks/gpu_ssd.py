@@ -51,23 +51,28 @@ CACHE_DIR = os.environ.get("SSD_JAX_CACHE", "/tmp/ssd_jax_cache")
 REF_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ssd_gpu_refs.npz")
 
 # name -> BlockSizes keywords (chunk 64 pinned). Order = priority: a device call may end
-# before the last. "s1" keeps a state per chunk (run-3 default), "s2" every other chunk.
+# before the last. "s1" keeps a state per chunk (run-3 default); "s2" every other chunk, the
+# backward rebuilding the rest (run 5; run 4's s2 recomputed them inside dx / dB-dC: slow).
+# dxw8: 8 warps for the dx pass; dxhK: K heads per dx program; vec: dda="vector";
+# dsw8: 8 warps for the dL/dh pass; hb16: 16 heads per dB/dC program.
 VARIANTS = {
     "s1 run3-default": dict(),
+    "s2 dxh4 w8": dict(state_stride=2, dx_heads=4, num_warps_dx=8),
+    "s1 dxw8": dict(num_warps_dx=8),
     "s2": dict(state_stride=2),
-    "s2 nb64": dict(state_stride=2, dbc_nblock=64),
-    "s2 pb32": dict(state_stride=2, fwd_pblock=32, dstate_pblock=32),
     "s2 dxw8": dict(state_stride=2, num_warps_dx=8),
+    "s2 dxh4 w8 vec": dict(state_stride=2, dx_heads=4, num_warps_dx=8, dda="vector"),
+    "s2 dxw8 vec": dict(state_stride=2, num_warps_dx=8, dda="vector"),
+    "s2 dxh2 w8": dict(state_stride=2, dx_heads=2, num_warps_dx=8),
+    "s2 dxh8 w8": dict(state_stride=2, dx_heads=8, num_warps_dx=8),
     "s2 dxh4": dict(state_stride=2, dx_heads=4),
-    "s2 all": dict(state_stride=2, fwd_pblock=32, dstate_pblock=32, dbc_nblock=64,
-                   num_warps_dx=8),
-    "s1 pb32 nb64": dict(fwd_pblock=32, dstate_pblock=32, dbc_nblock=64),
-    "s2 dbcw4": dict(state_stride=2, num_warps_bwd=4),
-    "s2 st1": dict(state_stride=2, num_stages=1),
-    "s2 st3": dict(state_stride=2, num_stages=3),
+    "s1 dxh4 w8": dict(dx_heads=4, num_warps_dx=8),
+    "s2 dxh4 w8 dsw8": dict(state_stride=2, dx_heads=4, num_warps_dx=8, num_warps_dstate=8),
+    "s2 dxh4 w8 hb16": dict(state_stride=2, dx_heads=4, num_warps_dx=8, bwd_heads=16),
+    "s2 dxh4 w8 dbcw4": dict(state_stride=2, dx_heads=4, num_warps_dx=8, num_warps_bwd=4),
 }
-BREAKDOWN = ("s1 run3-default", "s2", "s2 all")
-GRAD64K = "s2"
+BREAKDOWN = ("s2 dxh4 w8", "s1 dxw8", "s2 dxh4 w8 vec")
+GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,13 +270,17 @@ def task_breakdown(rec, name, precompile=False):
         hb = K._largest_divisor_at_most(h // g, bs.bwd_heads)
         if (l // q) % bs.state_stride:
             continue
+        s2 = bs.state_stride == 2
         kw = dict(q=q, bs=bs, interpret=jax.default_backend() != "gpu")
         if precompile:   # shapes only: no GPU work while other workers time kernels
-            st_shape = (b, l // q // bs.state_stride, h, p, n)
-            states = dstates = jnp.zeros(st_shape, x.dtype)
+            states = dstates = jnp.zeros((b, l // q, h, p, n), x.dtype)
+            states2 = jnp.zeros((b, l // q // 2, h, p, n), x.dtype)
         else:
             _, _, states = jax.jit(lambda *a: K._fwd_call(*a, None, h0, save_states=True,
                                                           **kw))(x, dt, A, B, C, D)
+            states2 = states
+            if s2:
+                states = jax.jit(lambda *a: K._expand_call(*a, **kw))(x, dt, A, B, states2)
             dstates, _ = jax.jit(lambda *a: K._dstate_call(*a, states_dtype=x.dtype, **kw))(
                 dt, A, C, None, dy, dhT)
         jobs = {
@@ -286,13 +295,15 @@ def task_breakdown(rec, name, precompile=False):
             "dbc": (lambda *a: K._dbc_call(*a, hb=hb, **kw),
                     (x, dt, A, B, C, None, states, dstates, dy)),
         }
+        if s2:
+            jobs["expand"] = (lambda *a: K._expand_call(*a, **kw), (x, dt, A, B, states2))
         for what, (fn, a) in jobs.items():
             exe, _ = compiled(fn, *a)
             if not precompile:
                 rec[f"{shape}_{what}_ms"] = bench(exe, a)
         if not precompile:
-            rec[f"{shape}_sum_ms"] = sum(rec[f"{shape}_{k}_ms"]
-                                         for k in ("fwd_res", "dstate", "dx", "dbc"))
+            rec[f"{shape}_sum_ms"] = sum(rec.get(f"{shape}_{k}_ms", 0.0)
+                                         for k in ("fwd_res", "expand", "dstate", "dx", "dbc"))
 
 
 def task_grad64k(rec, name, precompile=False):
@@ -412,7 +423,8 @@ def table(recs):
         if r["task"] == "breakdown" and not r.get("precompile"):
             for shape in ("L", "S"):
                 parts = " ".join(f"{k}={r.get(f'{shape}_{k}_ms', float('nan')):.3f}"
-                                 for k in ("fwd", "fwd_res", "dstate", "dx", "dbc", "sum"))
+                                 for k in ("fwd", "fwd_res", "expand", "dstate", "dx", "dbc",
+                                           "sum"))
                 print(f"breakdown {r['name']} {shape}: {parts} {r.get('error', '')[:60]}")
         if r["task"] == "grad64k":
             print(f"grad 64k {r['name']}: f32 {r.get('float32')} bf16 {r.get('bfloat16')} "
@@ -429,7 +441,8 @@ def main():
                         help="seconds after which a running worker is killed")
     parser.add_argument("--variants", default="", help="comma list (default: all, in order)")
     parser.add_argument("--breakdown", default=",".join(BREAKDOWN))
-    parser.add_argument("--grad64k", default=GRAD64K, help="variant name, or '' to skip")
+    parser.add_argument("--grad64k", default=GRAD64K,
+                        help="variant name, 'best' (fastest at L), or '' to skip")
     parser.add_argument("--no-precompile", action="store_true")
     parser.add_argument("--precompile-workers", type=int, default=6)
     parser.add_argument("--precompile-s", type=float, default=110.0,
@@ -484,9 +497,16 @@ def main():
             if os.path.exists(f"{pre_path}.{i}"):
                 os.remove(f"{pre_path}.{i}")
     print(f"[parent] refs + precompile done at {time.time() - start:.0f} s", flush=True)
-    if opts.grad64k:
-        tasks.append({"kind": "grad64k", "name": opts.grad64k, "limit_s": 60})
     left = run_tasks(tasks, results_path, deadline, hard_end=hard_end)
+    if opts.grad64k:
+        name = opts.grad64k
+        if name == "best":
+            ok = [r for r in _read(results_path) if r["task"] == "variant"
+                  and r.get("L_pass") and r.get("S_pass") and "L_fwd_bwd_ms" in r]
+            name = min(ok, key=lambda r: r["L_fwd_bwd_ms"])["name"] if ok else ""
+        if name:
+            left += run_tasks([{"kind": "grad64k", "name": name, "limit_s": 60}],
+                              results_path, deadline + 40, hard_end=hard_end, tag="g64")
     recs = _read(results_path)
     summary = {"shapes": SHAPES, "eq_batch": EQ_BATCH, "variants": VARIANTS,
                "tol_bf16": BF16_TOL, "results": recs, "precompile": _read(pre_path),

@@ -309,10 +309,13 @@ class BlockSizes:
     dbc_nblock: state columns per dB/dC program (None: all of N). Clipped to the padded N.
     dx_heads: heads per split3 dx program (a loop sharing B, C and C B^T; rounded down to a
       divisor of the heads per group).
-    state_stride: 1 keeps every chunk-entry state and every chunk-end dL/dh; 2 keeps every
-      other one (pairs of chunks) and recomputes the missing one in the split3 dx and dB/dC
-      passes from the neighbouring chunk: half the state traffic (split3 only; time is padded
-      to a multiple of 2 chunks).
+    dda: how the split3 dx pass sums the d(dA) pair terms: "matrix" (a (Q, Q) row cumsum) or
+      "vector" (telescoped into row / column sums and a length-Q cumsum).
+    state_stride: 1: the forward stores every chunk-entry state for the backward; 2: every
+      other one (the entry of each pair of chunks; time is padded to a multiple of 2 chunks)
+      and the backward rebuilds the rest with a parallel kernel (`_ssd_expand_states_kernel`)
+      before its passes. Storing inside the sequential forward is what costs (measured: the
+      forward with residuals 0.68 ms at stride 1, 0.34 at stride 2, vs 0.31 without).
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
@@ -327,6 +330,7 @@ class BlockSizes:
     dbc_nblock: int | None = None
     state_stride: int = 1
     dx_heads: int = 1
+    dda: str = "matrix"
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -341,10 +345,10 @@ class BlockSizes:
             if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"BlockSizes.{name} must be a power of two >= 16 or None; "
                                  f"got {v}")
+        if self.dda not in ("matrix", "vector"):
+            raise ValueError(f"BlockSizes.dda must be 'matrix' or 'vector'; got {self.dda=}")
         if self.state_stride not in (1, 2):
             raise ValueError(f"BlockSizes.state_stride must be 1 or 2; got {self.state_stride=}")
-        if self.state_stride == 2 and self.bwd != "split3":
-            raise ValueError(f"BlockSizes.state_stride=2 needs bwd='split3'; got {self.bwd=}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -536,12 +540,11 @@ def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy
 
 
 def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref, dh0_ref,
-                           *, q, nc, rep, pb=None, stride=1):
+                           *, q, nc, rep, pb=None):
     """Split backward, pass 1: one program per (batch, head[, pb-row block]), chunks in reverse.
 
     dt: (B, Lp, H) f32  C: (B, Lp, G, N)  dy: (B, Lp, H, P)  dhT, dh0: (B, H, P, N) f32
-    dst: (B, nc // stride, H, P, N) = dL/dh at the END of chunk stride*k + stride - 1. The
-    adjoint of the state pass: dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with
+    dst: (B, nc, H, P, N) = dL/dh at the END of each chunk. The adjoint of the state pass: dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with
     dy_core = dy silu(z). Rows of dh are independent (optional P split, like the forward).
     """
     bi, hi = pl.program_id(0), pl.program_id(1)
@@ -557,12 +560,7 @@ def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref
     def body(i, dh):
         c = nc - 1 - i
         t = pl.ds(pl.multiple_of(c * q, q), q)
-        if stride == 1:
-            dst_ref[bi, c, hi, ps, :] = dh.astype(dst_ref.dtype)
-        else:
-            @pl.when(jax.lax.rem(c, stride) == stride - 1)
-            def _():
-                dst_ref[bi, jax.lax.div(c, stride), hi, ps, :] = dh.astype(dst_ref.dtype)
+        dst_ref[bi, c, hi, ps, :] = dh.astype(dst_ref.dtype)
         dt = dt_ref[bi, t, hi]
         Cc = c_ref[bi, t, gi, :]
         dA = dt * a
@@ -668,67 +666,43 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
     dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, Bc)
 
 
-def _chunk_states(x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref, st_ref, dst_ref, *, a, bi, c,
-                  hi, gi, q, stride, ns=slice(None)):
-    """(h_prev, dh) of chunk c, head hi, columns ns of N: the chunk-entry state and dL/dh at
-    the chunk's end, in the storage dtype.
+def _ssd_expand_states_kernel(x_ref, dt_ref, a_ref, b_ref, st2_ref, st_ref, *, q, rep):
+    """Rebuilds every chunk-entry state from those of every other chunk (state_stride=2).
 
-    stride 1: both are stored (forward / dL/dh pass).
-    stride 2: only pair k = c // 2 is stored (h at the entry of chunk 2k, dL/dh at the end of
-    chunk 2k + 1); the missing one is recomputed from the neighbouring chunk of the pair with
-    one (P, Q) x (Q, N) matmul: for odd c, h_prev = exp(cs_Q') h_2k + (exp(cs_Q' - cs') dt'
-    x')^T B' of chunk c - 1; for even c, dh = exp(cs_Q') dh_2k+1 + (exp(cs') dy_core')^T C'
-    of chunk c + 1. Halves the state traffic of the forward and of every backward pass.
+    x: (B, Lp, H, P)  dt: (B, Lp, H) f32  B: (B, Lp, G, N)  st2: (B, nc // 2, H, P, N)
+    st: (B, nc, H, P, N). One program per (batch, pair k, head), all independent:
+    st[2k] = st2[k];  st[2k+1] = exp(cs_Q) st2[k] + (exp(cs_Q - cs) dt x)^T B of chunk 2k,
+    the forward's state update (Mamba-2 sec. 6) applied once, from the stored state.
     """
+    bi, k, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // rep
+    c = 2 * k
+    t = pl.ds(pl.multiple_of(c * q, q), q)
     f32 = jnp.float32
-    if stride == 1:
-        return st_ref[bi, c, hi, :, ns], dst_ref[bi, c, hi, :, ns]
-    dot_dtype = x_ref.dtype
-    # lax.rem / lax.div: c >= 0, and jnp's floor-mod does not lower to Triton.
-    k = jax.lax.div(c, 2)
-    par = jax.lax.rem(c, 2)
-    odd = par == 1
-    nb = c + 1 - 2 * par
-    tn = pl.ds(pl.multiple_of(nb * q, q), q)
-    dtn = dt_ref[bi, tn, hi]
-    dan = dtn * a
-    csn = jnp.cumsum(dan)
-    totn = jnp.sum(dan)
-
-    def from_prev():
-        u = x_ref[bi, tn, hi, :].astype(f32) * (dtn * jnp.exp(totn - csn))[:, None]
-        return _dot(u.astype(dot_dtype), b_ref[bi, tn, gi, ns], ((0,), (0,)))
-
-    def from_next():
-        dn = dy_ref[bi, tn, hi, :].astype(f32)
-        if z_ref is not None:
-            zn = z_ref[bi, tn, hi, :].astype(f32)
-            dn = dn * zn * jax.nn.sigmoid(zn)
-        g = dn * jnp.exp(csn)[:, None]
-        return _dot(g.astype(dot_dtype), c_ref[bi, tn, gi, ns], ((0,), (0,)))
-
-    r = jax.lax.cond(odd, from_prev, from_next)
-    an = jnp.exp(totn)
-    st = st_ref[bi, k, hi, :, ns].astype(f32)
-    dst = dst_ref[bi, k, hi, :, ns].astype(f32)
-    # Back to the storage dtype: stride 1 and 2 feed the same (bf16) operands to the dots,
-    # and the f32 (P, N) tiles would double the live registers.
-    h_prev = jnp.where(odd, an * st + r, st).astype(st_ref.dtype)
-    dh = jnp.where(odd, dst, an * dst + r).astype(dst_ref.dtype)
-    return h_prev, dh
+    h = st2_ref[bi, k, hi, :, :]
+    st_ref[bi, c, hi, :, :] = h
+    dt = dt_ref[bi, t, hi]
+    dA = dt * a_ref[hi]
+    cs = jnp.cumsum(dA)
+    total = jnp.sum(dA)
+    u = x_ref[bi, t, hi, :].astype(f32) * (dt * jnp.exp(total - cs))[:, None]
+    s = _dot(u.astype(x_ref.dtype), b_ref[bi, t, gi, :], ((0,), (0,)))
+    st_ref[bi, c + 1, hi, :, :] = (jnp.exp(total) * h.astype(f32) + s).astype(st_ref.dtype)
 
 
 def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
-                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep, stride=1,
-                       hx=1):
+                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep, hx=1,
+                       dda_mode="matrix"):
     """Three-kernel backward, pass 2: one program per (batch, chunk, block of hx heads of a
     group), no accumulators.
 
-    Shapes as in `_ssd_bwd_chunk_kernel` (states of every `stride`-th chunk, see
-    `_chunk_states`); writes dx, ddt, dz, dA (B, nc, H, 16), dD (B, nc, H, P). The (Q, N)
+    Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
+    (B, nc, H, P). The (Q, N)
     products of the head-block kernel are replaced by (Q, P) ones (t_inter from C h_prev^T),
     which keeps the live set small enough not to spill at P=64, N=128; dB and dC come from
     `_ssd_bwd_dbc_kernel`. With hx > 1 the heads of a block share B, C and C B^T (a loop).
+    dda_mode: "matrix" sums the d(dA) pairs with a (Q, Q) row cumsum; "vector" telescopes
+    them into column and row sums and one length-Q cumsum (same pairs, no (Q, Q) scan).
     """
     bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = (blk * hx) // rep
@@ -741,14 +715,15 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
     idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
     jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
     causal = idx >= jdx
+    strict = idx > jdx
 
     def head(hi):
         a = a_ref[hi]
         d = d_ref[hi, :]
         x = x_ref[bi, t, hi, :]
         dt = dt_ref[bi, t, hi]
-        h_prev, dh = _chunk_states(x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref, st_ref,
-                                   dst_ref, a=a, bi=bi, c=c, hi=hi, gi=gi, q=q, stride=stride)
+        h_prev = st_ref[bi, c, hi, :, :]
+        dh = dst_ref[bi, c, hi, :, :]
         dout = dy_ref[bi, t, hi, :].astype(f32)
         dA = dt * a
         cs = jnp.cumsum(dA)
@@ -778,8 +753,15 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
         f_write = w * jnp.sum(xdt * bdh, axis=1)
         s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
         e = dm * m
-        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
-        dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        if dda_mode == "matrix":
+            excl = jnp.cumsum(e, axis=1) - e                                 # sum_{j<k} e_ik
+            dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        else:
+            # sum over pairs j < k <= i of e_ij, telescoped: with a_m = sum_{i>m} e_im and
+            # b_m = sum_{j<m} e_mj, it is the exclusive cumsum of a - b (vector scans only).
+            el = jnp.where(strict, e, 0.0)
+            r = jnp.sum(el, axis=0) - jnp.sum(el, axis=1)
+            dda = (jnp.cumsum(r) - r) + (jnp.sum(t_inter) - jnp.cumsum(t_inter) + t_inter)
         dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
         ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
         dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
@@ -795,7 +777,7 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
 
 
 def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_ref, dy_ref,
-                        db_ref, dc_ref, *, q, hb, rep, nb=None, stride=1):
+                        db_ref, dc_ref, *, q, hb, rep, nb=None):
     """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group
     [, block of nb state columns]).
 
@@ -833,12 +815,9 @@ def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_r
         dm = _dot(dout.astype(dot_dtype), xdt.astype(dot_dtype), ((1,), (1,)))
         u = (xdt * jnp.exp(total - cs)[:, None]).astype(dot_dtype)
         v = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
-        h_prev, dh = _chunk_states(x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref, st_ref,
-                                   dst_ref, a=a, bi=bi, c=c, hi=hi, gi=gi, q=q,
-                                   stride=stride, ns=ns)
         return (dcb_acc + dm * decay,
-                db_acc + _dot(u, dh.astype(dot_dtype)),
-                dc_acc + _dot(v, h_prev.astype(dot_dtype)))
+                db_acc + _dot(u, dst_ref[bi, c, hi, :, ns]),
+                dc_acc + _dot(v, st_ref[bi, c, hi, :, ns]))
 
     n = b_ref.shape[-1] if nb is None else nb
     init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
@@ -887,6 +866,20 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
                         "ssd_fwd")(*args)
 
 
+def _expand_call(x, dt, A, B, states2, *, q, bs, interpret):
+    """Launches `_ssd_expand_states_kernel`: (B, nc // 2, H, P, N) -> (B, nc, H, P, N)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+
+    def kernel(*refs):
+        _ssd_expand_states_kernel(*refs, q=q, rep=h // g)
+
+    return _pallas_call(kernel, jax.ShapeDtypeStruct((b, nc, h, p, n), states2.dtype),
+                        (b, nc // 2, h), bs.num_warps_fwd, bs.num_stages, interpret,
+                        "ssd_expand_states")(x, dt, A, B, states2)
+
+
 def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     """Launches `_ssd_bwd_kernel`; returns padded-shape gradients (per-head dB/dC partials)."""
     b, lp, h, p = x.shape
@@ -925,23 +918,22 @@ def _largest_divisor_at_most(v: int, cap: int) -> int:
 
 
 def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
-    """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at (every stride-th) chunk end, dh0."""
+    """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at every chunk end, dh0."""
     b, lp, h, p = dy.shape
     g, n = C.shape[2:]
     nc = lp // q
-    stride = bs.state_stride
     pb = _block(bs.dstate_pblock, p)
     has_z = z is not None
 
     def kernel(*refs):
         refs = list(refs)
         ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
-        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g, pb=pb, stride=stride)
+        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g, pb=pb)
 
     args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
     return _pallas_call(
         kernel,
-        [jax.ShapeDtypeStruct((b, nc // stride, h, p, n), states_dtype),
+        [jax.ShapeDtypeStruct((b, nc, h, p, n), states_dtype),
          jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
         (b, h) if pb is None else (b, h, p // pb),
         bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
@@ -1019,7 +1011,7 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
         ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
         outs = refs[9:]
         outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
-        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep, stride=bs.state_stride, hx=hx)
+        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep, hx=hx, dda_mode=bs.dda)
 
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
     res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h // hx),
@@ -1042,8 +1034,7 @@ def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
     def dbc_kernel(*refs):
         refs = list(refs)
         ins = refs[:5] + ([refs.pop(5)] if has_z else [None]) + refs[5:8]
-        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep, nb=nb,
-                            stride=bs.state_stride)
+        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep, nb=nb)
 
     grid = (b, nc, h // hb) if nb is None else (b, nc, h // hb, n // nb)
     args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
@@ -1068,6 +1059,8 @@ def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
 def _ssd_core_bwd(q, bs, interpret, res, cts):
     x, dt, A, B, C, D, z, states = res
     dy, dhT = cts
+    if bs.state_stride == 2:
+        states = _expand_call(x, dt, A, B, states, q=q, bs=bs, interpret=interpret)
     call = _bwd_call if bs.bwd == "fused" else _bwd_split_call
     dx, ddt, dbp, dcp, dz, da, dd, dh0 = call(
         x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,

@@ -188,12 +188,14 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     (29, 16, 16, dict(bwd="split3", bwd_heads=1)),
     (29, 16, 16, dict(bwd="split", bwd_heads=1)),
     (29, 16, 16, dict(bwd="fused", bwd_heads=32)),
-    # states of every other chunk: 3 chunks padded to 4, both parities recomputed
+    # states of every other chunk (3 chunks padded to 4), rebuilt for the backward
     (45, 16, 16, dict(state_stride=2, bwd_heads=1)),
+    (45, 16, 16, dict(state_stride=2, bwd="fused")),
     # P split in the sequential passes, N split in dB/dC, 2 heads per dx program
     (45, 32, 32, dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=16,
                       dx_heads=2)),
     (29, 32, 32, dict(fwd_pblock=16, dstate_pblock=16, dbc_nblock=16, dx_heads=2)),
+    (29, 16, 16, dict(dda="vector", dx_heads=2, state_stride=2)),
 ])
 def test_pallas_backward_variants_match_reference(l, p, n, kw):
     key = jax.random.PRNGKey(15)
@@ -220,8 +222,9 @@ def test_pallas_bfloat16(state_stride):
     (dict(bwd="split3"), ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
     (dict(bwd="split"), ("ssd_bwd_dstate", "ssd_bwd_chunk")),
     (dict(bwd="fused"), ("ssd_bwd",)),
-    (dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=32, dx_heads=2),
-     ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
+    (dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=32, dx_heads=2,
+          dda="vector"),
+     ("ssd_expand_states", "ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
 ])
 def test_pallas_lowers_to_triton(bs_kw, kernels):
     """Forward and backward cross-lower to Triton IR without a GPU (catches lowering errors)."""
@@ -253,9 +256,9 @@ def test_pallas_block_sizes_validated():
         BlockSizes(bwd="reverse")
     with pytest.raises(ValueError, match="state_stride"):
         BlockSizes(state_stride=3)
-    with pytest.raises(ValueError, match="state_stride=2 needs"):
-        BlockSizes(state_stride=2, bwd="fused")
     with pytest.raises(ValueError, match="dbc_nblock"):
         BlockSizes(dbc_nblock=24)
+    with pytest.raises(ValueError, match="BlockSizes.dda"):
+        BlockSizes(dda="scan")
     with pytest.raises(ValueError, match="dx_heads"):
         BlockSizes(dx_heads=0)
