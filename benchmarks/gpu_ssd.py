@@ -51,27 +51,16 @@ CACHE_DIR = os.environ.get("SSD_JAX_CACHE", "/tmp/ssd_jax_cache")
 REF_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ssd_gpu_refs.npz")
 
 # name -> BlockSizes keywords (chunk 64 pinned). Order = priority: a device call may end
-# before the last. "s1" keeps a state per chunk (run-3 default); "s2" every other chunk, the
-# backward rebuilding the rest (run 5; run 4's s2 recomputed them inside dx / dB-dC: slow).
-# dxw8: 8 warps for the dx pass; dxhK: K heads per dx program; vec: dda="vector";
-# dsw8: 8 warps for the dL/dh pass; hb16: 16 heads per dB/dC program.
+# before the last. Runs 4 and 5 timed options since removed (see benchmarks/NOTES_ssd.md and
+# the JSON in benchmarks/results/); these are the current knobs.
 VARIANTS = {
-    "s1 run3-default": dict(),
-    "s2 dxh4 w8": dict(state_stride=2, dx_heads=4, num_warps_dx=8),
-    "s1 dxw8": dict(num_warps_dx=8),
-    "s2": dict(state_stride=2),
-    "s2 dxw8": dict(state_stride=2, num_warps_dx=8),
-    "s2 dxh4 w8 vec": dict(state_stride=2, dx_heads=4, num_warps_dx=8, dda="vector"),
-    "s2 dxw8 vec": dict(state_stride=2, num_warps_dx=8, dda="vector"),
-    "s2 dxh2 w8": dict(state_stride=2, dx_heads=2, num_warps_dx=8),
-    "s2 dxh8 w8": dict(state_stride=2, dx_heads=8, num_warps_dx=8),
-    "s2 dxh4": dict(state_stride=2, dx_heads=4),
-    "s1 dxh4 w8": dict(dx_heads=4, num_warps_dx=8),
-    "s2 dxh4 w8 dsw8": dict(state_stride=2, dx_heads=4, num_warps_dx=8, num_warps_dstate=8),
-    "s2 dxh4 w8 hb16": dict(state_stride=2, dx_heads=4, num_warps_dx=8, bwd_heads=16),
-    "s2 dxh4 w8 dbcw4": dict(state_stride=2, dx_heads=4, num_warps_dx=8, num_warps_bwd=4),
+    "default": dict(),
+    "dbc w4": dict(num_warps_bwd=4),
+    "dx w2": dict(num_warps_dx=2),
+    "dstate w8": dict(num_warps_dstate=8),
+    "hb8 dbc w4": dict(bwd_heads=8, num_warps_bwd=4),
 }
-BREAKDOWN = ("s2 dxh4 w8", "s1 dxw8", "s2 dxh4 w8 vec")
+BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
 
 
@@ -268,19 +257,12 @@ def task_breakdown(rec, name, precompile=False):
         dy = jax.random.normal(jax.random.PRNGKey(4), x.shape, jnp.float32).astype(x.dtype)
         dhT = jnp.zeros((b, h, p, n), jnp.float32)
         hb = K._largest_divisor_at_most(h // g, bs.bwd_heads)
-        if (l // q) % bs.state_stride:
-            continue
-        s2 = bs.state_stride == 2
         kw = dict(q=q, bs=bs, interpret=jax.default_backend() != "gpu")
         if precompile:   # shapes only: no GPU work while other workers time kernels
             states = dstates = jnp.zeros((b, l // q, h, p, n), x.dtype)
-            states2 = jnp.zeros((b, l // q // 2, h, p, n), x.dtype)
         else:
             _, _, states = jax.jit(lambda *a: K._fwd_call(*a, None, h0, save_states=True,
                                                           **kw))(x, dt, A, B, C, D)
-            states2 = states
-            if s2:
-                states = jax.jit(lambda *a: K._expand_call(*a, **kw))(x, dt, A, B, states2)
             dstates, _ = jax.jit(lambda *a: K._dstate_call(*a, states_dtype=x.dtype, **kw))(
                 dt, A, C, None, dy, dhT)
         jobs = {
@@ -295,15 +277,13 @@ def task_breakdown(rec, name, precompile=False):
             "dbc": (lambda *a: K._dbc_call(*a, hb=hb, **kw),
                     (x, dt, A, B, C, None, states, dstates, dy)),
         }
-        if s2:
-            jobs["expand"] = (lambda *a: K._expand_call(*a, **kw), (x, dt, A, B, states2))
         for what, (fn, a) in jobs.items():
             exe, _ = compiled(fn, *a)
             if not precompile:
                 rec[f"{shape}_{what}_ms"] = bench(exe, a)
         if not precompile:
             rec[f"{shape}_sum_ms"] = sum(rec.get(f"{shape}_{k}_ms", 0.0)
-                                         for k in ("fwd_res", "expand", "dstate", "dx", "dbc"))
+                                         for k in ("fwd_res", "dstate", "dx", "dbc"))
 
 
 def task_grad64k(rec, name, precompile=False):
@@ -423,8 +403,7 @@ def table(recs):
         if r["task"] == "breakdown" and not r.get("precompile"):
             for shape in ("L", "S"):
                 parts = " ".join(f"{k}={r.get(f'{shape}_{k}_ms', float('nan')):.3f}"
-                                 for k in ("fwd", "fwd_res", "expand", "dstate", "dx", "dbc",
-                                           "sum"))
+                                 for k in ("fwd", "fwd_res", "dstate", "dx", "dbc", "sum"))
                 print(f"breakdown {r['name']} {shape}: {parts} {r.get('error', '')[:60]}")
         if r["task"] == "grad64k":
             print(f"grad 64k {r['name']}: f32 {r.get('float32')} bf16 {r.get('bfloat16')} "
@@ -473,7 +452,7 @@ def main():
     # Priority: the two main variants, their breakdowns, then the rest.
     tasks = [{"kind": "variant", "name": v, "limit_s": opts.variant_limit} for v in names]
     bd = [{"kind": "breakdown", "name": v, "limit_s": 60} for v in breakdown]
-    tasks = tasks[:2] + bd[:2] + tasks[2:] + bd[2:]
+    tasks = tasks[:1] + bd + tasks[1:]
     # Precompile in parallel (CPU-bound Triton/XLA compiles) while the references run.
     procs = []
     if not opts.no_precompile:

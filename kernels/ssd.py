@@ -303,19 +303,6 @@ class BlockSizes:
       are written.
     num_warps_dstate / num_warps_dx: warps of the dL/dh pass and of the split3 dx pass
       (None: num_warps_fwd); num_warps_bwd is the dB/dC (and "split"/"fused") kernels'.
-    fwd_pblock / dstate_pblock: head channels per program in the sequential forward and dL/dh
-      passes (None: all of P); state rows are independent, so a block < P gives P / block
-      times more programs (C B^T recomputed per block). Clipped to the padded P.
-    dbc_nblock: state columns per dB/dC program (None: all of N). Clipped to the padded N.
-    dx_heads: heads per split3 dx program (a loop sharing B, C and C B^T; rounded down to a
-      divisor of the heads per group).
-    dda: how the split3 dx pass sums the d(dA) pair terms: "matrix" (a (Q, Q) row cumsum) or
-      "vector" (telescoped into row / column sums and a length-Q cumsum).
-    state_stride: 1: the forward stores every chunk-entry state for the backward; 2: every
-      other one (the entry of each pair of chunks; time is padded to a multiple of 2 chunks)
-      and the backward rebuilds the rest with a parallel kernel (`_ssd_expand_states_kernel`)
-      before its passes. Storing inside the sequential forward is what costs (measured: the
-      forward with residuals 0.68 ms at stride 1, 0.34 at stride 2, vs 0.31 without).
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
@@ -325,12 +312,6 @@ class BlockSizes:
     bwd_heads: int = 32
     num_warps_dstate: int | None = None
     num_warps_dx: int | None = None
-    fwd_pblock: int | None = None
-    dstate_pblock: int | None = None
-    dbc_nblock: int | None = None
-    state_stride: int = 1
-    dx_heads: int = 1
-    dda: str = "matrix"
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -338,17 +319,6 @@ class BlockSizes:
                              f"got {self.bwd=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
-        if self.dx_heads < 1:
-            raise ValueError(f"BlockSizes.dx_heads must be >= 1; got {self.dx_heads=}")
-        for name in ("fwd_pblock", "dstate_pblock", "dbc_nblock"):
-            v = getattr(self, name)
-            if v is not None and (v < 16 or v & (v - 1)):
-                raise ValueError(f"BlockSizes.{name} must be a power of two >= 16 or None; "
-                                 f"got {v}")
-        if self.dda not in ("matrix", "vector"):
-            raise ValueError(f"BlockSizes.dda must be 'matrix' or 'vector'; got {self.dda=}")
-        if self.state_stride not in (1, 2):
-            raise ValueError(f"BlockSizes.state_stride must be 1 or 2; got {self.state_stride=}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -399,33 +369,24 @@ def _chunk_common(dt, a, C, B, q):
 
 
 def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
-                    y_ref, hT_ref, st_ref, *, q, nc, rep, pb=None, stride=1):
-    """One program per (batch, head[, block of pb head channels]): a sequential pass over
-    the chunks (Mamba-2 sec. 6).
+                    y_ref, hT_ref, st_ref, *, q, nc, rep):
+    """One program per (batch, head): a sequential pass over the chunks (Mamba-2 sec. 6).
 
     x, z, y: (B, Lp, H, P)  dt: (B, Lp, H) f32  B, C: (B, Lp, G, N)  D: (H, P) f32
-    h0, hT: (B, H, P, N) f32  st: (B, nc // stride, H, P, N) chunk-entry states of every
-    `stride`-th chunk (only for the backward).
+    h0, hT: (B, H, P, N) f32  st: (B, nc, H, P, N) chunk-entry states (only for the backward).
     Per chunk: y = (C B^T o decay) (dt x) + exp(cs) C h^T + D x, gated by silu(z);
     h <- exp(cs_Q) h + (exp(cs_Q - cs) dt x)^T B. Fusing the state pass with the output
     keeps the state in registers: no (B, nc, H, P, N) round trip through memory.
-    The rows of the state (head channels) evolve independently, so a third grid axis may
-    split P into blocks of pb (more programs for the sequential pass; C B^T is recomputed
-    per block).
     """
     bi, hi = pl.program_id(0), pl.program_id(1)
     gi = hi // rep
-    if pb is None:
-        ps = slice(None)
-    else:
-        ps = pl.ds(pl.multiple_of(pl.program_id(2) * pb, pb), pb)
     a = a_ref[hi]
-    d = d_ref[hi, ps]
+    d = d_ref[hi, :]
     dot_dtype = x_ref.dtype
 
     def body(c, h):
         t = pl.ds(pl.multiple_of(c * q, q), q)
-        x = x_ref[bi, t, hi, ps]
+        x = x_ref[bi, t, hi, :]
         dt = dt_ref[bi, t, hi]
         Bc = b_ref[bi, t, gi, :]
         Cc = c_ref[bi, t, gi, :]
@@ -436,21 +397,16 @@ def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
         y = y + jnp.exp(cs)[:, None] * _dot(Cc, h.astype(dot_dtype), ((1,), (1,)))
         y = y + d[None, :] * xf
         if z_ref is not None:
-            zf = z_ref[bi, t, hi, ps].astype(jnp.float32)
+            zf = z_ref[bi, t, hi, :].astype(jnp.float32)
             y = y * (zf * jax.nn.sigmoid(zf))
-        y_ref[bi, t, hi, ps] = y.astype(y_ref.dtype)
+        y_ref[bi, t, hi, :] = y.astype(y_ref.dtype)
         if st_ref is not None:
-            if stride == 1:
-                st_ref[bi, c, hi, ps, :] = h.astype(st_ref.dtype)
-            else:
-                @pl.when(jax.lax.rem(c, stride) == 0)
-                def _():
-                    st_ref[bi, jax.lax.div(c, stride), hi, ps, :] = h.astype(st_ref.dtype)
+            st_ref[bi, c, hi, :, :] = h.astype(st_ref.dtype)
         w = jnp.exp(total - cs)
         return jnp.exp(total) * h + _dot((xdt * w[:, None]).astype(dot_dtype), Bc,
                                          ((0,), (0,)))
 
-    hT_ref[bi, hi, ps, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, ps, :])
+    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, :, :])
 
 
 def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy_ref, dhT_ref,
@@ -540,19 +496,16 @@ def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy
 
 
 def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref, dh0_ref,
-                           *, q, nc, rep, pb=None):
-    """Split backward, pass 1: one program per (batch, head[, pb-row block]), chunks in reverse.
+                           *, q, nc, rep):
+    """Split backward, pass 1: one program per (batch, head), chunks in reverse.
 
     dt: (B, Lp, H) f32  C: (B, Lp, G, N)  dy: (B, Lp, H, P)  dhT, dh0: (B, H, P, N) f32
-    dst: (B, nc, H, P, N) = dL/dh at the END of each chunk. The adjoint of the state pass: dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with
-    dy_core = dy silu(z). Rows of dh are independent (optional P split, like the forward).
+    dst: (B, nc, H, P, N) = dL/dh at the END of each chunk. The adjoint of the state pass:
+    dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with dy_core = dy silu(z).
+    Shaped like the forward pass, so it costs about what the forward does.
     """
     bi, hi = pl.program_id(0), pl.program_id(1)
     gi = hi // rep
-    if pb is None:
-        ps = slice(None)
-    else:
-        ps = pl.ds(pl.multiple_of(pl.program_id(2) * pb, pb), pb)
     a = a_ref[hi]
     f32 = jnp.float32
     dot_dtype = c_ref.dtype
@@ -560,20 +513,20 @@ def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref
     def body(i, dh):
         c = nc - 1 - i
         t = pl.ds(pl.multiple_of(c * q, q), q)
-        dst_ref[bi, c, hi, ps, :] = dh.astype(dst_ref.dtype)
+        dst_ref[bi, c, hi, :, :] = dh.astype(dst_ref.dtype)
         dt = dt_ref[bi, t, hi]
         Cc = c_ref[bi, t, gi, :]
         dA = dt * a
         cs = jnp.cumsum(dA)
         total = jnp.sum(dA)
-        dout = dy_ref[bi, t, hi, ps].astype(f32)
+        dout = dy_ref[bi, t, hi, :].astype(f32)
         if z_ref is not None:
-            zf = z_ref[bi, t, hi, ps].astype(f32)
+            zf = z_ref[bi, t, hi, :].astype(f32)
             dout = dout * zf * jax.nn.sigmoid(zf)
         g = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
         return jnp.exp(total) * dh + _dot(g, Cc, ((0,), (0,)))
 
-    dh0_ref[bi, hi, ps, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, ps, :])
+    dh0_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, :, :])
 
 
 def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
@@ -666,130 +619,71 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
     dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, Bc)
 
 
-def _ssd_expand_states_kernel(x_ref, dt_ref, a_ref, b_ref, st2_ref, st_ref, *, q, rep):
-    """Rebuilds every chunk-entry state from those of every other chunk (state_stride=2).
-
-    x: (B, Lp, H, P)  dt: (B, Lp, H) f32  B: (B, Lp, G, N)  st2: (B, nc // 2, H, P, N)
-    st: (B, nc, H, P, N). One program per (batch, pair k, head), all independent:
-    st[2k] = st2[k];  st[2k+1] = exp(cs_Q) st2[k] + (exp(cs_Q - cs) dt x)^T B of chunk 2k,
-    the forward's state update (Mamba-2 sec. 6) applied once, from the stored state.
-    """
-    bi, k, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    gi = hi // rep
-    c = 2 * k
-    t = pl.ds(pl.multiple_of(c * q, q), q)
-    f32 = jnp.float32
-    h = st2_ref[bi, k, hi, :, :]
-    st_ref[bi, c, hi, :, :] = h
-    dt = dt_ref[bi, t, hi]
-    dA = dt * a_ref[hi]
-    cs = jnp.cumsum(dA)
-    total = jnp.sum(dA)
-    u = x_ref[bi, t, hi, :].astype(f32) * (dt * jnp.exp(total - cs))[:, None]
-    s = _dot(u.astype(x_ref.dtype), b_ref[bi, t, gi, :], ((0,), (0,)))
-    st_ref[bi, c + 1, hi, :, :] = (jnp.exp(total) * h.astype(f32) + s).astype(st_ref.dtype)
-
-
 def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
-                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep, hx=1,
-                       dda_mode="matrix"):
-    """Three-kernel backward, pass 2: one program per (batch, chunk, block of hx heads of a
-    group), no accumulators.
+                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep):
+    """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
 
     Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
-    (B, nc, H, P). The (Q, N)
-    products of the head-block kernel are replaced by (Q, P) ones (t_inter from C h_prev^T),
-    which keeps the live set small enough not to spill at P=64, N=128; dB and dC come from
-    `_ssd_bwd_dbc_kernel`. With hx > 1 the heads of a block share B, C and C B^T (a loop).
-    dda_mode: "matrix" sums the d(dA) pairs with a (Q, Q) row cumsum; "vector" telescopes
-    them into column and row sums and one length-Q cumsum (same pairs, no (Q, Q) scan).
+    (B, nc, H, P). The (Q, N) products of the head-block kernel are replaced by (Q, P) ones
+    (t_inter from C h_prev^T), which keeps the live set small enough not to spill at P=64,
+    N=128; dB and dC come from `_ssd_bwd_dbc_kernel`.
     """
-    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    gi = (blk * hx) // rep
+    bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // rep
     f32 = jnp.float32
     dot_dtype = x_ref.dtype
     t = pl.ds(pl.multiple_of(c * q, q), q)
     Bc = b_ref[bi, t, gi, :]
     Cc = c_ref[bi, t, gi, :]
-    cb = _dot(Cc, Bc, ((1,), (1,)))
-    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
-    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    causal = idx >= jdx
-    strict = idx > jdx
-
-    def head(hi):
-        a = a_ref[hi]
-        d = d_ref[hi, :]
-        x = x_ref[bi, t, hi, :]
-        dt = dt_ref[bi, t, hi]
-        h_prev = st_ref[bi, c, hi, :, :]
-        dh = dst_ref[bi, c, hi, :, :]
-        dout = dy_ref[bi, t, hi, :].astype(f32)
-        dA = dt * a
-        cs = jnp.cumsum(dA)
-        total = jnp.sum(dA)
-        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
-        ecs = jnp.exp(cs)
-        xf = x.astype(f32)
-        xdt = xf * dt[:, None]
-        xdt_c = xdt.astype(dot_dtype)
-        m = cb * decay
-        ch = _dot(Cc, h_prev.astype(dot_dtype), ((1,), (1,)))               # (Q, P)
-        if z_ref is not None:
-            zf = z_ref[bi, t, hi, :].astype(f32)
-            y = _dot(m.astype(dot_dtype), xdt_c) + ecs[:, None] * ch + d[None, :] * xf
-            sz = jax.nn.sigmoid(zf)
-            dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(
-                dz_ref.dtype)
-            dout = dout * zf * sz
-        dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
-        dout_c = dout.astype(dot_dtype)
-        dm = _dot(dout_c, xdt_c, ((1,), (1,)))                               # (Q, Q)
-        dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))              # (Q, P)
-        t_inter = ecs * jnp.sum(dout * ch, axis=1)                           # d/dcs_i
-        w = jnp.exp(total - cs)
-        bdh = _dot(Bc, dh.astype(dot_dtype), ((1,), (1,)))                   # (Q, P)
-        dxdt = dxdt + w[:, None] * bdh
-        f_write = w * jnp.sum(xdt * bdh, axis=1)
-        s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
-        e = dm * m
-        if dda_mode == "matrix":
-            excl = jnp.cumsum(e, axis=1) - e                                 # sum_{j<k} e_ik
-            dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
-        else:
-            # sum over pairs j < k <= i of e_ij, telescoped: with a_m = sum_{i>m} e_im and
-            # b_m = sum_{j<m} e_mj, it is the exclusive cumsum of a - b (vector scans only).
-            el = jnp.where(strict, e, 0.0)
-            r = jnp.sum(el, axis=0) - jnp.sum(el, axis=1)
-            dda = (jnp.cumsum(r) - r) + (jnp.sum(t_inter) - jnp.cumsum(t_inter) + t_inter)
-        dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
-        ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
-        dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
-        da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
-
-    if hx == 1:
-        head(blk)
-    else:
-        def body(j, carry):
-            head(blk * hx + j)
-            return carry
-        jax.lax.fori_loop(0, hx, body, 0)
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    x = x_ref[bi, t, hi, :]
+    dt = dt_ref[bi, t, hi]
+    h_prev = st_ref[bi, c, hi, :, :]
+    dh = dst_ref[bi, c, hi, :, :]
+    dout = dy_ref[bi, t, hi, :].astype(f32)
+    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+    ecs = jnp.exp(cs)
+    xf = x.astype(f32)
+    xdt = xf * dt[:, None]
+    xdt_c = xdt.astype(dot_dtype)
+    m = cb * decay
+    ch = _dot(Cc, h_prev, ((1,), (1,)))                                     # (Q, P)
+    if z_ref is not None:
+        zf = z_ref[bi, t, hi, :].astype(f32)
+        y = _dot(m.astype(dot_dtype), xdt_c) + ecs[:, None] * ch + d[None, :] * xf
+        sz = jax.nn.sigmoid(zf)
+        dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(dz_ref.dtype)
+        dout = dout * zf * sz
+    dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
+    dout_c = dout.astype(dot_dtype)
+    dm = _dot(dout_c, xdt_c, ((1,), (1,)))                                   # (Q, Q)
+    dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))                  # (Q, P)
+    t_inter = ecs * jnp.sum(dout * ch, axis=1)                               # d/dcs_i
+    w = jnp.exp(total - cs)
+    bdh = _dot(Bc, dh, ((1,), (1,)))                                         # (Q, P)
+    dxdt = dxdt + w[:, None] * bdh
+    f_write = w * jnp.sum(xdt * bdh, axis=1)
+    s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+    e = dm * m
+    excl = jnp.cumsum(e, axis=1) - e                                         # sum_{j<k} e_ik
+    dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+    dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+    ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+    dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+    da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
 
 
 def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_ref, dy_ref,
-                        db_ref, dc_ref, *, q, hb, rep, nb=None):
-    """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group
-    [, block of nb state columns]).
+                        db_ref, dc_ref, *, q, hb, rep):
+    """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group).
 
     dB = sum_h [ (d(C B^T)_h)^T C + (exp(cs_Q - cs) o dt x)_h dh_h ]
     dC = sum_h [ d(C B^T)_h B + (exp(cs) o dy_core)_h h_prev_h ]
     A matmul K-loop over the block's heads: only the three accumulators are carried.
-    Columns of dB, dC only read the same columns of the states, so an optional fourth grid
-    axis splits N (d(C B^T) is recomputed per column block; accumulators shrink).
     Outputs dB, dC: (B, Lp, H // hb, N) f32 partials.
     """
     bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ns = slice(None) if nb is None else pl.ds(pl.multiple_of(pl.program_id(3) * nb, nb), nb)
     gi = (blk * hb) // rep
     f32 = jnp.float32
     dot_dtype = x_ref.dtype
@@ -816,20 +710,15 @@ def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_r
         u = (xdt * jnp.exp(total - cs)[:, None]).astype(dot_dtype)
         v = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
         return (dcb_acc + dm * decay,
-                db_acc + _dot(u, dst_ref[bi, c, hi, :, ns]),
-                dc_acc + _dot(v, st_ref[bi, c, hi, :, ns]))
+                db_acc + _dot(u, dst_ref[bi, c, hi, :, :]),
+                dc_acc + _dot(v, st_ref[bi, c, hi, :, :]))
 
-    n = b_ref.shape[-1] if nb is None else nb
+    n = b_ref.shape[-1]
     init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
     dcb, db, dc = jax.lax.fori_loop(0, hb, head, init)
     dcb_c = dcb.astype(dot_dtype)
-    db_ref[bi, t, blk, ns] = db + _dot(dcb_c, c_ref[bi, t, gi, ns], ((0,), (0,)))
-    dc_ref[bi, t, blk, ns] = dc + _dot(dcb_c, b_ref[bi, t, gi, ns])
-
-
-def _block(block, size):
-    """A block size clipped to `size`; None when it covers all of it (no extra grid axis)."""
-    return None if block is None or block >= size else block
+    db_ref[bi, t, blk, :] = db + _dot(dcb_c, c_ref[bi, t, gi, :], ((0,), (0,)))
+    dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, b_ref[bi, t, gi, :])
 
 
 def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
@@ -843,14 +732,12 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
-    stride = bs.state_stride
-    pb = _block(bs.fwd_pblock, p)
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]
     if save_states:
         # Stored in the input dtype: bf16 entry states halve the largest residual and stay
         # within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
-        out_shape.append(jax.ShapeDtypeStruct((b, nc // stride, h, p, n), x.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype))
 
     has_z = z is not None
     n_in = 7 + has_z
@@ -858,26 +745,11 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
     def kernel(*refs):
         ins = list(refs[:6]) + [refs[6] if has_z else None, refs[n_in - 1]]
         outs = list(refs[n_in:]) + ([] if save_states else [None])
-        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g, pb=pb, stride=stride)
+        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
 
     args = [x, dt, A, B, C, D] + ([z] if z is not None else []) + [h0]
-    grid = (b, h) if pb is None else (b, h, p // pb)
-    return _pallas_call(kernel, out_shape, grid, bs.num_warps_fwd, bs.num_stages, interpret,
+    return _pallas_call(kernel, out_shape, (b, h), bs.num_warps_fwd, bs.num_stages, interpret,
                         "ssd_fwd")(*args)
-
-
-def _expand_call(x, dt, A, B, states2, *, q, bs, interpret):
-    """Launches `_ssd_expand_states_kernel`: (B, nc // 2, H, P, N) -> (B, nc, H, P, N)."""
-    b, lp, h, p = x.shape
-    g, n = B.shape[2:]
-    nc = lp // q
-
-    def kernel(*refs):
-        _ssd_expand_states_kernel(*refs, q=q, rep=h // g)
-
-    return _pallas_call(kernel, jax.ShapeDtypeStruct((b, nc, h, p, n), states2.dtype),
-                        (b, nc // 2, h), bs.num_warps_fwd, bs.num_stages, interpret,
-                        "ssd_expand_states")(x, dt, A, B, states2)
 
 
 def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
@@ -918,25 +790,24 @@ def _largest_divisor_at_most(v: int, cap: int) -> int:
 
 
 def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
-    """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at every chunk end, dh0."""
+    """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at every chunk end (B, nc, H, P, N)
+    in states_dtype, and dh0 (B, H, P, N) f32."""
     b, lp, h, p = dy.shape
     g, n = C.shape[2:]
     nc = lp // q
-    pb = _block(bs.dstate_pblock, p)
     has_z = z is not None
 
     def kernel(*refs):
         refs = list(refs)
         ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
-        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g, pb=pb)
+        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g)
 
     args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
     return _pallas_call(
         kernel,
         [jax.ShapeDtypeStruct((b, nc, h, p, n), states_dtype),
          jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
-        (b, h) if pb is None else (b, h, p // pb),
-        bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
+        (b, h), bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
         "ssd_bwd_dstate")(*args)
 
 
@@ -996,7 +867,6 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
     g, n = B.shape[2:]
     nc = lp // q
     rep = h // g
-    hx = _largest_divisor_at_most(rep, bs.dx_heads)
     has_z = z is not None
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
@@ -1011,12 +881,11 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
         ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
         outs = refs[9:]
         outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
-        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep, hx=hx, dda_mode=bs.dda)
+        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep)
 
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
-    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h // hx),
-                            bs.num_warps_dx or bs.num_warps_fwd, bs.num_stages, interpret,
-                            "ssd_bwd_dx")(*args))
+    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h), bs.num_warps_dx or bs.num_warps_fwd,
+                            bs.num_stages, interpret, "ssd_bwd_dx")(*args))
     dz = res.pop(2) if has_z else None
     dx, ddt, da, dd = res
     return dx, ddt, dz, da, dd
@@ -1027,20 +896,17 @@ def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
-    rep = h // g
     has_z = z is not None
-    nb = _block(bs.dbc_nblock, n)
 
     def dbc_kernel(*refs):
         refs = list(refs)
         ins = refs[:5] + ([refs.pop(5)] if has_z else [None]) + refs[5:8]
-        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=rep, nb=nb)
+        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=h // g)
 
-    grid = (b, nc, h // hb) if nb is None else (b, nc, h // hb, n // nb)
     args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
     return _pallas_call(
-        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2, grid,
-        bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
+        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2,
+        (b, nc, h // hb), bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -1059,8 +925,6 @@ def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
 def _ssd_core_bwd(q, bs, interpret, res, cts):
     x, dt, A, B, C, D, z, states = res
     dy, dhT = cts
-    if bs.state_stride == 2:
-        states = _expand_call(x, dt, A, B, states, q=q, bs=bs, interpret=interpret)
     call = _bwd_call if bs.bwd == "fused" else _bwd_split_call
     dx, ddt, dbp, dcp, dz, da, dd, dh0 = call(
         x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,
@@ -1098,7 +962,7 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
     if interpret is None:
         interpret = not _on_gpu()
     q = _kernel_chunk(chunk_size, bs)
-    lp = -(-l // (q * bs.state_stride)) * q * bs.state_stride
+    lp = -(-l // q) * q
     pp, nn = max(16, _next_pow2(p)), max(16, _next_pow2(n))
     f32 = jnp.float32
     dt_eff = _pad_to(_effective_dt(dt, dt_bias, dt_softplus), 1, lp)

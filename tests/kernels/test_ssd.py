@@ -3,6 +3,7 @@
 x, z: (B, L, H, P)  dt: (B, L, H)  A: (H,)  B, C: (B, L, G, N)  state: (B, H, P, N)
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -183,60 +184,46 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     compare(got, ref, jnp.float32, f"pallas l={l} chunk={chunk} g={g} p={p} n={n}")
 
 
-@pytest.mark.parametrize("l,p,n,kw", [
-    # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
-    (29, 16, 16, dict(bwd="split3", bwd_heads=1)),
-    (29, 16, 16, dict(bwd="split", bwd_heads=1)),
-    (29, 16, 16, dict(bwd="fused", bwd_heads=32)),
-    # states of every other chunk (3 chunks padded to 4), rebuilt for the backward
-    (45, 16, 16, dict(state_stride=2, bwd_heads=1)),
-    (45, 16, 16, dict(state_stride=2, bwd="fused")),
-    # P split in the sequential passes, N split in dB/dC, 2 heads per dx program
-    (45, 32, 32, dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=16,
-                      dx_heads=2)),
-    (29, 32, 32, dict(fwd_pblock=16, dstate_pblock=16, dbc_nblock=16, dx_heads=2)),
-    (29, 16, 16, dict(dda="vector", dx_heads=2, state_stride=2)),
+@pytest.mark.parametrize("bwd,bwd_heads", [
+    ("split3", 1),   # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
+    ("split", 1),
+    ("fused", 32),
 ])
-def test_pallas_backward_variants_match_reference(l, p, n, kw):
+def test_pallas_backward_variants_match_reference(bwd, bwd_heads):
     key = jax.random.PRNGKey(15)
-    args = make_inputs(key, l=l, h=4, g=2, p=p, n=n)
+    args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
     ref = vjp_all(ssd_reference, args, key)
-    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=BlockSizes(**kw))
-    compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, backward {kw}")
+    bs = BlockSizes(bwd=bwd, bwd_heads=bwd_heads)
+    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=bs)
+    compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward")
 
 
-@pytest.mark.parametrize("state_stride", [1, 2])
-def test_pallas_bfloat16(state_stride):
+def test_pallas_bfloat16():
     key = jax.random.PRNGKey(12)
     args = make_inputs(key, l=40, g=2, p=16, n=16, dtype=jnp.bfloat16)
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    fn = functools.partial(ssd_pallas, chunk_size=16,
-                           block_sizes=BlockSizes(state_stride=state_stride))
-    y, h, grads = vjp_all(fn, args, key)
+    y, h, grads = vjp_all(functools.partial(ssd, impl="pallas", chunk_size=16), args, key)
     y0, h0, grads0 = vjp_all(ssd_reference, args32, key)
     assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
     compare((y, h, grads), (y0, h0, grads0), jnp.bfloat16, "pallas bf16")
 
 
-@pytest.mark.parametrize("bs_kw,kernels", [
-    (dict(bwd="split3"), ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
-    (dict(bwd="split"), ("ssd_bwd_dstate", "ssd_bwd_chunk")),
-    (dict(bwd="fused"), ("ssd_bwd",)),
-    (dict(state_stride=2, fwd_pblock=16, dstate_pblock=16, dbc_nblock=32, dx_heads=2,
-          dda="vector"),
-     ("ssd_expand_states", "ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
+@pytest.mark.parametrize("bwd,kernels", [
+    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
+    ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk")),
+    ("fused", ("ssd_bwd",)),
 ])
-def test_pallas_lowers_to_triton(bs_kw, kernels):
+def test_pallas_lowers_to_triton(bwd, kernels):
     """Forward and backward cross-lower to Triton IR without a GPU (catches lowering errors)."""
     args = make_inputs(jax.random.PRNGKey(13), b=1, l=70, h=2, p=32, n=64, g=1,
-                       dtype=jnp.bfloat16)  # 2 chunks of 64
+                       dtype=jnp.bfloat16)
     names = list(FLOAT_ARGS)
 
     def loss(*vals):
         kw = dict(zip(names, vals))
         y, h = ssd_pallas(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
                           chunk_size=64, dt_softplus=True, return_final_state=True,
-                          interpret=False, block_sizes=BlockSizes(**bs_kw), **kw)
+                          interpret=False, block_sizes=BlockSizes(bwd=bwd), **kw)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     vals = [args[k] for k in names]
@@ -248,17 +235,30 @@ def test_pallas_lowers_to_triton(bs_kw, kernels):
         assert name in bwd_text, f"{name} missing from the lowered backward"
 
 
+def test_pallas_per_pass_warps_reach_their_kernels():
+    """num_warps_dstate / num_warps_dx / num_warps_bwd are the launch parameters of their own
+    kernels (the lowered Triton custom calls carry num_warps)."""
+    args = make_inputs(jax.random.PRNGKey(16), b=1, l=70, h=2, p=32, n=64, g=1,
+                       dtype=jnp.bfloat16, with_optional=False)
+    bs = BlockSizes(num_warps_fwd=4, num_warps_dstate=2, num_warps_dx=8, num_warps_bwd=16)
+
+    def loss(x, dt, A, B, C):
+        y = ssd_pallas(x, dt, A, B, C, chunk_size=64, interpret=False, block_sizes=bs)
+        return jnp.sum(y.astype(jnp.float32))
+
+    vals = [args[k] for k in ("x", "dt", "A", "B", "C")]
+    text = jax.jit(jax.grad(loss)).trace(*vals).lower(lowering_platforms=("cuda",)).as_text()
+    launches = {}
+    for line in text.splitlines():
+        if "__gpu$xla.gpu.triton" in line:
+            name = re.search(r'name = "(ssd_\w+)"', line).group(1)
+            launches[name] = int(re.search(r"num_warps = (\d+)", line).group(1))
+    assert launches == {"ssd_fwd": 4, "ssd_bwd_dstate": 2, "ssd_bwd_dx": 8, "ssd_bwd_dbc": 16}
+
+
 def test_pallas_block_sizes_validated():
     args = make_inputs(jax.random.PRNGKey(14), l=9, g=2)
     with pytest.raises(ValueError, match="BlockSizes.chunk"):
         run(ssd_pallas, args, chunk_size=16, block_sizes=BlockSizes(chunk=24))
     with pytest.raises(ValueError, match="BlockSizes.bwd"):
         BlockSizes(bwd="reverse")
-    with pytest.raises(ValueError, match="state_stride"):
-        BlockSizes(state_stride=3)
-    with pytest.raises(ValueError, match="dbc_nblock"):
-        BlockSizes(dbc_nblock=24)
-    with pytest.raises(ValueError, match="BlockSizes.dda"):
-        BlockSizes(dda="scan")
-    with pytest.raises(ValueError, match="dx_heads"):
-        BlockSizes(dx_heads=0)
