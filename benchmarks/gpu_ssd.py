@@ -16,6 +16,8 @@ $OUT/ssd_gpu.json (or ./ssd_gpu.json) after each:
      block_until_ready) of the forward and of forward+backward (jax.grad of sum(y) wrt x,
      dt, A, B, C, D) at L (b8 L4096 h32 p64 n128 g1) and S (b64 L1024 h4 p32 n64 g1);
   4. (optional) dA / ddt gradient accuracy at length 65536 for one variant.
+`--ptxas-report VARIANT` instead prints each kernel's registers, spills, shared memory and
+resident programs per SM (Triton + ptxas for sm_90a; no GPU needed).
 Each worker has a watchdog: a task over its time limit is recorded as an error and the next
 worker goes on with the remaining tasks. No new task starts after --budget seconds.
 The table is printed last.
@@ -52,11 +54,11 @@ REF_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ssd_gpu_refs.npz")
 
 # name -> BlockSizes keywords (chunk 64 pinned). Order = priority: a device call may end
 # before the last. Runs 4 and 5 timed options since removed (see benchmarks/NOTES_ssd.md and
-# the JSON in benchmarks/results/); these are the current knobs.
+# the JSON in benchmarks/results/); these are the current knobs. (A 2-warp dx spills 24 KB
+# per thread in the --ptxas-report: not worth a timing.)
 VARIANTS = {
     "default": dict(),
     "dbc w4": dict(num_warps_bwd=4),
-    "dx w2": dict(num_warps_dx=2),
     "dstate w8": dict(num_warps_dstate=8),
     "hb8 dbc w4": dict(bwd_heads=8, num_warps_bwd=4),
 }
@@ -313,6 +315,82 @@ def task_grad64k(rec, name, precompile=False):
         rec[jnp.dtype(dtype).name + "_pass"] = all(v <= BF16_TOL["grad"] for v in errs.values())
 
 
+def ptxas_report(name, shape="L"):
+    """Registers, spills and shared memory of each kernel of a variant (no GPU needed).
+
+    Captures the Triton IR that Pallas lowers for CUDA, compiles it for sm_90a with the
+    `triton` package (installed on the GPU machine; elsewhere put it on PYTHONPATH) at the
+    variant's num_warps / num_stages, and runs that package's ptxas -v. Triton's own
+    pipeline, not XLA's copy of it: indicative, not exact. Resident programs per SM =
+    min(64K registers, 228 KB shared memory, 64 warps) over one program's needs.
+    """
+    import re
+    import tempfile
+    jax = _jax()
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import pallas_call_registration as reg
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from kernels.ssd import ssd_pallas
+    bs = block_sizes(name)
+    warps = {"ssd_fwd": bs.num_warps_fwd,
+             "ssd_bwd_dstate": bs.num_warps_dstate or bs.num_warps_fwd,
+             "ssd_bwd_dx": bs.num_warps_dx or bs.num_warps_fwd,
+             "ssd_bwd_dbc": bs.num_warps_bwd}
+    tmp = tempfile.mkdtemp()
+    irs = {}
+    orig = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        res = orig(*a, **k)
+        text = res.module.operation.get_asm(enable_debug_info=False)
+        irs[re.search(r"tt\.func public @(\w+)", text).group(1)] = text
+        return res
+
+    reg.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        cfg = dict(SHAPES[shape], b=1, l=128)      # the kernel body does not depend on b, l
+        args = inputs(jax.random.PRNGKey(0), **cfg)
+        vals = [args[k] for k in ("x", "dt", "A", "B", "C", "D")]
+
+        def loss(x, dt, A, B, C, D):
+            y = ssd_pallas(x, dt, A, B, C, D=D, chunk_size=64, block_sizes=bs, interpret=False)
+            return jnp.sum(y.astype(jnp.float32))
+        jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*vals).lower(
+            lowering_platforms=("cuda",))
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = orig
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    rows = []
+    for kname, text in irs.items():
+        w = warps.get(kname, bs.num_warps_fwd)
+        path = os.path.join(tmp, f"{kname}.ttir")
+        with open(path, "w") as f:
+            f.write(text)
+        k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": w, "num_stages": bs.num_stages})
+        ptx = os.path.join(tmp, f"{kname}.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".cubin"],
+                             capture_output=True, text=True).stderr
+        regs = int(re.search(r"Used (\d+) registers", out).group(1))
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+        smem = int(k.metadata.shared)
+        per_sm = min(65536 // (regs * 32 * w), (228 * 1024) // max(smem, 1), 64 // w)
+        rows.append({"kernel": kname, "num_warps": w, "registers": regs,
+                     "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
+                     "shared_bytes": smem, "programs_per_sm": per_sm})
+    print(f"\nptxas report, variant {name!r}, shape {shape} (triton {triton.__version__}, "
+          f"sm_90a):")
+    print("kernel           warps  regs  spill st/ld   shared   programs/SM")
+    for r in rows:
+        print(f"{r['kernel']:16s} {r['num_warps']:5d} {r['registers']:5d} "
+              f"{r['spill_stores']:6d}/{r['spill_loads']:<6d} {r['shared_bytes']:7d} "
+              f"{r['programs_per_sm']:8d}")
+    return rows
+
+
 TASKS = {"refs": task_refs, "variant": task_variant, "breakdown": task_breakdown,
          "grad64k": task_grad64k}
 
@@ -427,12 +505,19 @@ def main():
     parser.add_argument("--precompile-s", type=float, default=110.0,
                         help="precompile workers stop this many seconds after the start")
     parser.add_argument("--variant-limit", type=float, default=90.0)
+    parser.add_argument("--ptxas-report", default="", metavar="VARIANT",
+                        help="print registers / spills / shared memory per kernel and exit")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--results", default="", help=argparse.SUPPRESS)
     parser.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
         worker(opts.worker, opts.results, opts.precompile)
+        return
+    if opts.ptxas_report:
+        rows = ptxas_report(opts.ptxas_report)
+        with open(os.path.join(OUT, "ssd_ptxas.json"), "w") as f:
+            json.dump({"variant": opts.ptxas_report, "kernels": rows}, f, indent=1)
         return
     start = time.time()
     deadline = start + opts.budget
