@@ -203,14 +203,16 @@ class BlockSizes:
     num_warps: int = 1         # 1 warp keeps the bwd's per-step channel sums in shuffles
     num_stages: int = 1
     bwd_num_warps: int = 1
-    # "tile": v3, the compiler lays the (N, block_d) state tile out as it likes (it picked 4
-    # states x 4 channels per lane, so every step pays layout conversions through shared
-    # memory, barriers and shuffles). "lane": v4, one channel per lane with its N states in
-    # registers, obtained by never reading or writing a 2-D tile from memory (rows only);
-    # also carries the prefetched rows across chunk boundaries, reads B/C as float32 and
-    # computes softplus/sigmoid with MUFU ex2/lg2.
+    # Forward state-tile layout. "tile" (v3): the compiler lays the (N, block_d) tile out from
+    # the 2-D loads and stores (it picks 4 states x 4 channels per lane, so every step pays
+    # layout conversions through shared memory, barriers and shuffles). "lane" (v4): one
+    # channel per lane with its N states in registers, by never reading or writing a 2-D tile
+    # from memory (rows only). The backward keeps the compiler's tile: its per-step sums over
+    # channels (dB, dC) are cheaper there (see benchmarks/NOTES_selective_scan.md).
     layout: str = "lane"
-    bwd_layout: str = "lane"   # the same choice for the backward kernel
+    fast_math: bool = True       # softplus / sigmoid with MUFU ex2, lg2 (not libdevice)
+    carry_prefetch: bool = True  # prefetched rows stay in flight across chunk boundaries
+    bc_f32: bool = True          # B, C converted to float32 once, outside the kernels
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -225,14 +227,8 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.prefetch={self.prefetch} must be >= 0")
         if self.unroll > self.chunk:
             raise ValueError(f"BlockSizes.unroll={self.unroll} must be <= chunk={self.chunk}")
-        if self.bwd_layout == "lane" and (self.block_d > 32 or self.bwd_num_warps != 1):
-            raise ValueError(f"BlockSizes.bwd_layout='lane' sums over the lanes of one warp: "
-                             f"needs block_d <= 32 and bwd_num_warps == 1; got "
-                             f"{self.block_d=}, {self.bwd_num_warps=}")
-        for name in ("layout", "bwd_layout"):
-            if getattr(self, name) not in ("tile", "lane"):
-                raise ValueError(f"BlockSizes.{name}={getattr(self, name)!r} must be 'tile' or "
-                                 f"'lane'")
+        if self.layout not in ("tile", "lane"):
+            raise ValueError(f"BlockSizes.layout={self.layout!r} must be 'tile' or 'lane'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +249,8 @@ class _Cfg:
     num_stages: int
     bwd_num_warps: int
     lane: bool             # BlockSizes.layout == "lane" (forward kernel)
-    bwd_lane: bool         # BlockSizes.bwd_layout == "lane" (backward kernel)
+    fast_math: bool
+    carry_prefetch: bool
     interpret: bool
 
 
@@ -296,44 +293,11 @@ def _softplus_fast(cfg, x):
     return jnp.where(x > 20.0, x, jnp.where(e < 0.03125, series, big))
 
 
-def _sigmoid(cfg, x, lane):
-    if cfg.interpret or not lane:
+def _sigmoid(cfg, x):
+    if cfg.interpret or not cfg.fast_math:
         return jax.nn.sigmoid(x)
     # ex2 of a large argument is +inf and 1 / inf = 0: no clamp needed.
     return 1.0 / (1.0 + _exp2(cfg, -x * _LOG2E))
-
-
-def _shfl_xor(cfg, v, m):
-    """Lane l gets lane l ^ m's element of v (bd,): one `shfl.sync.bfly` in the lane layout."""
-    if cfg.interpret:
-        return v[jnp.arange(v.shape[0]) ^ m]
-    return pltr.elementwise_inline_asm(
-        f"shfl.sync.bfly.b32 $0, $1, {m}, 0x1f, 0xffffffff;", args=[v], constraints="=r,r",
-        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])[0]
-
-
-def _lane_reduce_scatter(cfg, rows):
-    """Sums of V rows (bd,) over their bd lanes, with V - 1 shuffles instead of V log2(bd).
-
-    Recursive halving: at the level of mask m, lanes with bit m clear keep the first half of
-    the rows and send the second to lane l ^ m, the others the reverse, and each adds what it
-    receives; once one row is left, plain butterfly levels finish it. Returns max(V // bd, 1)
-    vectors; slot s of lane l holds the sum of row l * (V // bd) + s (V >= bd), or of row
-    l // (bd // V) (V < bd). Needs one element per lane, lanes in order (lane layout, one warp).
-    """
-    bd = rows[0].shape[0]
-    lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
-    m = bd // 2
-    while m >= 1:
-        if len(rows) > 1:
-            half = len(rows) // 2
-            upper = (lane & m) != 0
-            rows = [jnp.where(upper, b, a) + _shfl_xor(cfg, jnp.where(upper, a, b), m)
-                    for a, b in zip(rows[:half], rows[half:])]
-        else:
-            rows = [rows[0] + _shfl_xor(cfg, rows[0], m)]
-        m //= 2
-    return rows
 
 
 def _rows_to_tile(rows):
@@ -378,11 +342,11 @@ def _softplus_f32(x):
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _step_size(cfg, dt_raw, bias, t, lane):
+def _step_size(cfg, dt_raw, bias, t):
     """delta (+ bias, softplus), zeroed on padded steps AFTER softplus so they are identity."""
     x = dt_raw.astype(jnp.float32) + bias
     if cfg.softplus:
-        dt = _softplus_fast(cfg, x) if lane else _softplus_f32(x)
+        dt = _softplus_fast(cfg, x) if cfg.fast_math else _softplus_f32(x)
     else:
         dt = x
     return jnp.where(t < cfg.length, dt, 0.0), x
@@ -482,18 +446,18 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     def body(t, row, h):
         dt_raw, u, bt, ct = row[:4]
         u = u.astype(jnp.float32)
-        dt, _ = _step_size(cfg, dt_raw, bias, t, cfg.lane)
+        dt, _ = _step_size(cfg, dt_raw, bias, t)
         h = (_exp2(cfg, dt[None, :] * a2) * h
              + (dt * u)[None, :] * bt.astype(jnp.float32)[:, None])
         y = jnp.sum(h * ct.astype(jnp.float32)[:, None], axis=0) + dskip * u
         if cfg.has_z:
             zt = row[4].astype(jnp.float32)
-            y = y * (zt * _sigmoid(cfg, zt, cfg.lane))
+            y = y * (zt * _sigmoid(cfg, zt))
         y_ref[bi, t, cols] = y.astype(y_ref.dtype)
         return h
 
     h = _load_tile(cfg.lane, h0_ref, (bi,), cols)
-    if cfg.lane:
+    if cfg.carry_prefetch:
         ipc = cfg.chunk // cfg.unroll
 
         def steps(i):
@@ -536,16 +500,13 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     do_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, hs_ref, dhl_ref = (next(it) for _ in range(8))
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if cfg.has_z else None
-    # Lane layout: one output holds dB and dC, in the slots of `_lane_reduce_scatter`.
-    db_ref, dc_ref = (next(it), None) if cfg.bwd_lane else (next(it), next(it))
-    dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(5))
+    db_ref, dc_ref, dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(7))
 
     bi, j = pl.program_id(0), pl.program_id(1)
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * cfg.block_d, cfg.block_d)
     last = cfg.n_chunks * cfg.chunk - 1
-    lane = cfg.bwd_lane
-    at = _load_tile(lane, at_ref, (), cols)
+    at = at_ref[:, cols].astype(jnp.float32)
     a2 = at * _LOG2E
     dskip = d_ref[cols].astype(jnp.float32)
     bias = bias_ref[cols].astype(jnp.float32)
@@ -558,8 +519,8 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     def recompute(t, row, h):
         # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
         dt_raw, u, bt = row
-        dt, _ = _step_size(cfg, dt_raw, bias, t, lane)
-        _store_tile(lane, scr_ref, (bi, j, jax.lax.rem(t, cfg.chunk)), slice(None), h)
+        dt, _ = _step_size(cfg, dt_raw, bias, t)
+        scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :] = h
         return (_exp2(cfg, dt[None, :] * a2) * h
                 + (dt * u.astype(f32))[None, :] * bt.astype(f32)[:, None])
 
@@ -569,18 +530,27 @@ def _bwd_kernel(*refs, cfg: _Cfg):
                c_ref[bi, t, grp, :], do_ref[bi, t, cols])
         return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
 
+    def scratch(t):
+        return scr_ref[bi, j, jax.lax.rem(t, cfg.chunk), :, :]
+
     def adjoint(t, row, carry):
-        g, dat, dd, dbias = carry
+        if cfg.carry_prefetch:
+            # h_{t-1} was loaded one step ahead: an L2 round trip per step otherwise. At a
+            # chunk's first step (t = lo) this reads a stale row that is never used.
+            g, dat, dd, dbias, h_prev = carry
+            h_next = scratch(t - 1 + cfg.chunk)
+        else:
+            g, dat, dd, dbias = carry
+            h_prev = scratch(t)
         dt_raw, u, bt, ct, dout = row[:5]
         u, bt, ct, dout = u.astype(f32), bt.astype(f32), ct.astype(f32), dout.astype(f32)
-        dt, x = _step_size(cfg, dt_raw, bias, t, lane)
-        h_prev = _load_tile(lane, scr_ref, (bi, j, jax.lax.rem(t, cfg.chunk)), slice(None))
+        dt, x = _step_size(cfg, dt_raw, bias, t)
         a = _exp2(cfg, dt[None, :] * a2)
         dtu = dt * u
         h = a * h_prev + dtu[None, :] * bt[:, None]
         if cfg.has_z:
             zt = row[5].astype(f32)
-            sig = _sigmoid(cfg, lane=lane, x=zt)
+            sig = _sigmoid(cfg, zt)
             y = jnp.sum(h * ct[:, None], axis=0) + dskip * u
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
             dz_ref[bi, t, cols] = dz.astype(dz_ref.dtype)
@@ -588,59 +558,50 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         else:
             dy = dout
         g = g + ct[:, None] * dy[None, :]
-        if lane:
-            # dB_t, dC_t: 2N sums over the block's channels, i.e. over the lanes.
-            pdb, pdc = g * dtu[None, :], h * dy[None, :]
-            rows = ([_tile_row(pdb, k) for k in range(cfg.d_state)]
-                    + [_tile_row(pdc, k) for k in range(cfg.d_state)])
-            for s_, v in enumerate(_lane_reduce_scatter(cfg, rows)):
-                db_ref[bi, t, j, s_, :] = v
-            ga_ = g * a
-            ga = ga_ * h_prev
-        else:
-            dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
-            db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
-            ga = g * a * h_prev
+        dc_ref[bi, t, j, :] = jnp.sum(h * dy[None, :], axis=1)
+        db_ref[bi, t, j, :] = jnp.sum(g * dtu[None, :], axis=1)
+        ga = g * a * h_prev
         gb = jnp.sum(g * bt[:, None], axis=0)
         du = dskip * dy + dt * gb
         ddt = gb * u + jnp.sum(ga * at, axis=0)
         if cfg.softplus:
-            ddt = ddt * _sigmoid(cfg, lane=lane, x=x)
+            ddt = ddt * _sigmoid(cfg, x)
         ddt = jnp.where(t < cfg.length, ddt, 0.0)
         du_ref[bi, t, cols] = du.astype(du_ref.dtype)
         ddt_ref[bi, t, cols] = ddt.astype(ddt_ref.dtype)
-        return (ga_ if lane else g * a), dat + ga * dt[None, :], dd + dy * u, dbias + ddt
+        out = (g * a, dat + ga * dt[None, :], dd + dy * u, dbias + ddt)
+        return out + (h_next,) if cfg.carry_prefetch else out
 
     def barrier():
         if not cfg.interpret:
-            # Scratch written by the recompute is read back by other threads of the program
-            # (in the lane layout each lane reads back only its own column).
+            # Scratch written by the recompute is read back by other threads of the program.
             pltr.debug_barrier()
 
     nb = cfg.block_d
-    init = (_load_tile(lane, dhl_ref, (bi,), cols), jnp.zeros((cfg.d_state, nb), f32),
+    init = (dhl_ref[bi, :, cols].astype(f32), jnp.zeros((cfg.d_state, nb), f32),
             jnp.zeros((nb,), f32), jnp.zeros((nb,), f32))
-    if lane:
-        ipc, u_ = cfg.chunk // cfg.unroll, cfg.unroll
+    if cfg.carry_prefetch:
+        ipc, un = cfg.chunk // cfg.unroll, cfg.unroll
 
         def steps_fwd(i):
             # Recompute stream: chunks last to first, steps ascending inside a chunk.
             c = cfg.n_chunks - 1 - i // ipc
-            base = c * cfg.chunk + jax.lax.rem(i, ipc) * u_
-            return [base + k for k in range(u_)]
+            base = c * cfg.chunk + jax.lax.rem(i, ipc) * un
+            return [base + k for k in range(un)]
 
         def steps_bwd(i):
-            return [last - (i * u_ + k) for k in range(u_)]
+            return [last - (i * un + k) for k in range(un)]
 
         def chunk_body(i, state):
             carry, qf, qb = state
             c = cfg.n_chunks - 1 - i
             _, qf = _stream_loop(i * ipc, ipc, steps_fwd, load_fwd, recompute,
-                                 _load_tile(lane, hs_ref, (bi, c), cols), qf)
+                                 hs_ref[bi, c, :, cols], qf)
             barrier()
-            carry, qb = _stream_loop(i * ipc, ipc, steps_bwd, load_bwd, adjoint, carry, qb)
+            carry, qb = _stream_loop(i * ipc, ipc, steps_bwd, load_bwd, adjoint,
+                                     carry + (scratch(c * cfg.chunk + cfg.chunk - 1),), qb)
             barrier()
-            return carry, qf, qb
+            return carry[:4], qf, qb
 
         g, dat, dd, dbias = jax.lax.fori_loop(
             0, cfg.n_chunks, chunk_body,
@@ -659,8 +620,8 @@ def _bwd_kernel(*refs, cfg: _Cfg):
             return carry
 
         g, dat, dd, dbias = jax.lax.fori_loop(0, cfg.n_chunks, chunk_body, init)
-    _store_tile(lane, dh0_ref, (bi,), cols, g)
-    _store_tile(lane, dat_ref, (bi,), cols, dat)
+    dh0_ref[bi, :, cols] = g
+    dat_ref[bi, :, cols] = dat
     dd_ref[bi, cols] = dd
     dbias_ref[bi, cols] = dbias
 
@@ -684,20 +645,6 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
     )(*ins)
 
 
-def _n_slots(cfg):
-    return max(2 * cfg.d_state // cfg.block_d, 1)
-
-
-def _unscatter_dbc(cfg, dbc):
-    """(b, lp, nb, slots, bd) from `_lane_reduce_scatter` -> dB, dC partials (b, lp, nb, Np)."""
-    v, bd = 2 * cfg.d_state, cfg.block_d
-    if v >= bd:     # slot s of lane l holds row l * slots + s
-        tot = jnp.swapaxes(dbc, -1, -2).reshape(dbc.shape[:3] + (v,))
-    else:           # lane l holds row l // (bd // v)
-        tot = dbc[:, :, :, 0, ::bd // v]
-    return tot[..., :cfg.d_state], tot[..., cfg.d_state:]
-
-
 def _bwd_call(cfg, res, dy, dhl):
     u, dt, z, Bm, Cm, AT, D, bias, hs = res
     b, lp, dp = u.shape
@@ -706,11 +653,9 @@ def _bwd_call(cfg, res, dy, dhl):
     f32 = jnp.float32
     out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                  + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
-                 + ([jax.ShapeDtypeStruct((b, lp, n_blocks, _n_slots(cfg), cfg.block_d), f32)]
-                    if cfg.bwd_lane else
-                    [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
-                     jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32)])
-                 + [jax.ShapeDtypeStruct((b, np_, dp), f32),
+                 + [jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                    jax.ShapeDtypeStruct((b, lp, n_blocks, np_), f32),
+                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, np_, dp), f32),
@@ -744,12 +689,7 @@ def _scan_padded_bwd(cfg, res, cts):
     outs = _bwd_call(cfg, res, dy.astype(u.dtype), dhl.astype(jnp.float32))
     du, ddt = outs[0], outs[1]
     dz = outs[2] if cfg.has_z else None
-    rest = outs[3:] if cfg.has_z else outs[2:]
-    if cfg.bwd_lane:
-        (db, dc), rest = _unscatter_dbc(cfg, rest[0]), rest[1:]
-    else:
-        (db, dc), rest = rest[:2], rest[2:]
-    dat, dd, dbias, dh0 = rest
+    db, dc, dat, dd, dbias, dh0 = outs[3:] if cfg.has_z else outs[2:]
     b, lp, _, np_ = db.shape
     # Per-block partial sums of dB/dC reduced here (deterministic, no atomics).
     db = db.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Bm.dtype)
@@ -799,7 +739,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                prefetch=bs.prefetch,
                num_warps=bs.num_warps, num_stages=bs.num_stages,
                bwd_num_warps=bs.bwd_num_warps, lane=bs.layout == "lane",
-               bwd_lane=bs.bwd_layout == "lane",
+               fast_math=bs.fast_math, carry_prefetch=bs.carry_prefetch,
                interpret=bool(interpret))
 
     def chan(x, fill=0.0):
@@ -821,7 +761,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     pad_bc = [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)]
     B_p = Bg if pad_bc == [(0, 0)] * 4 else jnp.pad(Bg, pad_bc)
     C_p = Cg if pad_bc == [(0, 0)] * 4 else jnp.pad(Cg, pad_bc)
-    if cfg.lane or cfg.bwd_lane:
+    if bs.bc_f32:
         # B/C are small next to u and delta (N per step, not d_inner): converting them once
         # here saves the kernels two conversions per state and step.
         B_p, C_p = B_p.astype(f32), C_p.astype(f32)

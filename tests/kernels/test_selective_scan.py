@@ -86,8 +86,12 @@ def check_against_ref(impl, args, softplus, dtype):
 
 
 # Pallas (interpret mode on CPU): odd lengths/widths/d_state, groups, every optional argument
-# on and off, bf16, and tile variants that exercise several chunks, blocks and prefetch depths.
+# on and off, bf16, and tile variants that exercise several chunks, blocks and prefetch depths,
+# with the v4 options (lane layout, carried prefetch, float32 B/C) on and off; V3 is the v3
+# kernel. (fast_math changes only the compiled GPU code: interpret mode computes softplus
+# exactly; the GPU test below and benchmarks/gpu_selective_scan.py check it.)
 # (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus, BlockSizes)
+V3 = dict(layout="tile", fast_math=False, carry_prefetch=False, bc_f32=False)
 PALLAS_CASES = [
     (1, 4, 3, None, jnp.float32, dict(), True, BlockSizes()),
     (7, 6, 4, None, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
@@ -98,6 +102,15 @@ PALLAS_CASES = [
      BlockSizes(chunk=4, unroll=1, prefetch=0)),
     (19, 12, 2, 4, jnp.bfloat16, dict(D=False, bias=False), False,
      BlockSizes(chunk=8, unroll=2, prefetch=3)),
+    (45, 70, 32, None, jnp.float32, dict(), True, BlockSizes(chunk=32, unroll=8)),
+    (29, 48, 16, 2, jnp.float32, dict(), True, BlockSizes(layout="tile")),
+    (27, 20, 6, None, jnp.bfloat16, dict(), True,
+     BlockSizes(carry_prefetch=False, bc_f32=False)),
+    (23, 66, 4, None, jnp.float32, dict(), True,
+     BlockSizes(block_d=64, num_warps=2, bwd_num_warps=2)),
+    (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(unroll=2, prefetch=2, **V3)),
+    (33, 40, 5, 2, jnp.float32, dict(z=False), True,
+     BlockSizes(block_d=16, chunk=8, unroll=2, **V3)),
 ]
 
 
@@ -122,10 +135,17 @@ def test_block_sizes_validate():
         BlockSizes(prefetch=-1)
     with pytest.raises(ValueError, match="unroll=8 must be <= chunk=4"):
         BlockSizes(chunk=4, unroll=8)
+    with pytest.raises(ValueError, match="layout='rows' must be 'tile' or 'lane'"):
+        BlockSizes(layout="rows")
 
 
-@pytest.mark.parametrize("dtype,g", [(jnp.bfloat16, None), (jnp.float32, 3)])
-def test_pallas_lowers_to_triton_without_gpu(dtype, g):
+@pytest.mark.parametrize("dtype,g,bs", [
+    (jnp.bfloat16, None, BlockSizes()),
+    (jnp.float32, 3, BlockSizes()),
+    (jnp.bfloat16, None, BlockSizes(**V3)),
+    (jnp.float32, 3, BlockSizes(layout="tile", unroll=2, prefetch=2)),
+])
+def test_pallas_lowers_to_triton_without_gpu(dtype, g, bs):
     # Cross-lowering catches Triton lowering errors (unsupported ops, non power-of-2 values)
     # on CPU; Triton compile failures (registers, shared memory) show only on a GPU.
     args = make_inputs(0, 2, 45, 48, 5, g, dtype)
@@ -134,7 +154,7 @@ def test_pallas_lowers_to_triton_without_gpu(dtype, g):
     def loss(*vals):
         kw = dict(zip(names, vals))
         y, h = selective_scan_pallas(**kw, delta_softplus=True, return_final_state=True,
-                                     interpret=False)
+                                     block_sizes=bs, interpret=False)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     grad = jax.grad(loss, argnums=tuple(range(len(names))))
