@@ -256,9 +256,128 @@ def test_pallas_per_pass_warps_reach_their_kernels():
     assert launches == {"ssd_fwd": 4, "ssd_bwd_dstate": 2, "ssd_bwd_dx": 8, "ssd_bwd_dbc": 16}
 
 
+# --------------------------------------------------------------------------------------------
+# The one-chunk path (L <= kernel chunk): HiSS's low level runs many sequences of ~10 steps.
+# --------------------------------------------------------------------------------------------
+def vjp_y(fn, args, key, **kw):
+    """y and the gradient of every float input under a random cotangent, without the final
+    state (the path that stacks several sequences per program)."""
+    return _vjp_y_jit(functools.partial(fn, dt_softplus=True, **kw), args, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vjp_y_jit(fn, args, key):
+    names = [k for k in FLOAT_ARGS if k in args]
+
+    def f(*vals):
+        return run(fn, dict(zip(names, vals)))
+
+    y, pull = jax.vjp(f, *[args[k] for k in names])
+    gy = jax.random.normal(key, y.shape).astype(y.dtype)
+    return y, dict(zip(names, pull(gy)))
+
+
+def short_inputs(key, b, l, g, dtype, keep, d_per_channel=False):
+    """make_inputs with only the optional arguments named in `keep`."""
+    args = make_inputs(key, b=b, l=l, h=4, p=16, n=16, g=g, dtype=dtype,
+                       d_per_channel=d_per_channel)
+    return {k: v for k, v in args.items() if k in ("x", "dt", "A", "B", "C") or k in keep}
+
+
+ALL_OPT = ("D", "z", "dt_bias", "initial_state")
+
+
+@pytest.mark.parametrize("l,chunk,b,g,keep,final,short_batch,dtype", [
+    (1, 16, 2, 1, (), False, None, jnp.float32),                  # one step, nothing optional
+    (7, 4, 3, 2, ("D", "z", "dt_bias"), False, 2, jnp.float32),   # batch 3 padded to 4
+    (10, 10, 5, 1, ("D", "dt_bias"), False, None, jnp.float32),   # HiSS: 4 per program, 5 -> 8
+    (16, 16, 2, 4, ("z",), False, 4, jnp.float32),                # exactly one chunk
+    (20, 32, 3, 2, ("D", "z"), False, None, jnp.float32),         # Q = 32, 2 per program
+    (10, 10, 3, 2, ("D", "z", "dt_bias"), False, 2, jnp.bfloat16),
+])
+def test_pallas_short_matches_reference(l, chunk, b, g, keep, final, short_batch, dtype):
+    key = jax.random.PRNGKey(100 + l)
+    args = short_inputs(key, b, l, g, dtype, keep, d_per_channel=l == 7)
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    bs = BlockSizes(short_batch=short_batch)
+    fn = functools.partial(ssd_pallas, chunk_size=chunk, block_sizes=bs)
+    y, grads = vjp_y(fn, args, key)
+    y0, grads0 = vjp_y(ssd_reference, args32, key)
+    assert y.dtype == dtype
+    assert_close(y, y0, dtype, "out", f"short l={l}: y")
+    for k in grads0:
+        assert_close(grads[k], grads0[k], dtype, "grad", f"short l={l}: d{k}")
+
+
+@pytest.mark.parametrize("l,chunk,g,keep,dtype", [
+    (1, 16, 1, ALL_OPT, jnp.float32),
+    (7, 8, 2, ("z", "initial_state"), jnp.float32),
+    (10, 10, 2, ALL_OPT, jnp.float32),
+    (10, 10, 1, ("D", "dt_bias"), jnp.float32),        # final state without an initial one
+    (16, 16, 4, ALL_OPT, jnp.float32),                # exactly one chunk
+    (13, 16, 2, ALL_OPT, jnp.bfloat16),
+])
+def test_pallas_short_with_states_matches_reference(l, chunk, g, keep, dtype):
+    """Initial state in, final state out (and their gradients) on the one-chunk path."""
+    key = jax.random.PRNGKey(200 + l)
+    args = short_inputs(key, 3, l, g, dtype, keep)
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    got = vjp_all(functools.partial(ssd_pallas, chunk_size=chunk), args, key)
+    assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+    compare(got, vjp_all(ssd_reference, args32, key), dtype, f"short+state l={l}")
+
+
+def test_pallas_short_initial_state_without_final():
+    key = jax.random.PRNGKey(300)
+    args = short_inputs(key, 2, 10, 2, jnp.float32, ("D", "z", "initial_state"))
+    fn = functools.partial(ssd_pallas, chunk_size=10)
+    y, grads = vjp_y(fn, args, key)
+    y0, grads0 = vjp_y(ssd_reference, args, key)
+    assert_close(y, y0, jnp.float32, "out", "short h0: y")
+    for k in grads0:
+        assert_close(grads[k], grads0[k], jnp.float32, "grad", f"short h0: d{k}")
+
+
+@pytest.mark.parametrize("short,final,kernels", [
+    (True, False, ("ssd_short_fwd", "ssd_short_bwd")),
+    (True, True, ("ssd_short_fwd", "ssd_short_bwd")),
+    (False, False, ("ssd_fwd", "ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
+])
+def test_pallas_short_lowers_to_triton(short, final, kernels):
+    """The one-chunk kernels cross-lower to Triton IR, replace the chunked ones at L <= chunk,
+    and `BlockSizes(short=False)` switches back; with their launch warps."""
+    args = make_inputs(jax.random.PRNGKey(17), b=8, l=10, h=4, p=64, n=64, g=1,
+                       dtype=jnp.bfloat16, with_optional=final)
+    names = list(args)
+    bs = BlockSizes(short=short, num_warps_short_fwd=2, num_warps_short_bwd=8)
+
+    def loss(*vals):
+        kw = dict(zip(names, vals))
+        out = ssd_pallas(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
+                         chunk_size=10, dt_softplus=True, return_final_state=final,
+                         interpret=False, block_sizes=bs, **kw)
+        if final:
+            return jnp.sum(out[0].astype(jnp.float32)) + jnp.sum(out[1])
+        return jnp.sum(out.astype(jnp.float32))
+
+    vals = [args[k] for k in names]
+    text = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).trace(*vals).lower(
+        lowering_platforms=("cuda",)).as_text()
+    launches = {}
+    for line in text.splitlines():
+        if "__gpu$xla.gpu.triton" in line:
+            name = re.search(r'name = "(ssd_\w+)"', line).group(1)
+            launches[name] = int(re.search(r"num_warps = (\d+)", line).group(1))
+    assert set(launches) == set(kernels)
+    if short:
+        assert launches == {"ssd_short_fwd": 2, "ssd_short_bwd": 8}
+
+
 def test_pallas_block_sizes_validated():
     args = make_inputs(jax.random.PRNGKey(14), l=9, g=2)
     with pytest.raises(ValueError, match="BlockSizes.chunk"):
         run(ssd_pallas, args, chunk_size=16, block_sizes=BlockSizes(chunk=24))
     with pytest.raises(ValueError, match="BlockSizes.bwd"):
         BlockSizes(bwd="reverse")
+    with pytest.raises(ValueError, match="BlockSizes.short_batch"):
+        BlockSizes(short_batch=3)
