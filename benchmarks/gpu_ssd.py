@@ -23,6 +23,7 @@ worker goes on with the remaining tasks. No new task starts after --budget secon
 The table is printed last.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -435,6 +436,224 @@ def worker(job_path, results_path, precompile):
 
 
 # --------------------------------------------------------------------------------------------
+# --short: the one-chunk path at HiSS's low-level shape (run 6).
+# --------------------------------------------------------------------------------------------
+# The training benchmark's low level: 32 x 4000 steps in chunks of 10 -> 12 800 sequences of
+# 10 steps; d_model 128 -> 4 heads of 64, d_state 64, 1 group, chunk_size 10; the Mamba-2
+# mixer passes D (per head), dt_bias and softplus, no z, no initial or final state.
+LOW = dict(b=12800, l=10, h=4, p=64, n=64, g=1)
+LOW_CHUNK = 10
+if os.environ.get("SSD_BENCH_TINY"):
+    LOW = dict(b=64, l=10, h=4, p=64, n=64, g=1)
+# name -> BlockSizes keywords (no pinned chunk: the caller's chunk_size 10, as in the model).
+# "old" is the general chunked path (the kernels the profile measured).
+SHORT_VARIANTS = {
+    "new": dict(),
+    "old": dict(short=False),
+    "sb2": dict(short_batch=2),
+    "sb8": dict(short_batch=8),
+    "bwd_w8": dict(num_warps_short_bwd=8),
+    "hb1": dict(bwd_heads=1),
+}
+
+
+def low_inputs(key, dtype, b=None, full=False):
+    """Model-like inputs at the low-level shape: raw dt (softplus + bias in the call)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    cfg = dict(LOW, b=b or LOW["b"])
+    b, l, h, p, n, g = (cfg[k] for k in ("b", "l", "h", "p", "n", "g"))
+    ks = jax.random.split(key, 9)
+    args = dict(
+        x=jax.random.normal(ks[0], (b, l, h, p), jnp.float32).astype(dtype),
+        dt=jax.random.normal(ks[1], (b, l, h)) - 2.0,
+        A=-jnp.exp(jax.random.uniform(ks[2], (h,), minval=0.0, maxval=np.log(16.0))),
+        B=jax.random.normal(ks[3], (b, l, g, n), jnp.float32).astype(dtype),
+        C=jax.random.normal(ks[4], (b, l, g, n), jnp.float32).astype(dtype),
+        D=jax.random.normal(ks[5], (h,), jnp.float32),
+        dt_bias=jax.random.uniform(ks[7], (h,), minval=-1.0, maxval=0.0),
+    )
+    if full:   # every optional argument: the one-sequence-per-program variant of the path
+        args["D"] = jax.random.normal(ks[5], (h, p), jnp.float32)
+        args["z"] = jax.random.normal(ks[6], (b, l, h, p), jnp.float32).astype(dtype)
+        args["initial_state"] = jax.random.normal(ks[8], (b, h, p, n), jnp.float32)
+    return args
+
+
+def _short_fn(name):
+    from kernels.ssd import BlockSizes, ssd, ssd_pallas
+    if name == "xla":
+        return functools.partial(ssd, chunk_size=LOW_CHUNK, impl="xla")
+    return functools.partial(ssd_pallas, chunk_size=LOW_CHUNK,
+                             block_sizes=BlockSizes(**SHORT_VARIANTS[name]))
+
+
+def _y_grads(fn, names, final):
+    """jit-able: (vals, key) -> y [, h_L], grads of every input under a random cotangent."""
+    import jax
+    import jax.numpy as jnp
+
+    def go(vals, key):
+        def f(*v):
+            return call(fn, dict(zip(names, v)), dt_softplus=True, return_final_state=final)
+        out, pull = jax.vjp(f, *vals)
+        k1, k2 = jax.random.split(key)
+        if final:
+            y, h = out
+            return y, h, pull((jax.random.normal(k1, y.shape, jnp.float32).astype(y.dtype),
+                               jax.random.normal(k2, h.shape, jnp.float32)))
+        return out, None, pull(jax.random.normal(k1, out.shape, jnp.float32).astype(out.dtype))
+    return go
+
+
+def task_short_eq(rec, precompile=False):
+    """y [, h_L] and every gradient of the one-chunk path (and of the old path) vs the f32
+    sequential reference at the low-level shape, within the bf16 tolerances."""
+    del precompile
+    jax = _jax()
+    import jax.numpy as jnp
+    from kernels.ssd import ssd_reference
+    key = jax.random.PRNGKey(0)
+    cases = [("model f32", jnp.float32, False, "new"), ("model bf16", jnp.bfloat16, False, "new"),
+             ("all optional bf16 (h0, h_L, z, D(H,P))", jnp.bfloat16, True, "new"),
+             ("model f32, old path", jnp.float32, False, "old")]
+    for what, dtype, full, name in cases:
+        args = low_inputs(jax.random.PRNGKey(5), dtype, full=full)
+        names = list(args)
+        vals = [args[k] for k in names]
+        vals32 = [v.astype(jnp.float32) for v in vals]
+        with jax.default_matmul_precision("highest"):
+            y0, h0, g0 = jax.jit(_y_grads(ssd_reference, names, full))(vals32, key)
+        y, h, gr = jax.jit(_y_grads(_short_fn(name), names, full))(vals, key)
+        errs = {"y": rel_err(y, y0)}
+        if full:
+            errs["h_L"] = rel_err(h, h0)
+        errs.update({"d" + k: rel_err(a, b) for k, a, b in zip(names, gr, g0)})
+        ok = all(v <= BF16_TOL["out" if k in ("y", "h_L") else "grad"] for k, v in errs.items())
+        rec[what] = {"errors": errs, "max_err": max(errs.values()), "pass": ok}
+        del y0, h0, g0, y, h, gr
+
+
+def task_short_time(rec, names="new,old,xla", dtypes="float32,bfloat16", precompile=False):
+    """fwd and fwd+bwd (jax.grad of sum(y) wrt x, dt, A, B, C, D, dt_bias) at the low-level
+    shape, per implementation and input dtype."""
+    del precompile
+    jax = _jax()
+    import jax.numpy as jnp
+    rec["shape"] = LOW
+    rec["chunk_size"] = LOW_CHUNK
+    for dname in dtypes.split(","):
+        dtype = jnp.dtype(dname)
+        args = low_inputs(jax.random.PRNGKey(3), dtype)
+        keys = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+        vals = [args[k] for k in keys]
+        for name in names.split(","):
+            f = _short_fn(name)
+
+            def fwd(*v, f=f):
+                kw = dict(zip(keys, v))
+                return call(f, kw, dt_softplus=True)
+
+            def loss(*v, fwd=fwd):
+                return jnp.sum(fwd(*v).astype(jnp.float32))
+
+            for what, fn in (("fwd", fwd), ("fwd_bwd", jax.grad(loss, argnums=tuple(range(7))))):
+                k = f"{name} {dname} {what}"
+                try:
+                    exe, ct = compiled(fn, *vals)
+                    rec[k + "_ms"] = bench(exe, vals)
+                    rec[k + "_compile_s"] = round(ct, 1)
+                    del exe
+                except Exception as e:  # keep the other timings
+                    rec[k + "_error"] = repr(e)[:400]
+
+
+def task_short_variants(rec, precompile=False):
+    task_short_time(rec, names=",".join(n for n in SHORT_VARIANTS if n not in ("new", "old")),
+                    dtypes="float32", precompile=precompile)
+
+
+TASKS.update({"short_eq": task_short_eq, "short_time": task_short_time,
+              "short_variants": task_short_variants})
+
+
+def short_table(recs, train=None):
+    """The run-6 summary: low-level timings, equivalence, L/S default, end to end."""
+    lines = []
+    for r in recs:
+        if r["task"] == "short_eq":
+            for what, v in r.items():
+                if isinstance(v, dict) and "max_err" in v:
+                    lines.append(f"eq low {what}: max rel err {v['max_err']:.1e} pass {v['pass']}")
+            if r.get("error"):
+                lines.append(f"eq low: {r['error'][:200]}")
+    timing = {}
+    for r in recs:
+        if r["task"] in ("short_time", "short_variants"):
+            timing.update({k: v for k, v in r.items() if k.endswith(("_ms", "_error"))})
+            if r.get("error"):
+                lines.append(f"{r['task']}: {r['error'][:200]}")
+    order = list(SHORT_VARIANTS) + ["xla"]
+    names = sorted({k.split(" ")[0] for k in timing},
+                   key=lambda s: order.index(s) if s in order else len(order))
+    shape = "({b}, {l}, {h}, {p}, n{n})".format(**LOW)
+    lines.append(f"low level {shape:24s} ms:  f32 fwd  f32 f+b  bf16 fwd bf16 f+b")
+    for nm in names:
+        cells = []
+        for dn in ("float32", "bfloat16"):
+            for what in ("fwd", "fwd_bwd"):
+                v = timing.get(f"{nm} {dn} {what}_ms")
+                cells.append(f"{v:8.3f}" if isinstance(v, float) else "     n/a")
+        lines.append(f"  {nm:36s} " + " ".join(cells))
+    for r in recs:
+        if r["task"] == "variant":
+            def ms(k):
+                v = r.get(k)
+                return f"{v:.3f}" if isinstance(v, float) else "n/a"
+            lines.append(f"L/S {r['name']}: L fwd {ms('L_fwd_ms')} f+b {ms('L_fwd_bwd_ms')} | "
+                         f"S fwd {ms('S_fwd_ms')} f+b {ms('S_fwd_bwd_ms')} | max err "
+                         f"{r.get('L_max_err', float('nan')):.1e} / "
+                         f"{r.get('S_max_err', float('nan')):.1e} pass "
+                         f"{bool(r.get('L_pass') and r.get('S_pass'))} {r.get('error', '')[:80]}")
+    if train:
+        tp = {r["impl"]: r for r in train.get("records", []) if r.get("part") == "throughput"}
+        cells = {k: (f"{v['step_ms']:.2f}" if "step_ms" in v else
+                     str(v.get("error", v.get("skipped")))[:80]) for k, v in tp.items()}
+        line = f"end to end hiss_mamba2_mamba2 ms/step: pallas {cells.get('pallas')} xla " \
+               f"{cells.get('xla')}"
+        if all("step_ms" in tp.get(k, {}) for k in ("pallas", "xla")):
+            line += f"  pallas speed-up {tp['xla']['step_ms'] / tp['pallas']['step_ms']:.2f}x"
+        lines.append(line)
+    print("\n" + "\n".join(lines))
+
+
+def short_main(opts):
+    start = time.time()
+    deadline, hard_end = start + opts.budget, start + opts.hard_limit
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.makedirs(OUT, exist_ok=True)
+    results_path = os.path.join(OUT, "ssd_gpu_tasks.jsonl")
+    if os.path.exists(results_path):
+        os.remove(results_path)
+    # Priority order: a device call may end before the last.
+    tasks = [{"kind": "short_eq", "limit_s": 60}, {"kind": "short_time", "limit_s": 70},
+             {"kind": "refs", "limit_s": 40},
+             {"kind": "variant", "name": "default", "limit_s": 50},
+             {"kind": "short_variants", "limit_s": 50}]
+    left = run_tasks(tasks, results_path, deadline, hard_end=hard_end)
+    recs = _read(results_path)
+    summary = {"low_shape": LOW, "low_chunk": LOW_CHUNK, "short_variants": SHORT_VARIANTS,
+               "shapes": SHAPES, "eq_batch": EQ_BATCH, "tol_bf16": BF16_TOL, "results": recs,
+               "not_run": [t.get("name") or t["kind"] for t in left],
+               "wall_s": round(time.time() - start, 1)}
+    with open(os.path.join(OUT, "ssd_gpu.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[parent] done in {time.time() - start:.0f} s; not run: {summary['not_run']}")
+    short_table(recs)
+
+
+# --------------------------------------------------------------------------------------------
 # Parent side (no jax).
 # --------------------------------------------------------------------------------------------
 def run_tasks(tasks, results_path, deadline, precompile=False, tag="main", hard_end=None):
@@ -507,12 +726,31 @@ def main():
     parser.add_argument("--variant-limit", type=float, default=90.0)
     parser.add_argument("--ptxas-report", default="", metavar="VARIANT",
                         help="print registers / spills / shared memory per kernel and exit")
+    parser.add_argument("--short", action="store_true",
+                        help="run 6: the one-chunk path at HiSS's low-level shape (equivalence, "
+                             "new / old / xla timings, variants) and the default at L and S")
+    parser.add_argument("--summary", nargs=2, metavar=("SSD_JSON", "TRAIN_JSON"),
+                        help="print the --short table from its JSON and benchmarks/train.py's")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--results", default="", help=argparse.SUPPRESS)
     parser.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
         worker(opts.worker, opts.results, opts.precompile)
+        return
+    if opts.summary:
+        recs = []
+        if os.path.exists(opts.summary[0]):
+            with open(opts.summary[0]) as f:
+                recs = json.load(f)["results"]
+        train = None
+        if os.path.exists(opts.summary[1]):
+            with open(opts.summary[1]) as f:
+                train = json.load(f)
+        short_table(recs, train)
+        return
+    if opts.short:
+        short_main(opts)
         return
     if opts.ptxas_report:
         rows = ptxas_report(opts.ptxas_report)

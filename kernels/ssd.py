@@ -966,26 +966,31 @@ _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 # --------------------------------------------------------------------------------------------
 # The one-chunk path: the whole (padded) sequence is one kernel chunk (HiSS's low level).
 # --------------------------------------------------------------------------------------------
-def _short_common(dt, a, C, B, q, rows):
-    """`_chunk_common` for a tile of rows // q stacked sequences of q steps each.
+def _short_mask(q, rows):
+    """(T, T) causal mask of a tile of rows // q stacked sequences of q steps: i >= j within
+    one sequence (block-diagonal)."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
+    causal = idx >= jdx
+    if rows > q:
+        causal = causal & (jax.lax.div(idx, q) == jax.lax.div(jdx, q))
+    return causal
 
-    dt: (T,) f32  C, B: (T, N)  ->  cs (T,) cumsum of dt*A within each sequence, causal
-    (T, T) block-diagonal mask (i >= j, same sequence), decay, cb = C B^T.
+
+def _short_decay(dt, a, causal, q, rows):
+    """dt (T,) f32 -> cs (T,) cumsum of dt*A within each sequence, decay (T, T) =
+    exp(cs_i - cs_j) under the mask, else 0.
+
     The per-sequence cumsum is a masked row sum, never a cumsum over the tile minus the
     sequence's start: that difference of large sums would lose f32 digits of the decay.
     """
     dA = dt * a
-    idx = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
-    jdx = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
-    causal = idx >= jdx
     if rows == q:
         cs = jnp.cumsum(dA)
     else:
-        causal = causal & (jax.lax.div(idx, q) == jax.lax.div(jdx, q))
         cs = jnp.sum(jnp.where(causal, dA[None, :], 0.0), axis=1)
     decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
-    cb = _dot(C, B, ((1,), (1,)))
-    return cs, causal, decay, cb
+    return cs, decay
 
 
 def _ssd_short_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
@@ -1008,7 +1013,8 @@ def _ssd_short_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_r
     dt = dt_ref[t, hi]
     Bc = b_ref[t, gi, :]
     Cc = c_ref[t, gi, :]
-    cs, _, decay, cb = _short_common(dt, a, Cc, Bc, q, rows)
+    cs, decay = _short_decay(dt, a, _short_mask(q, rows), q, rows)
+    cb = _dot(Cc, Bc, ((1,), (1,)))
     xf = x.astype(f32)
     xdt = xf * dt[:, None]
     y = _dot((cb * decay).astype(dot_dtype), xdt.astype(dot_dtype))
@@ -1049,6 +1055,8 @@ def _ssd_short_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_r
     t = pl.ds(pl.multiple_of(pi * rows, rows), rows)
     Bc = b_ref[t, gi, :]
     Cc = c_ref[t, gi, :]
+    cb = _dot(Cc, Bc, ((1,), (1,)))                  # shared by the block's heads
+    causal = _short_mask(q, rows)
     has_h0, has_dhT = h0_ref is not None, dhT_ref is not None
 
     def head(j, carry):
@@ -1059,7 +1067,7 @@ def _ssd_short_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_r
         dt = dt_ref[t, hi]
         xf = x_ref[t, hi, :].astype(f32)
         dout = dy_ref[t, hi, :].astype(f32)
-        cs, causal, decay, cb = _short_common(dt, a, Cc, Bc, q, rows)
+        cs, decay = _short_decay(dt, a, causal, q, rows)
         ecs = jnp.exp(cs)
         xdt = xf * dt[:, None]
         xdt_c = xdt.astype(dot_dtype)
