@@ -508,16 +508,15 @@ def _y_grads(fn, names, final):
 
 
 def task_short_eq(rec, precompile=False):
-    """y [, h_L] and every gradient of the one-chunk path (and of the old path) vs the f32
-    sequential reference at the low-level shape, within the bf16 tolerances."""
+    """y [, h_L] and every gradient of the one-chunk path vs the f32 sequential reference at
+    the low-level shape, within the bf16 tolerances."""
     del precompile
     jax = _jax()
     import jax.numpy as jnp
     from kernels.ssd import ssd_reference
     key = jax.random.PRNGKey(0)
     cases = [("model f32", jnp.float32, False, "new"), ("model bf16", jnp.bfloat16, False, "new"),
-             ("all optional bf16 (h0, h_L, z, D(H,P))", jnp.bfloat16, True, "new"),
-             ("model f32, old path", jnp.float32, False, "old")]
+             ("all optional bf16 (h0, h_L, z, D(H,P))", jnp.bfloat16, True, "new")]
     for what, dtype, full, name in cases:
         args = low_inputs(jax.random.PRNGKey(5), dtype, full=full)
         names = list(args)
@@ -637,7 +636,7 @@ def short_main(opts):
     if os.path.exists(results_path):
         os.remove(results_path)
     # Priority order: a device call may end before the last.
-    tasks = [{"kind": "short_eq", "limit_s": 60}, {"kind": "short_time", "limit_s": 70},
+    tasks = [{"kind": "short_eq", "limit_s": 75}, {"kind": "short_time", "limit_s": 90},
              {"kind": "refs", "limit_s": 40},
              {"kind": "variant", "name": "default", "limit_s": 50},
              {"kind": "short_variants", "limit_s": 50}]
