@@ -60,17 +60,17 @@ if SMALL:
 V3 = dict(layout="tile", fast_math=False, carry_prefetch=False, bc_f32=False)
 VARIANTS = {
     "v3": BlockSizes(**V3),                                   # the v3 kernel, unchanged
-    "v4": BlockSizes(),                                       # lane fwd + every v4 option
-    "v4_tilefwd": BlockSizes(layout="tile"),                  # v4 options, v3 fwd layout
-    "v4_nofast": BlockSizes(fast_math=False),
-    "v4_u2": BlockSizes(unroll=2),
-    "v4_u8": BlockSizes(unroll=8),
-    "v4_pf2": BlockSizes(prefetch=2),
-    "v4_ch32": BlockSizes(chunk=32),
+    "v4a": BlockSizes(block_d=32),                            # run 4's v4 (32/32 channels)
+    "v4_f16": BlockSizes(block_d=16, bwd_block_d=32),         # 2 warps per scheduler (fwd)
+    "v4_bd16": BlockSizes(block_d=16, bwd_block_d=16),
+    "v4_f8": BlockSizes(block_d=8, bwd_block_d=32),
+    "v4_f16b8": BlockSizes(block_d=16, bwd_block_d=8),
+    "v4_shfl": BlockSizes(block_d=32, bc_shuffle=True),       # B/C by shuffles, no smem
+    "v4_f16u8": BlockSizes(block_d=16, bwd_block_d=32, unroll=8),
 }
 # The odd-shape check runs the kernels' other code paths (z, groups, initial state, padding);
 # the tuning variants share that code with "v4", so only these compile it (compile time).
-ODD_VARIANTS = ("v4", "v4_tilefwd", "v4_nofast")
+ODD_VARIANTS = ("v4a", "v4_f16", "v4_bd16", "v4_f8", "v4_f16b8", "v4_shfl")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}
@@ -173,7 +173,7 @@ for vname, bs in VARIANTS.items():
     if vname in ODD_VARIANTS:
         JOBS[(vname, "odd")] = (vjp_fn(scan(bs), odd_names), (odd_vals, odd_cts))
 first = next(iter(VARIANTS))
-default = "v4" if "v4" in VARIANTS else first
+default = "v4_f16" if "v4_f16" in VARIANTS else first
 _, nan_grad = timed_fns(scan(VARIANTS[default]), list(ARGN))
 JOBS[(default, "nan")] = (nan_grad, [nan_args[k] for k in ARGN])
 

@@ -196,7 +196,8 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and Triton launch parameters of the selective-scan kernels."""
-    block_d: int = 32          # channels per program (power of 2), forward and backward
+    block_d: int = 32          # channels per forward program (power of 2)
+    bwd_block_d: int | None = None   # channels per backward program (None: block_d)
     chunk: int = 16            # steps between saved states (power of 2); bwd scratch depth
     unroll: int = 4            # time steps per loop iteration (power of 2, <= chunk)
     prefetch: int = 1          # iterations whose rows are loaded ahead, via the loop carry
@@ -213,14 +214,19 @@ class BlockSizes:
     fast_math: bool = True       # softplus / sigmoid with MUFU ex2, lg2 (not libdevice)
     carry_prefetch: bool = True  # prefetched rows stay in flight across chunk boundaries
     bc_f32: bool = True          # B, C converted to float32 once, outside the kernels
+    # Forward, lane layout: B_t | C_t read as one row (one value per lane) and broadcast with
+    # warp shuffles, instead of Triton's conversion through shared memory (2 barriers a step).
+    bc_shuffle: bool = False
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
         return cls()
 
     def __post_init__(self):
-        for name in ("block_d", "chunk", "unroll"):
+        for name in ("block_d", "bwd_block_d", "chunk", "unroll"):
             v = getattr(self, name)
+            if v is None:
+                continue
             if v < 1 or v & (v - 1):
                 raise ValueError(f"BlockSizes.{name}={v} must be a power of 2 (Triton tiles)")
         if self.prefetch < 0:
@@ -229,6 +235,11 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.unroll={self.unroll} must be <= chunk={self.chunk}")
         if self.layout not in ("tile", "lane"):
             raise ValueError(f"BlockSizes.layout={self.layout!r} must be 'tile' or 'lane'")
+        if self.bc_shuffle and (self.layout != "lane" or self.block_d > 32
+                                or self.num_warps != 1):
+            raise ValueError(f"BlockSizes.bc_shuffle shuffles within one warp: needs "
+                             f"layout='lane', block_d <= 32 and num_warps == 1; got "
+                             f"{self.layout=}, {self.block_d=}, {self.num_warps=}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,8 +249,10 @@ class _Cfg:
     n_chunks: int          # padded length = n_chunks * chunk
     chunk: int
     n_groups: int
-    blocks_per_group: int  # channel blocks per group (fwd and bwd use the same block)
+    blocks_per_group: int  # forward channel blocks per group
     block_d: int
+    bwd_blocks_per_group: int
+    bwd_block_d: int
     d_state: int           # padded to a power of 2
     softplus: bool
     has_z: bool
@@ -251,6 +264,7 @@ class _Cfg:
     lane: bool             # BlockSizes.layout == "lane" (forward kernel)
     fast_math: bool
     carry_prefetch: bool
+    bc_shuffle: bool
     interpret: bool
 
 
@@ -298,6 +312,15 @@ def _sigmoid(cfg, x):
         return jax.nn.sigmoid(x)
     # ex2 of a large argument is +inf and 1 / inf = 0: no clamp needed.
     return 1.0 / (1.0 + _exp2(cfg, -x * _LOG2E))
+
+
+def _shfl_idx(cfg, v, k):
+    """Every lane gets element k of v (bd,): one `shfl.sync.idx` (one element per lane)."""
+    if cfg.interpret:
+        return jnp.broadcast_to(v[k], v.shape)
+    return pltr.elementwise_inline_asm(
+        f"shfl.sync.idx.b32 $0, $1, {k}, 0x1f, 0xffffffff;", args=[v], constraints="=r,r",
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])[0]
 
 
 def _rows_to_tile(rows):
@@ -426,6 +449,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     else:
         u_ref, dt_ref, b_ref, c_ref, at_ref, d_ref, bias_ref, h0_ref, *outs = refs
         z_ref = None
+    # bc_shuffle: b_ref is B|C (B, Lp, G, W) float32, W = 2 Np padded to a multiple of bd.
     y_ref, hl_ref = outs[0], outs[1]
     hs_ref = outs[2] if save_states else None
     bi, j = pl.program_id(0), pl.program_id(1)
@@ -437,21 +461,34 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     dskip = d_ref[cols].astype(jnp.float32)
     bias = bias_ref[cols].astype(jnp.float32)
 
+    bd, ns = cfg.block_d, cfg.d_state
+    n_bc = -(-2 * ns // bd)     # B|C rows of bd values per step (bc_shuffle)
+
     def load(t):
         t = jnp.clip(t, 0, last)
-        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols], b_ref[bi, t, grp, :],
-               c_ref[bi, t, grp, :])
+        if cfg.bc_shuffle:
+            bc = tuple(b_ref[bi, t, grp, pl.ds(r * bd, bd)] for r in range(n_bc))
+        else:
+            bc = (b_ref[bi, t, grp, :], c_ref[bi, t, grp, :])
+        row = (dt_ref[bi, t, cols], u_ref[bi, t, cols]) + bc
         return row + ((z_ref[bi, t, cols],) if cfg.has_z else ())
 
     def body(t, row, h):
-        dt_raw, u, bt, ct = row[:4]
+        dt_raw, u = row[:2]
         u = u.astype(jnp.float32)
         dt, _ = _step_size(cfg, dt_raw, bias, t)
-        h = (_exp2(cfg, dt[None, :] * a2) * h
-             + (dt * u)[None, :] * bt.astype(jnp.float32)[:, None])
-        y = jnp.sum(h * ct.astype(jnp.float32)[:, None], axis=0) + dskip * u
+        if cfg.bc_shuffle:
+            vals = [_shfl_idx(cfg, row[2 + e // bd], e % bd) for e in range(2 * ns)]
+            b_tile, c_tile = _rows_to_tile(vals[:ns]), _rows_to_tile(vals[ns:])
+            nxt = 2 + n_bc
+        else:
+            b_tile = row[2].astype(jnp.float32)[:, None]
+            c_tile = row[3].astype(jnp.float32)[:, None]
+            nxt = 4
+        h = _exp2(cfg, dt[None, :] * a2) * h + (dt * u)[None, :] * b_tile
+        y = jnp.sum(h * c_tile, axis=0) + dskip * u
         if cfg.has_z:
-            zt = row[4].astype(jnp.float32)
+            zt = row[nxt].astype(jnp.float32)
             y = y * (zt * _sigmoid(cfg, zt))
         y_ref[bi, t, cols] = y.astype(y_ref.dtype)
         return h
@@ -503,8 +540,8 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     db_ref, dc_ref, dat_ref, dd_ref, dbias_ref, dh0_ref, scr_ref = (next(it) for _ in range(7))
 
     bi, j = pl.program_id(0), pl.program_id(1)
-    grp = j // cfg.blocks_per_group
-    cols = pl.ds(j * cfg.block_d, cfg.block_d)
+    grp = j // cfg.bwd_blocks_per_group
+    cols = pl.ds(j * cfg.bwd_block_d, cfg.bwd_block_d)
     last = cfg.n_chunks * cfg.chunk - 1
     at = at_ref[:, cols].astype(jnp.float32)
     a2 = at * _LOG2E
@@ -577,7 +614,7 @@ def _bwd_kernel(*refs, cfg: _Cfg):
             # Scratch written by the recompute is read back by other threads of the program.
             pltr.debug_barrier()
 
-    nb = cfg.block_d
+    nb = cfg.bwd_block_d
     init = (dhl_ref[bi, :, cols].astype(f32), jnp.zeros((cfg.d_state, nb), f32),
             jnp.zeros((nb,), f32), jnp.zeros((nb,), f32))
     if cfg.carry_prefetch:
@@ -634,6 +671,11 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, AT, D, bias, h0):
                  jax.ShapeDtypeStruct((b, np_, dp), jnp.float32)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((b, cfg.n_chunks, np_, dp), jnp.float32))
+    if cfg.bc_shuffle:
+        w = _round_up(2 * np_, cfg.block_d)
+        bc = jnp.concatenate([Bm, Cm], axis=-1).astype(jnp.float32)
+        Bm = jnp.pad(bc, [(0, 0)] * 3 + [(0, w - 2 * np_)])
+        Cm = Cm[:, :1, :1, :1]      # unused
     ins = (u, dt) + ((z,) if cfg.has_z else ()) + (Bm, Cm, AT, D, bias, h0)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, save_states=save_states),
@@ -649,7 +691,7 @@ def _bwd_call(cfg, res, dy, dhl):
     u, dt, z, Bm, Cm, AT, D, bias, hs = res
     b, lp, dp = u.shape
     np_ = cfg.d_state
-    n_blocks = cfg.n_groups * cfg.blocks_per_group
+    n_blocks = cfg.n_groups * cfg.bwd_blocks_per_group
     f32 = jnp.float32
     out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                  + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
@@ -659,7 +701,7 @@ def _bwd_call(cfg, res, dy, dhl):
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, dp), f32),
                     jax.ShapeDtypeStruct((b, np_, dp), f32),
-                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, np_, cfg.block_d), f32)])
+                    jax.ShapeDtypeStruct((b, n_blocks, cfg.chunk, np_, cfg.bwd_block_d), f32)])
     ins = (u, dt) + ((z,) if cfg.has_z else ()) + (dy, Bm, Cm, AT, D, bias, hs, dhl)
     outs = pl.pallas_call(
         functools.partial(_bwd_kernel, cfg=cfg),
@@ -692,8 +734,9 @@ def _scan_padded_bwd(cfg, res, cts):
     db, dc, dat, dd, dbias, dh0 = outs[3:] if cfg.has_z else outs[2:]
     b, lp, _, np_ = db.shape
     # Per-block partial sums of dB/dC reduced here (deterministic, no atomics).
-    db = db.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Bm.dtype)
-    dc = dc.reshape(b, lp, cfg.n_groups, cfg.blocks_per_group, np_).sum(3).astype(Cm.dtype)
+    nbg = cfg.bwd_blocks_per_group
+    db = db.reshape(b, lp, cfg.n_groups, nbg, np_).sum(3).astype(Bm.dtype)
+    dc = dc.reshape(b, lp, cfg.n_groups, nbg, np_).sum(3).astype(Cm.dtype)
     return (du, ddt, dz, db, dc, dat.sum(0), dd.sum(0), dbias.sum(0), dh0)
 
 
@@ -727,19 +770,23 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     f32 = jnp.float32
     cg = di // g
     # A block never straddles two groups; tiny widths use a smaller block rather than pad.
-    bd = max(min(bs.block_d, _next_pow2(cg)), 16)
-    cgp = _round_up(cg, bd)
+    # (Blocks below 16 channels only when asked for: small blocks mean more warps in flight.)
+    bd, bdb = (max(min(x, _next_pow2(cg)), min(x, 16))
+               for x in (bs.block_d, bs.bwd_block_d or bs.block_d))
+    cgp = _round_up(cg, max(bd, bdb))
     np_ = max(_next_pow2(n), 2)
     chunk = min(bs.chunk, _next_pow2(l))
     unroll = min(bs.unroll, chunk)
     lp = _round_up(l, chunk)
     cfg = _Cfg(length=l, n_chunks=lp // chunk, chunk=chunk, n_groups=g,
-               blocks_per_group=cgp // bd, block_d=bd, d_state=np_,
+               blocks_per_group=cgp // bd, block_d=bd, bwd_blocks_per_group=cgp // bdb,
+               bwd_block_d=bdb, d_state=np_,
                softplus=bool(delta_softplus), has_z=z is not None, unroll=unroll,
                prefetch=bs.prefetch,
                num_warps=bs.num_warps, num_stages=bs.num_stages,
                bwd_num_warps=bs.bwd_num_warps, lane=bs.layout == "lane",
                fast_math=bs.fast_math, carry_prefetch=bs.carry_prefetch,
+               bc_shuffle=bs.bc_shuffle,
                interpret=bool(interpret))
 
     def chan(x, fill=0.0):

@@ -107,7 +107,14 @@ PALLAS_CASES = [
     (27, 20, 6, None, jnp.bfloat16, dict(), True,
      BlockSizes(carry_prefetch=False, bc_f32=False)),
     (23, 66, 4, None, jnp.float32, dict(), True,
-     BlockSizes(block_d=64, num_warps=2, bwd_num_warps=2)),
+     BlockSizes(block_d=64, num_warps=2, bwd_block_d=16)),
+    (31, 40, 16, 2, jnp.bfloat16, dict(), True, BlockSizes(block_d=8, bwd_block_d=32)),
+    (17, 24, 5, 3, jnp.float32, dict(), True, BlockSizes(block_d=16, bwd_block_d=8)),
+    (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(bc_shuffle=True)),
+    (45, 70, 32, None, jnp.float32, dict(), True,
+     BlockSizes(bc_shuffle=True, block_d=16, chunk=32, unroll=8)),
+    (33, 40, 5, 2, jnp.float32, dict(z=False), True, BlockSizes(bc_shuffle=True, block_d=8)),
+    (21, 32, 8, None, jnp.float32, dict(h0=False), False, BlockSizes(bc_shuffle=True)),
     (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(unroll=2, prefetch=2, **V3)),
     (33, 40, 5, 2, jnp.float32, dict(z=False), True,
      BlockSizes(block_d=16, chunk=8, unroll=2, **V3)),
@@ -137,6 +144,12 @@ def test_block_sizes_validate():
         BlockSizes(chunk=4, unroll=8)
     with pytest.raises(ValueError, match="layout='rows' must be 'tile' or 'lane'"):
         BlockSizes(layout="rows")
+    with pytest.raises(ValueError, match="bwd_block_d=12 must be a power of 2"):
+        BlockSizes(bwd_block_d=12)
+    with pytest.raises(ValueError, match="bc_shuffle shuffles within one warp"):
+        BlockSizes(bc_shuffle=True, block_d=64)
+    with pytest.raises(ValueError, match="bc_shuffle shuffles within one warp"):
+        BlockSizes(bc_shuffle=True, layout="tile")
 
 
 @pytest.mark.parametrize("dtype,g,bs", [
@@ -144,6 +157,8 @@ def test_block_sizes_validate():
     (jnp.float32, 3, BlockSizes()),
     (jnp.bfloat16, None, BlockSizes(**V3)),
     (jnp.float32, 3, BlockSizes(layout="tile", unroll=2, prefetch=2)),
+    (jnp.bfloat16, None, BlockSizes(block_d=16, bwd_block_d=8)),
+    (jnp.float32, 3, BlockSizes(bc_shuffle=True)),
 ])
 def test_pallas_lowers_to_triton_without_gpu(dtype, g, bs):
     # Cross-lowering catches Triton lowering errors (unsupported ops, non power-of-2 values)
