@@ -67,6 +67,8 @@ VARIANTS = {
     "v4_f16b8": BlockSizes(block_d=16, bwd_block_d=8),
     "v4_shfl": BlockSizes(block_d=32, bc_shuffle=True),       # B/C by shuffles, no smem
     "v4_f16u8": BlockSizes(block_d=16, bwd_block_d=32, unroll=8),
+    "v4_f8b16": BlockSizes(block_d=8, bwd_block_d=16),
+    "v4_shflb16": BlockSizes(block_d=32, bwd_block_d=16, bc_shuffle=True),
 }
 # The odd-shape check runs the kernels' other code paths (z, groups, initial state, padding);
 # the tuning variants share that code with "v4", so only these compile it (compile time).
