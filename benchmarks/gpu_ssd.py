@@ -16,6 +16,11 @@ $OUT/ssd_gpu.json (or ./ssd_gpu.json) after each:
      block_until_ready) of the forward and of forward+backward (jax.grad of sum(y) wrt x,
      dt, A, B, C, D) at L (b8 L4096 h32 p64 n128 g1) and S (b64 L1024 h4 p32 n64 g1);
   4. (optional) dA / ddt gradient accuracy at length 65536 for one variant.
+`--short` instead runs run 6's tasks: equivalence of the one-chunk path at HiSS's low-level
+shape (12800, 10, 4, 64, n64), its fwd and fwd+bwd timings against the general path
+(`BlockSizes(short=False)`) and xla (f32, bf16), short_batch / warps variants, and the
+default at L and S; `--summary SSD_JSON TRAIN_JSON` prints its table with the end-to-end
+rows of benchmarks/train.py's JSON.
 `--ptxas-report VARIANT` instead prints each kernel's registers, spills, shared memory and
 resident programs per SM (Triton + ptxas for sm_90a; no GPU needed).
 Each worker has a watchdog: a task over its time limit is recorded as an error and the next
