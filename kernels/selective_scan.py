@@ -182,13 +182,17 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 # One program per (batch, block of `block_d` channels); the state tile h (N, block_d) lives in
 # float32 registers and the program walks time sequentially. The only dependent operation per
 # step is one FMA on h; everything else (loads, softplus, exp2, the C contraction) is free to
-# overlap across steps, but a GPU warp does not overlap loop iterations by itself: one step per
-# iteration measured ~0.6 us/step, the latency of one step's instruction chain. So each loop
-# iteration runs `unroll` consecutive steps as straight-line code (the scheduler interleaves
-# their independent work), and the input rows of the next `prefetch` iterations are loaded
-# ahead through the loop carry, hiding the global-load latency (~0.9 us/step unprefetched,
-# KERNELS.md). With 4 steps per iteration the H100 runs 0.37 us/step, ~3x the fastest peer;
-# benchmarks/NOTES_selective_scan.md has the measurements and what limits it.
+# overlap across steps, but a warp issues in order and does not overlap loop iterations, so
+# each loop iteration runs `unroll` consecutive steps as straight-line code and the input rows
+# of the next `prefetch` iterations are loaded ahead through the loop carry (carried across
+# chunk boundaries too). With one warp per scheduler (512 programs at both benchmark shapes)
+# the kernels are latency-bound, not issue-bound: v3 ran 218 instructions per step in ~730
+# cycles. v4 (the defaults) cuts both: the forward keeps one channel per lane ("lane" layout:
+# no layout conversions or shuffles per step, 95 instructions per 16-channel step), blocks of
+# 16 channels put two warps on each scheduler, softplus/sigmoid use MUFU ex2/lg2, and the
+# backward prefetches its scratch one step ahead. H100, b8 L4096 d2048: 0.92 ms forward,
+# 4.6 ms forward+backward (v3: 1.50 / 6.46); benchmarks/NOTES_selective_scan.md has the
+# measurements and what limits it.
 # The forward saves the state entering every `chunk` of steps; the backward walks the chunks
 # in reverse, recomputes the chunk's states from the saved entry state into a per-program
 # scratch tile (small enough to stay in L2), then runs the adjoint recurrence backwards.
@@ -196,7 +200,9 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and Triton launch parameters of the selective-scan kernels."""
-    block_d: int = 32          # channels per forward program (power of 2)
+    # Channels per program (power of 2). 16 beat 32 and 8 on the H100 (two warps per scheduler
+    # hide latency; 8 costs more instructions per channel than it hides).
+    block_d: int = 16
     bwd_block_d: int | None = None   # channels per backward program (None: block_d)
     chunk: int = 16            # steps between saved states (power of 2); bwd scratch depth
     unroll: int = 4            # time steps per loop iteration (power of 2, <= chunk)
@@ -206,16 +212,18 @@ class BlockSizes:
     bwd_num_warps: int = 1
     # Forward state-tile layout. "tile" (v3): the compiler lays the (N, block_d) tile out from
     # the 2-D loads and stores (it picks 4 states x 4 channels per lane, so every step pays
-    # layout conversions through shared memory, barriers and shuffles). "lane" (v4): one
-    # channel per lane with its N states in registers, by never reading or writing a 2-D tile
-    # from memory (rows only). The backward keeps the compiler's tile: its per-step sums over
-    # channels (dB, dC) are cheaper there (see benchmarks/NOTES_selective_scan.md).
+    # layout conversions through shared memory, barriers and shuffles). "lane" (v4): the
+    # compiler's default, one channel per lane with its N states in registers (2 lanes of N/2
+    # states at 16 channels), kept by never reading or writing a 2-D tile from memory (rows
+    # only). The backward keeps the compiler's tile: a lane backward (tried) pays 5 shuffle
+    # levels per dB/dC sum and compiles for minutes (benchmarks/NOTES_selective_scan.md).
     layout: str = "lane"
     fast_math: bool = True       # softplus / sigmoid with MUFU ex2, lg2 (not libdevice)
     carry_prefetch: bool = True  # prefetched rows stay in flight across chunk boundaries
     bc_f32: bool = True          # B, C converted to float32 once, outside the kernels
     # Forward, lane layout: B_t | C_t read as one row (one value per lane) and broadcast with
     # warp shuffles, instead of Triton's conversion through shared memory (2 barriers a step).
+    # 4% faster at 32 channels, but 16-channel blocks without it are faster still.
     bc_shuffle: bool = False
 
     @classmethod
