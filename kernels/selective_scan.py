@@ -197,6 +197,9 @@ def selective_scan_associative(u, delta, A, B, C, D=None, z=None, delta_bias=Non
 # in reverse, recomputes the chunk's states from the saved entry state into a per-program
 # scratch tile (small enough to stay in L2), then runs the adjoint recurrence backwards.
 # --------------------------------------------------------------------------------------------
+SHORT_LEN = 64  # BlockSizes.get_default: at most this many steps counts as a short sequence
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and Triton launch parameters of the selective-scan kernels."""
@@ -227,7 +230,14 @@ class BlockSizes:
     bc_shuffle: bool = False
 
     @classmethod
-    def get_default(cls) -> "BlockSizes":
+    def get_default(cls, length: int | None = None) -> "BlockSizes":
+        """The H100-tuned default; for sequences of at most SHORT_LEN steps (the HiSS low level:
+        many sequences of one chunk) 32-channel blocks, since there the programs' fixed cost,
+        not the per-step chain, decides: HiSS Mamba -> Mamba's low level (12 800 x 10 steps x
+        256 channels) ran its backward in 16.8 ms at 32 channels and 25.9 ms at 16
+        (benchmarks/NOTES_selective_scan.md, "Short sequences")."""
+        if length is not None and length <= SHORT_LEN:
+            return cls(block_d=32, bwd_block_d=32)
         return cls()
 
     def __post_init__(self):
@@ -772,7 +782,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     `interpret=None` runs interpret mode when no GPU is present.
     """
     b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    bs = block_sizes or BlockSizes.get_default()
+    bs = block_sizes or BlockSizes.get_default(l)
     if interpret is None:
         interpret = not _on_gpu()
     f32 = jnp.float32

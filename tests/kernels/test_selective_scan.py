@@ -118,6 +118,9 @@ PALLAS_CASES = [
     (37, 24, 16, 3, jnp.bfloat16, dict(), True, BlockSizes(unroll=2, prefetch=2, **V3)),
     (33, 40, 5, 2, jnp.float32, dict(z=False), True,
      BlockSizes(block_d=16, chunk=8, unroll=2, **V3)),
+    # block_sizes=None: the wrapper's length-aware default (32-channel blocks when short)
+    (10, 70, 16, None, jnp.float32, dict(), True, None),
+    (11, 40, 16, 2, jnp.bfloat16, dict(), True, None),
 ]
 
 
@@ -136,6 +139,9 @@ def test_pallas_is_an_impl_of_selective_scan():
 
 def test_block_sizes_validate():
     assert BlockSizes.get_default() == BlockSizes()
+    # short sequences (the HiSS low level) get 32-channel blocks, long ones the tuned default
+    assert BlockSizes.get_default(10) == BlockSizes(block_d=32, bwd_block_d=32)
+    assert BlockSizes.get_default(4096) == BlockSizes()
     with pytest.raises(ValueError, match="block_d=24 must be a power of 2"):
         BlockSizes(block_d=24)
     with pytest.raises(ValueError, match="prefetch=-1"):
