@@ -64,6 +64,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.type = "hiss"  # 'hiss' (low + high level) | 'flat' (one model) | 'multibranch'
     config.model.chunk_size = 10  # input steps per target step (frequency ratio; 10 in CSP-Bench)
+    config.model.dtype = "float32"  # activations' compute dtype: 'float32' | 'bfloat16'; params f32
     config.model.low = level_config("mamba2", 64, 2)  # low level: runs inside each chunk
     config.model.high = level_config("mamba2", 64, 2)  # high level: runs over chunk features
     config.model.flat = level_config("mamba2", 64, 2)  # flat baseline (model.type='flat' only)

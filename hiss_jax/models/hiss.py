@@ -20,6 +20,10 @@ in CSP-Bench) -> y (B, T, D_out), one prediction per chunk.
 The blocks of every level come from the registry (`hiss_jax.models.registry`); these modules only
 compose them and never look at kind strings.
 
+Mixed precision (config.model.dtype): the embed / out / merge Dense layers run in `dtype` like the
+stacks' activations; the prediction head is float32 (Dense(dtype=float32): float32 predictions and
+loss), as is the flat model's out Dense, which is its head (`LevelModel.out_dtype`).
+
 Streaming (one input sample at a time, `hiss_jax.streaming`): every model exposes the linen
 methods `init_low_state(batch_size, max_len)`, `low_step(state, x_t) -> (state, feature_t)`,
 `init_high_state(batch_size, max_len)`, `high_step(state, feature) -> (state, y)` and the class
@@ -51,14 +55,20 @@ class LevelModel(nn.Module):
 
     x: (B, L, D) -> (B, L, out_features or stack width).  `stack` is any registry Stack
     (x (B, L, d_model) -> (B, L, d_model)); embed_features / out_features 0 or None skip the Dense.
+    dtype: compute dtype of the embed Dense (None = promote: float32 with float32 params);
+    out_dtype: that of the out Dense (None = dtype; float32 when it is the model's head).
     """
     stack: nn.Module
     embed_features: int | None = None
     out_features: int | None = None
+    dtype: Any = None
+    out_dtype: Any = None
 
     def setup(self):
-        self.embed = nn.Dense(self.embed_features) if self.embed_features else None
-        self.out = nn.Dense(self.out_features) if self.out_features else None
+        out_dtype = self.dtype if self.out_dtype is None else self.out_dtype
+        self.embed = (nn.Dense(self.embed_features, dtype=self.dtype) if self.embed_features
+                      else None)
+        self.out = nn.Dense(self.out_features, dtype=out_dtype) if self.out_features else None
 
     def __call__(self, x, *, deterministic: bool = True):
         h = self.embed(x) if self.embed is not None else x
@@ -92,7 +102,8 @@ class HierarchicalModel(nn.Module):
     reset_low_each_chunk = True
 
     def setup(self):
-        self.head = nn.Dense(self.output_dim)
+        # float32 head whatever the activations' dtype: predictions (and the loss) in float32.
+        self.head = nn.Dense(self.output_dim, dtype=jnp.float32)
 
     def chunk_features(self, x, *, deterministic: bool = True):
         """x: (B, L, D_in) -> (B, T, d_high): the low level's last step of each chunk."""
@@ -179,6 +190,7 @@ class MultiBranchModel(nn.Module):
     chunk_size: int
     d_high: int
     output_dim: int
+    dtype: Any = None  # compute dtype of `merge` (config.model.dtype); the head is float32
 
     reset_low_each_chunk = True
 
@@ -186,8 +198,8 @@ class MultiBranchModel(nn.Module):
         if len(self.branches) != len(self.lows) or not self.branches:
             raise ValueError(f"need one low LevelModel per branch, got {len(self.branches)} "
                              f"branches and {len(self.lows)} low models")
-        self.merge = nn.Dense(self.d_high)
-        self.head = nn.Dense(self.output_dim)
+        self.merge = nn.Dense(self.d_high, dtype=self.dtype)
+        self.head = nn.Dense(self.output_dim, dtype=jnp.float32)
 
     def _check_ranges(self, d_in: int):
         for name, start, stop in self.branches:

@@ -20,6 +20,11 @@ hidden = mixer(LayerNorm(residual))`, then a final LayerNorm of `residual + hidd
 1e-5, residual kept in float32.  The SSM dynamics parameters are named `A_log`, `dt_bias`, `D`
 so that the optimiser can route them by leaf name (own learning rate, no weight decay).
 
+Mixed precision (`dtype`, config.model.dtype): the projections, the conv output and the scan's
+inputs u, delta, B, C, z run in `dtype` (e.g. bfloat16; parameters stay float32); LayerNorm
+statistics, the residual stream, the conv's multiply-adds and the scan state stay float32.
+`dtype=None` computes in the input's dtype.
+
 Streaming: `MambaStack.init_state(batch_size)` and `MambaStack.step(state, x_t)` run the same
 parameters one time step at a time (conv buffer of the last d_conv - 1 inputs and the SSM state
 h (B, d_inner, N) per layer); `step` over a sequence equals `__call__` up to float rounding.
@@ -114,6 +119,7 @@ class MambaMixer(nn.Module):
     n_layers: int = 1  # only scales the out_proj init (mamba_ssm's prenorm-residual rescale)
     scan_impl: str = "auto"
     disc: str = "approx_zoh"  # 'approx_zoh' (kernel) | 'zoh' | 'bilinear' (module docstring)
+    dtype: Any = None  # compute dtype of the projections; None = the input's dtype
 
     @property
     def d_inner(self) -> int:
@@ -125,13 +131,16 @@ class MambaMixer(nn.Module):
 
     def setup(self):
         d_inner, n, r = self.d_inner, self.d_state, self.rank
-        self.in_proj = nn.Dense(2 * d_inner, use_bias=False, kernel_init=torch_default_init)
+        self.in_proj = nn.Dense(2 * d_inner, use_bias=False, kernel_init=torch_default_init,
+                                dtype=self.dtype)
         self.conv_weight = self.param("conv_weight", conv_init(self.d_conv), (self.d_conv, d_inner))
         self.conv_bias = self.param("conv_bias", conv_init(self.d_conv), (d_inner,))
-        self.x_proj = nn.Dense(r + 2 * n, use_bias=False, kernel_init=torch_default_init)
+        self.x_proj = nn.Dense(r + 2 * n, use_bias=False, kernel_init=torch_default_init,
+                               dtype=self.dtype)
         # dt_proj's bias is `dt_bias`, kept apart so it is routed by name and handed to the scan
         # as delta_bias (mamba_ssm passes dt_proj.bias the same way).
-        self.dt_proj = nn.Dense(d_inner, use_bias=False, kernel_init=uniform_init(r ** -0.5))
+        self.dt_proj = nn.Dense(d_inner, use_bias=False, kernel_init=uniform_init(r ** -0.5),
+                                dtype=self.dtype)
         self.dt_bias = self.param("dt_bias", inverse_softplus_dt_init(self.dt_min, self.dt_max),
                                   (d_inner,))
         self.A_log = self.param(
@@ -145,7 +154,8 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Dense(
             self.d_model, use_bias=False,
             kernel_init=nn.initializers.variance_scaling(
-                1.0 / (3.0 * max(self.n_layers, 1)), "fan_in", "uniform"))
+                1.0 / (3.0 * max(self.n_layers, 1)), "fan_in", "uniform"),
+            dtype=self.dtype)
 
     def _split_x_proj(self, x):
         r, n = self.rank, self.d_state
@@ -212,6 +222,7 @@ class MambaStack(nn.Module):
     dt_max: float = 1e-1
     scan_impl: str = "auto"
     disc: str = "approx_zoh"  # 'approx_zoh' (kernel) | 'zoh' | 'bilinear'
+    dtype: Any = None  # compute dtype (config.model.dtype); None = the input's dtype
 
     def setup(self):
         if self.n_layers < 1:
@@ -223,7 +234,7 @@ class MambaStack(nn.Module):
         self.mixers = [MambaMixer(d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv,
                                   expand=self.expand, dt_rank=self.dt_rank, dt_min=self.dt_min,
                                   dt_max=self.dt_max, n_layers=self.n_layers,
-                                  scan_impl=self.scan_impl, disc=self.disc)
+                                  scan_impl=self.scan_impl, disc=self.disc, dtype=self.dtype)
                        for _ in range(self.n_layers)]
         self.norm_f = nn.LayerNorm(epsilon=1e-5)
 
@@ -232,7 +243,7 @@ class MambaStack(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MambaStack expects x (B, L, {self.d_model}), got {x.shape=}")
         return _residual_stack(self.norms, self.mixers, self.norm_f, x,
-                               lambda mixer, h: mixer(h))
+                               lambda mixer, h: mixer(h), self.dtype)
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> Any:
         """Per-layer streaming state: tuple of {'conv', 'ssm'} dicts, zeros.  `max_len` (the
@@ -243,32 +254,35 @@ class MambaStack(nn.Module):
 
     def step(self, state, x_t):
         """x_t: (B, d_model) -> (state, y_t (B, d_model)); `step` over t equals `__call__`."""
-        return _residual_stack_step(self.norms, self.mixers, self.norm_f, state, x_t)
+        return _residual_stack_step(self.norms, self.mixers, self.norm_f, state, x_t, self.dtype)
 
 
-def _residual_stack(norms, mixers, norm_f, x, call):
+def _residual_stack(norms, mixers, norm_f, x, call, dtype=None):
     """mamba_ssm MixerModel: residual += hidden; hidden = mixer(LN(residual)); at the end
     LN_f(residual + hidden).
 
     The residual stream is float32 (mamba_ssm's residual_in_fp32) so bf16 activations do not
-    drift over layers.
+    drift over layers; the LayerNorms see it in float32 (float32 statistics), and the mixers and
+    the caller get their inputs in `dtype` (None = x's dtype).
     """
+    dtype = x.dtype if dtype is None else dtype
     hidden, residual = x, None
     for norm, mixer in zip(norms, mixers):
         residual = (hidden.astype(jnp.float32) if residual is None
                     else residual + hidden.astype(jnp.float32))
-        hidden = call(mixer, norm(residual).astype(x.dtype))
+        hidden = call(mixer, norm(residual).astype(dtype))
     residual = residual + hidden.astype(jnp.float32)
-    return norm_f(residual).astype(x.dtype)
+    return norm_f(residual).astype(dtype)
 
 
-def _residual_stack_step(norms, mixers, norm_f, state, x_t):
+def _residual_stack_step(norms, mixers, norm_f, state, x_t, dtype=None):
     """One time step of `_residual_stack`; state is a tuple of per-layer mixer states."""
+    dtype = x_t.dtype if dtype is None else dtype
     hidden, residual, new_state = x_t, None, []
     for norm, mixer, s in zip(norms, mixers, state):
         residual = (hidden.astype(jnp.float32) if residual is None
                     else residual + hidden.astype(jnp.float32))
-        s, hidden = mixer.step(s, norm(residual).astype(x_t.dtype))
+        s, hidden = mixer.step(s, norm(residual).astype(dtype))
         new_state.append(s)
     residual = residual + hidden.astype(jnp.float32)
-    return tuple(new_state), norm_f(residual).astype(x_t.dtype)
+    return tuple(new_state), norm_f(residual).astype(dtype)

@@ -18,6 +18,11 @@ without editing the config.  n_groups must divide H.
 The stack is the same as Mamba's (mamba_ssm MixerModel: add -> LayerNorm -> mixer, final
 LayerNorm, eps 1e-5, float32 residual).  `init_state` / `step` stream the same parameters one step
 at a time (conv buffer over xBC and the per-head state (B, H, P, N)).
+
+Mixed precision (`dtype`, config.model.dtype): in_proj / out_proj, the conv output and the SSD
+inputs x, dt, B, C run in `dtype` (e.g. bfloat16; parameters stay float32); the gated RMSNorm's
+statistics, the LayerNorms, the residual stream and the SSD state stay float32.  `dtype=None`
+computes in the input's dtype.
 """
 from typing import Any
 
@@ -56,6 +61,7 @@ class Mamba2Mixer(nn.Module):
     scan_impl: str = "auto"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
+    dtype: Any = None  # compute dtype of the projections; None = the input's dtype
 
     @property
     def d_inner(self) -> int:
@@ -76,7 +82,7 @@ class Mamba2Mixer(nn.Module):
                              f"headdim={self.head_dim}); set mamba2.n_groups to a divisor of {h}")
         conv_dim = d_inner + 2 * g * n
         self.in_proj = nn.Dense(2 * d_inner + 2 * g * n + h, use_bias=False,
-                                kernel_init=torch_default_init)
+                                kernel_init=torch_default_init, dtype=self.dtype)
         self.conv_weight = self.param("conv_weight", conv_init(self.d_conv),
                                       (self.d_conv, conv_dim))
         self.conv_bias = self.param("conv_bias", conv_init(self.d_conv), (conv_dim,))
@@ -91,7 +97,8 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Dense(
             self.d_model, use_bias=False,
             kernel_init=nn.initializers.variance_scaling(
-                1.0 / (3.0 * max(self.n_layers, 1)), "fan_in", "uniform"))
+                1.0 / (3.0 * max(self.n_layers, 1)), "fan_in", "uniform"),
+            dtype=self.dtype)
 
     def _split_in(self, zxbcdt):
         d_inner, g, n = self.d_inner, self.n_groups, self.d_state
@@ -167,6 +174,7 @@ class Mamba2Stack(nn.Module):
     n_groups: int = 1
     chunk_size: int = 64
     scan_impl: str = "auto"
+    dtype: Any = None  # compute dtype (config.model.dtype); None = the input's dtype
 
     def setup(self):
         if self.n_layers < 1:
@@ -175,7 +183,8 @@ class Mamba2Stack(nn.Module):
         self.mixers = [Mamba2Mixer(d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv,
                                    expand=self.expand, headdim=self.headdim,
                                    n_groups=self.n_groups, chunk_size=self.chunk_size,
-                                   n_layers=self.n_layers, scan_impl=self.scan_impl)
+                                   n_layers=self.n_layers, scan_impl=self.scan_impl,
+                                   dtype=self.dtype)
                        for _ in range(self.n_layers)]
         self.norm_f = nn.LayerNorm(epsilon=1e-5)
 
@@ -184,7 +193,7 @@ class Mamba2Stack(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2Stack expects x (B, L, {self.d_model}), got {x.shape=}")
         return _residual_stack(self.norms, self.mixers, self.norm_f, x,
-                               lambda mixer, h: mixer(h))
+                               lambda mixer, h: mixer(h), self.dtype)
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> Any:
         """Per-layer streaming state: tuple of {'conv', 'ssm'} dicts, zeros.  `max_len` (the
@@ -195,4 +204,4 @@ class Mamba2Stack(nn.Module):
 
     def step(self, state, x_t):
         """x_t: (B, d_model) -> (state, y_t (B, d_model)); `step` over t equals `__call__`."""
-        return _residual_stack_step(self.norms, self.mixers, self.norm_f, state, x_t)
+        return _residual_stack_step(self.norms, self.mixers, self.norm_f, state, x_t, self.dtype)

@@ -6,10 +6,15 @@ and one sub-dict per family; `make_stack` passes exactly the chosen family's sub
 (plus `scan_impl` for the Stacks that take one), so `--config.model.low.kind=lstm` needs no edit.
 Every field of that sub-dict is a Stack field, e.g. `mamba.disc` -> `MambaStack.disc` and
 `s4.disc` -> `S4Stack.disc` (discretisations: `hiss_jax.models.ssm_math`).
+
+Model-wide settings reach every Stack the same way: `scan_impl` (config.kernels.impl) and `dtype`
+(config.model.dtype, the compute dtype of activations and projections; `DTYPES`), each passed to
+the Stacks that have the field.  Parameters stay float32 whatever `dtype` is.
 """
 import dataclasses
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from hiss_jax.models.hiss import FlatModel, HierarchicalModel, LevelModel, MultiBranchModel
@@ -31,6 +36,17 @@ STACKS = {
 MAMBA_SSM_PARAM_NAMES = ("A_log", "dt_bias", "D")
 SSM_PARAM_NAMES = tuple(dict.fromkeys(MAMBA_SSM_PARAM_NAMES + tuple(S4_SSM_PARAM_NAMES)))
 
+# config.model.dtype -> compute dtype; 'float32' (the default) reproduces the float32-only models.
+DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """'float32' | 'bfloat16' -> the jnp dtype the modules compute activations in."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not a known compute dtype; allowed: "
+                         f"{list(DTYPES)}")
+    return jnp.dtype(name)
+
 
 def _as_dict(cfg) -> dict:
     if cfg is None:
@@ -38,8 +54,9 @@ def _as_dict(cfg) -> dict:
     return dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-def make_stack(level_cfg, scan_impl: str = "auto") -> nn.Module:
-    """Level config -> unbound Stack module (x (B, L, d_model) -> (B, L, d_model))."""
+def make_stack(level_cfg, scan_impl: str = "auto", dtype: str = "float32") -> nn.Module:
+    """Level config -> unbound Stack module (x (B, L, d_model) -> (B, L, d_model)), computing in
+    `dtype` (config.model.dtype)."""
     kind = level_cfg["kind"]
     if kind not in STACKS:
         raise ValueError(f"unknown level kind {kind!r}; allowed kinds: {sorted(STACKS)}")
@@ -54,22 +71,29 @@ def make_stack(level_cfg, scan_impl: str = "auto") -> nn.Module:
                   dropout=float(level_cfg["dropout"]), **sub)
     if "scan_impl" in fields:
         kwargs["scan_impl"] = scan_impl
+    if "dtype" in fields:
+        kwargs["dtype"] = compute_dtype(dtype)
     return cls(**kwargs)
 
 
-def _build_hiss(model_cfg, input_dim: int, output_dim: int, scan_impl: str) -> nn.Module:
+def _build_hiss(model_cfg, input_dim: int, output_dim: int, scan_impl: str,
+                dtype: str) -> nn.Module:
     del input_dim  # the low level's embed infers it
     d_high = int(model_cfg.high.d_model)
-    low = LevelModel(stack=make_stack(model_cfg.low, scan_impl),
-                     embed_features=int(model_cfg.low.d_model), out_features=d_high)
-    return HierarchicalModel(low=low, high=make_stack(model_cfg.high, scan_impl),
+    low = LevelModel(stack=make_stack(model_cfg.low, scan_impl, dtype),
+                     embed_features=int(model_cfg.low.d_model), out_features=d_high,
+                     dtype=compute_dtype(dtype))
+    return HierarchicalModel(low=low, high=make_stack(model_cfg.high, scan_impl, dtype),
                              chunk_size=int(model_cfg.chunk_size), output_dim=output_dim)
 
 
-def _build_flat(model_cfg, input_dim: int, output_dim: int, scan_impl: str) -> nn.Module:
+def _build_flat(model_cfg, input_dim: int, output_dim: int, scan_impl: str,
+                dtype: str) -> nn.Module:
     del input_dim
-    level = LevelModel(stack=make_stack(model_cfg.flat, scan_impl),
-                       embed_features=int(model_cfg.flat.d_model), out_features=output_dim)
+    # The out Dense is the flat model's head: float32 predictions.
+    level = LevelModel(stack=make_stack(model_cfg.flat, scan_impl, dtype),
+                       embed_features=int(model_cfg.flat.d_model), out_features=output_dim,
+                       dtype=compute_dtype(dtype), out_dtype=jnp.dtype(jnp.float32))
     return FlatModel(level=level, chunk_size=int(model_cfg.chunk_size))
 
 
@@ -89,17 +113,19 @@ def branch_ranges(branches: Mapping[str, Any], input_dim: int):
     return tuple(sorted(out, key=lambda b: (b[1], b[0])))
 
 
-def _build_multibranch(model_cfg, input_dim: int, output_dim: int, scan_impl: str) -> nn.Module:
+def _build_multibranch(model_cfg, input_dim: int, output_dim: int, scan_impl: str,
+                       dtype: str) -> nn.Module:
     branches = branch_ranges(model_cfg.branches, input_dim)
     d_high = int(model_cfg.high.d_model)
     # One low model per branch, each with its own parameters (same low config).
-    lows = tuple(LevelModel(stack=make_stack(model_cfg.low, scan_impl),
-                            embed_features=int(model_cfg.low.d_model), out_features=d_high)
+    lows = tuple(LevelModel(stack=make_stack(model_cfg.low, scan_impl, dtype),
+                            embed_features=int(model_cfg.low.d_model), out_features=d_high,
+                            dtype=compute_dtype(dtype))
                  for _ in branches)
     return MultiBranchModel(branches=branches, lows=lows,
-                            high=make_stack(model_cfg.high, scan_impl),
+                            high=make_stack(model_cfg.high, scan_impl, dtype),
                             chunk_size=int(model_cfg.chunk_size), d_high=d_high,
-                            output_dim=output_dim)
+                            output_dim=output_dim, dtype=compute_dtype(dtype))
 
 
 MODEL_BUILDERS = {"hiss": _build_hiss, "flat": _build_flat, "multibranch": _build_multibranch}
@@ -108,8 +134,12 @@ MODEL_BUILDERS = {"hiss": _build_hiss, "flat": _build_flat, "multibranch": _buil
 def build_model(model_cfg, *, input_dim: int, output_dim: int,
                 scan_impl: str = "auto") -> nn.Module:
     """config.model -> unbound linen model.  x (B, L, input_dim), L a multiple of chunk_size ->
-    y (B, L // chunk_size, output_dim).  Dropout rng name: 'dropout'."""
+    y (B, L // chunk_size, output_dim) float32.  Dropout rng name: 'dropout'.  model.dtype
+    ('float32' when absent) is the compute dtype of the activations (`DTYPES`)."""
     model_type = model_cfg["type"]
     if model_type not in MODEL_BUILDERS:
         raise ValueError(f"unknown model.type {model_type!r}; allowed: {sorted(MODEL_BUILDERS)}")
-    return MODEL_BUILDERS[model_type](model_cfg, int(input_dim), int(output_dim), scan_impl)
+    dtype = model_cfg.get("dtype", "float32")
+    compute_dtype(dtype)  # fails early, naming the value and the allowed ones
+    return MODEL_BUILDERS[model_type](model_cfg, int(input_dim), int(output_dim), scan_impl,
+                                      dtype)

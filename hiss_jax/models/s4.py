@@ -29,8 +29,14 @@ Streaming steps (same parameters, same discretisation): 'dplr' + 'bilinear' O(N)
 via Woodbury, 'dplr' + 'zoh' / 'approx_zoh' O(N^2) with the dense matrix, 'diag' O(N).
 Numerics: in float32 the 'zoh' expm of dt A (||A|| ~ N^2 / 2 for LegS) is the least accurate
 piece, about 4e-5 absolute at d_state 64 and dt 0.1; bilinear is about 100x tighter.
+Mixed precision (`dtype`, config.model.dtype): the blocks' GELU / GLU Dense and their inputs run
+in `dtype` (e.g. bfloat16; parameters stay float32); the SSM kernel (complex64), the FFT
+convolution and the D skip run in float32 on the input cast up, and the LayerNorms and the
+residual stream stay float32.  `dtype=None` computes in the input's dtype.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -182,12 +188,13 @@ class S4Block(nn.Module):
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     diag_init: str = "lin"
+    dtype: Any = None  # compute dtype of the Dense; None = promote (the pre-existing behaviour)
 
     def setup(self):
         self.ssm = S4Layer(self.d_model, self.d_state, self.mode, self.disc, self.dt_min,
                            self.dt_max, self.diag_init)
         self.drop = nn.Dropout(self.dropout)
-        self.out = nn.Dense(2 * self.d_model)
+        self.out = nn.Dense(2 * self.d_model, dtype=self.dtype)
 
     def _post(self, y, dtype, deterministic):
         y = self.drop(y.astype(dtype), deterministic=deterministic)
@@ -226,6 +233,7 @@ class S4Stack(nn.Module):
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     diag_init: str = "lin"
+    dtype: Any = None  # compute dtype (config.model.dtype); None = the input's dtype
 
     def setup(self):
         if self.n_layers < 1:
@@ -235,7 +243,7 @@ class S4Stack(nn.Module):
         self.norms = [nn.LayerNorm(epsilon=LAYER_NORM_EPS) for _ in range(self.n_layers)]
         self.blocks = [
             S4Block(self.d_model, self.dropout, self.d_state, self.mode, self.disc,
-                    self.dt_min, self.dt_max, self.diag_init)
+                    self.dt_min, self.dt_max, self.diag_init, dtype=self.dtype)
             for _ in range(self.n_layers)
         ]
         self.drop = nn.Dropout(self.dropout)
@@ -243,8 +251,9 @@ class S4Stack(nn.Module):
     def __call__(self, x, *, deterministic: bool = True):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"S4Stack expects x (B, L, d_model={self.d_model}), got {x.shape}")
-        # Float32 residual stream (as mamba_ssm's residual_in_fp32); blocks see x.dtype.
-        dtype, x = x.dtype, x.astype(jnp.float32)
+        # Float32 residual stream (as mamba_ssm's residual_in_fp32); blocks see the compute dtype.
+        dtype = x.dtype if self.dtype is None else self.dtype
+        x = x.astype(jnp.float32)
         for norm, block in zip(self.norms, self.blocks):
             z = block(norm(x).astype(dtype), deterministic=deterministic)
             x = x + self.drop(z, deterministic=deterministic).astype(jnp.float32)
@@ -259,7 +268,8 @@ class S4Stack(nn.Module):
         """state from `init_state`, x_t: (B, d_model) -> (state', y_t: (B, d_model))."""
         if x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"step expects x_t (B, d_model={self.d_model}), got {x_t.shape}")
-        dtype, x = x_t.dtype, x_t.astype(jnp.float32)
+        dtype = x_t.dtype if self.dtype is None else self.dtype
+        x = x_t.astype(jnp.float32)
         new_state = []
         for norm, block, s in zip(self.norms, self.blocks, state):
             s, z = block.step(s, norm(x).astype(dtype))

@@ -9,8 +9,14 @@ activation ReLU, dropout on attention weights, after attention, inside and after
 feed-forward), a causal mask, and a final LayerNorm:
   x = x + drop(MHA(LN(x), causal));  x = x + drop(W2 drop(relu(W1 LN(x))))
   Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + mask) V   (eq. 1)
+Mixed precision (`dtype`, config.model.dtype): the Dense layers (qkv, attention out, feed-forward)
+and their inputs run in `dtype` (e.g. bfloat16; parameters stay float32); the logits Q K^T
+(float32 accumulation), the softmax, probs @ V, the LayerNorms, the position encoding and the
+residual stream stay float32.  `dtype=None` computes in the input's dtype.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,6 +46,9 @@ def attention_probs(q, k, mask):
     q: (B, Q, h, d)  k: (B, T, h, d)  mask: broadcastable to (B, h, Q, T), True = attend
     -> (B, h, Q, T)
     """
+    # Logits and softmax in float32.  bf16 q, k are cast up first (exact: bf16 products are exact
+    # in float32, and XLA:CPU has no bf16 x bf16 -> f32 dot); a no-op for float32 inputs.
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     logits = jnp.einsum("bqhd,bthd->bhqt", q, k, preferred_element_type=jnp.float32)
     logits = logits / np.sqrt(q.shape[-1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -57,14 +66,15 @@ class EncoderLayer(nn.Module):
     n_heads: int
     d_ff: int
     dropout: float = 0.0
+    dtype: Any = None  # compute dtype of the Dense layers; None = promote (pre-existing default)
 
     def setup(self):
         self.norm1 = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
         self.norm2 = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
-        self.qkv = nn.Dense(3 * self.d_model)
-        self.attn_out = nn.Dense(self.d_model)
-        self.ff_in = nn.Dense(self.d_ff)
-        self.ff_out = nn.Dense(self.d_model)
+        self.qkv = nn.Dense(3 * self.d_model, dtype=self.dtype)
+        self.attn_out = nn.Dense(self.d_model, dtype=self.dtype)
+        self.ff_in = nn.Dense(self.d_ff, dtype=self.dtype)
+        self.ff_out = nn.Dense(self.d_model, dtype=self.dtype)
         self.drop = nn.Dropout(self.dropout)
 
     def _qkv(self, x, dtype):
@@ -122,6 +132,7 @@ class TransformerStack(nn.Module):
     dropout: float = 0.0
     n_heads: int = 2
     d_ff: int = 128
+    dtype: Any = None  # compute dtype (config.model.dtype); None = the input's dtype
 
     def setup(self):
         if self.n_heads < 1 or self.d_model % self.n_heads:
@@ -130,7 +141,8 @@ class TransformerStack(nn.Module):
         if self.n_layers < 1 or self.d_ff < 1:
             raise ValueError(f"need n_layers >= 1 and d_ff >= 1, got {self.n_layers=}, "
                              f"{self.d_ff=}")
-        self.layers = [EncoderLayer(self.d_model, self.n_heads, self.d_ff, self.dropout)
+        self.layers = [EncoderLayer(self.d_model, self.n_heads, self.d_ff, self.dropout,
+                                    dtype=self.dtype)
                        for _ in range(self.n_layers)]
         self.final_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
         self.drop = nn.Dropout(self.dropout)
@@ -139,7 +151,7 @@ class TransformerStack(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"TransformerStack expects x (B, L, d_model={self.d_model}), "
                              f"got {x.shape}")
-        dtype = x.dtype
+        dtype = x.dtype if self.dtype is None else self.dtype
         pe = sinusoidal_encoding(jnp.arange(x.shape[1]), self.d_model)
         x = self.drop(x.astype(jnp.float32) + pe, deterministic=deterministic)
         for layer in self.layers:
@@ -164,7 +176,8 @@ class TransformerStack(nn.Module):
         """state from `init_state`, x_t: (B, d_model) -> (state', y_t: (B, d_model))."""
         if x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"step expects x_t (B, d_model={self.d_model}), got {x_t.shape}")
-        pos, dtype = state["pos"], x_t.dtype
+        pos = state["pos"]
+        dtype = x_t.dtype if self.dtype is None else self.dtype
         x = x_t.astype(jnp.float32) + sinusoidal_encoding(pos, self.d_model)
         caches = []
         for layer, cache in zip(self.layers, state["layers"]):

@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "cosine")
 S4_MODES = ("dplr", "diag")
 S4_DISCS = ("bilinear", "zoh", "approx_zoh")
 MAMBA_DISCS = ("approx_zoh", "zoh", "bilinear")
+DTYPES = ("float32", "bfloat16")  # config.model.dtype (hiss_jax.models.registry.DTYPES)
 # Used when hiss_jax.data cannot be imported.
 _DEFAULT_DATASETS = ("synthetic:imu", "synthetic:tactile", "csp:marker_writing",
                      "csp:intrinsic_slip", "csp:joystick", "csp:ronin", "csp:vector",
@@ -115,6 +116,7 @@ def check_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
     m = config.model
     _one_of("model.type", m.type, MODEL_TYPES)
     _positive_int("model.chunk_size", m.chunk_size)
+    _one_of("model.dtype", m.get("dtype", "float32"), DTYPES)
     levels = ("flat",) if m.type == "flat" else ("low", "high")
     for name in levels:
         _check_level(f"model.{name}", m[name])
