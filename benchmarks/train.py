@@ -97,6 +97,7 @@ def make_config(model: str, preset: dict, impl: str, length: int):
         lc.mamba2.chunk_size = int(min(64, seq))
         config.model[level] = lc
     config.kernels.impl = impl
+    config.model.dtype = preset.get("dtype", "float32")
     config.train.batch_size = preset["batch"]
     return config
 
@@ -202,11 +203,11 @@ def run_job(job: dict, preset: dict, out: str | None = None, deadline: float | N
     return recs
 
 
-def _child(job, preset_name, timeout, tmpdir, deadline, profile=0):
+def _child(job, preset_name, timeout, tmpdir, deadline, profile=0, dtype="float32"):
     path = os.path.join(tmpdir, f"train_child_{job['part']}_{job['model']}_{job['impl']}.json")
     if os.path.exists(path):
         os.remove(path)
-    spec = dict(job=job, preset=preset_name, deadline=deadline, profile=profile)
+    spec = dict(job=job, preset=preset_name, deadline=deadline, profile=profile, dtype=dtype)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--out", path]
     err = None
     try:
@@ -352,6 +353,8 @@ def parse(argv=None):
     p.add_argument("--inline", action="store_true", help="no child processes")
     p.add_argument("--job-timeout", type=float, default=300.0, help="throughput job limit")
     p.add_argument("--budget-s", type=float, default=540.0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="config.model.dtype: compute dtype of the models (params stay float32)")
     p.add_argument("--profile", type=int, default=0,
                    help="trace this many steps per point after timing (jax.profiler): device "
                         "busy time and kernel time by category in the JSON and table")
@@ -368,7 +371,8 @@ def main(argv=None) -> dict:
     opts = parse(argv)
     if opts.child:
         spec = json.loads(opts.child)
-        preset = dict(PRESETS[spec["preset"]], profile=spec.get("profile", 0))
+        preset = dict(PRESETS[spec["preset"]], profile=spec.get("profile", 0),
+                      dtype=spec.get("dtype", "float32"))
         recs = run_job(spec["job"], preset, opts.out, spec["deadline"])
         return {"records": recs}
     t0 = time.time()
@@ -385,7 +389,7 @@ def main(argv=None) -> dict:
         print(report(result))
         return result
 
-    preset = dict(PRESETS[opts.preset], profile=opts.profile)
+    preset = dict(PRESETS[opts.preset], profile=opts.profile, dtype=opts.dtype)
     parts = set(filter(None, opts.part.split(",")))
     only = set(filter(None, opts.models.split(",")))
     lengths = ([int(x) for x in opts.lengths.split(",") if x] or list(preset["lengths"]))
@@ -406,6 +410,7 @@ def main(argv=None) -> dict:
             jobs.append(dict(part="scaling", model=model, impl=opts.scaling_impl,
                              lengths=lengths, batch=preset["scaling_batch"]))
     result = {"device": common.device_info(), "preset": opts.preset, "preset_values": preset,
+              "dtype": opts.dtype,
               "method": ("library train step (build_model, create_train_state, make_train_step); "
                          "compile = lower+compile; 2 warm-up steps; median over repeats of "
                          "(N back-to-back steps, one block_until_ready) / N"),
@@ -432,7 +437,7 @@ def main(argv=None) -> dict:
             # the hard limit); a throughput job gets --job-timeout.
             limit = min(opts.job_timeout, left - 5) if job["part"] == "throughput" else left - 5
             result["records"] += _child(job, opts.preset, limit, tmpdir, job_deadline,
-                                        opts.profile)
+                                        opts.profile, opts.dtype)
         common.write_json(out, result)
     if "scaling" in parts:
         _finish_scaling(result, png)
