@@ -648,13 +648,9 @@ def short_main(opts):
              {"kind": "short_variants", "limit_s": 50}]
     left = run_tasks(tasks, results_path, deadline, hard_end=hard_end)
     recs = _read(results_path)
-    summary = {"low_shape": LOW, "low_chunk": LOW_CHUNK, "short_variants": SHORT_VARIANTS,
-               "shapes": SHAPES, "eq_batch": EQ_BATCH, "tol_bf16": BF16_TOL, "results": recs,
-               "not_run": [t.get("name") or t["kind"] for t in left],
-               "wall_s": round(time.time() - start, 1)}
-    with open(os.path.join(OUT, "ssd_gpu.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"[parent] done in {time.time() - start:.0f} s; not run: {summary['not_run']}")
+    _write_summary({"low_shape": LOW, "low_chunk": LOW_CHUNK, "short_variants": SHORT_VARIANTS,
+                    "shapes": SHAPES, "eq_batch": EQ_BATCH, "tol_bf16": BF16_TOL,
+                    "results": recs}, left, start)
     short_table(recs)
 
 
@@ -681,6 +677,15 @@ def run_tasks(tasks, results_path, deadline, precompile=False, tag="main", hard_
         n_done = len(_read(results_path)) - len(before)
         pending = pending[max(n_done, 1):]
     return pending
+
+
+def _write_summary(summary, left, start):
+    """$OUT/ssd_gpu.json: `summary` + the tasks not run and the wall time."""
+    summary.update(not_run=[t.get("name") or t["kind"] for t in left],
+                   wall_s=round(time.time() - start, 1))
+    with open(os.path.join(OUT, "ssd_gpu.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[parent] done in {time.time() - start:.0f} s; not run: {summary['not_run']}")
 
 
 def _read(path):
@@ -815,13 +820,9 @@ def main():
             left += run_tasks([{"kind": "grad64k", "name": name, "limit_s": 60}],
                               results_path, deadline + 40, hard_end=hard_end, tag="g64")
     recs = _read(results_path)
-    summary = {"shapes": SHAPES, "eq_batch": EQ_BATCH, "variants": VARIANTS,
-               "tol_bf16": BF16_TOL, "results": recs, "precompile": _read(pre_path),
-               "not_run": [t.get("name") or t["kind"] for t in left],
-               "wall_s": round(time.time() - start, 1)}
-    with open(os.path.join(OUT, "ssd_gpu.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"[parent] done in {time.time() - start:.0f} s; not run: {summary['not_run']}")
+    _write_summary({"shapes": SHAPES, "eq_batch": EQ_BATCH, "variants": VARIANTS,
+                    "tol_bf16": BF16_TOL, "results": recs, "precompile": _read(pre_path)},
+                   left, start)
     table(recs)
 
 

@@ -81,18 +81,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.data.n_episodes = 200  # synthetic: number of episodes (train + val)
     config.data.episode_seconds = 20  # synthetic: length of one episode in seconds
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adam"  # 'adam' | 'adamw' (decoupled weight decay)
-    config.optim.lr = 1e-4  # peak learning rate (paper: Adam 1e-4 constant)
-    config.optim.schedule = "constant"  # 'constant' | 'cosine' (warmup then cosine decay)
-    config.optim.warmup_steps = 0  # linear warmup steps (both schedules; 0 = none)
-    config.optim.end_lr_ratio = 0.0  # cosine: final lr as a fraction of the peak
-    config.optim.weight_decay = 0.0  # AdamW decay of non-SSM params (adamw only)
-    config.optim.ssm_lr = 0.0  # lr of SSM dynamics params (A_log, dt_bias, D, ...); 0 = same as lr
-    config.optim.b1 = 0.9  # Adam beta1
-    config.optim.b2 = 0.999  # Adam beta2
-    config.optim.eps = 1e-8  # Adam epsilon
-    config.optim.clip_norm = 0.0  # global-norm gradient clipping; 0 = off (paper: off)
+    config.optim = optim_config()
 
     config.train = ml_collections.ConfigDict()
     config.train.seed = 5  # seed of init, dropout and batch order (paper: 5)
@@ -109,17 +98,50 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.plot_episodes = 3  # validation episodes drawn in predictions.png (0 = no plot)
     config.train.progress = True  # show a tqdm progress bar
 
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # devices on the 'data' axis (batch sharding); -1 = all remaining
-    config.mesh.model = 1  # devices on the 'model' axis (parameter sharding by the rules)
-    # logical axis name -> mesh axis (or None = replicated), for params annotated with logical axes
-    config.mesh.rules = (("batch", "data"), ("embed", None), ("mlp", "model"), ("heads", "model"),
-                                              ("state", None))
-
-    config.kernels = ml_collections.ConfigDict()
-    # scan implementation: 'auto' (pallas on GPU, xla elsewhere) | 'ref' | 'xla' | 'pallas'
-    config.kernels.impl = "auto"
+    config.mesh = mesh_config()
+    config.kernels = kernels_config()
     return config
+
+
+def optim_config(**values) -> ml_collections.ConfigDict:
+    """The `optim` section: the paper's Adam 1e-4 constant, with `values` (existing keys only)
+    replacing defaults, e.g. optim_config(name="adamw", lr=1e-3)."""
+    c = ml_collections.ConfigDict()
+    c.name = "adam"  # 'adam' | 'adamw' (decoupled weight decay)
+    c.lr = 1e-4  # peak learning rate (paper: Adam 1e-4 constant)
+    c.schedule = "constant"  # 'constant' | 'cosine' (warmup then cosine decay)
+    c.warmup_steps = 0  # linear warmup steps (both schedules; 0 = none)
+    c.end_lr_ratio = 0.0  # cosine: final lr as a fraction of the peak
+    c.weight_decay = 0.0  # AdamW decay of non-SSM params (adamw only)
+    c.ssm_lr = 0.0  # lr of SSM dynamics params (A_log, dt_bias, D, ...); 0 = same as lr
+    c.b1 = 0.9  # Adam beta1
+    c.b2 = 0.999  # Adam beta2
+    c.eps = 1e-8  # Adam epsilon
+    c.clip_norm = 0.0  # global-norm gradient clipping; 0 = off (paper: off)
+    unknown = sorted(set(values) - set(c.keys()))
+    if unknown:
+        raise KeyError(f"optim_config: no field(s) {unknown}; fields: {sorted(c.keys())}")
+    c.update(values)
+    return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """The `mesh` section: data parallel over every device, logical-axis sharding rules."""
+    c = ml_collections.ConfigDict()
+    c.data = -1  # devices on the 'data' axis (batch sharding); -1 = all remaining
+    c.model = 1  # devices on the 'model' axis (parameter sharding by the rules)
+    # logical axis name -> mesh axis (or None = replicated), for params annotated with logical axes
+    c.rules = (("batch", "data"), ("embed", None), ("mlp", "model"), ("heads", "model"),
+               ("state", None))
+    return c
+
+
+def kernels_config() -> ml_collections.ConfigDict:
+    """The `kernels` section."""
+    c = ml_collections.ConfigDict()
+    # scan implementation: 'auto' (pallas on GPU, xla elsewhere) | 'ref' | 'xla' | 'pallas'
+    c.impl = "auto"
+    return c
 
 
 def parse_arg(arg, allowed) -> set:

@@ -11,7 +11,7 @@ measured on held-out words by greedy decoding with the Stack's streaming `step`.
 """
 import ml_collections
 
-from configs.base import parse_arg
+from configs.base import kernels_config, mesh_config, optim_config, parse_arg
 from configs.selective_copy import FAMILIES, model_config
 
 
@@ -38,18 +38,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
     config.model = model_config(kind, 128, 4)  # embedding -> this Stack -> logits
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adamw"  # 'adam' | 'adamw'
-    config.optim.lr = 2e-3  # peak learning rate
-    config.optim.schedule = "cosine"  # 'constant' | 'cosine' (warmup then cosine decay)
-    config.optim.warmup_steps = 300  # linear warmup steps
-    config.optim.end_lr_ratio = 0.01  # cosine: final lr / peak
-    config.optim.weight_decay = 0.05  # AdamW decay of matrices (not SSM dynamics, not vectors)
-    config.optim.ssm_lr = 1e-3  # lr of A_log, dt_bias, D, S4 log_dt, ... (no decay)
-    config.optim.b1 = 0.9  # Adam beta1
-    config.optim.b2 = 0.98  # Adam beta2
-    config.optim.eps = 1e-8  # Adam epsilon
-    config.optim.clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+    # the optimizer: configs/base.py's section with these fields replaced
+    config.optim = optim_config(
+        name="adamw",  # 'adam' | 'adamw'
+        lr=2e-3,  # peak learning rate
+        schedule="cosine",  # 'constant' | 'cosine' (warmup then cosine decay)
+        warmup_steps=300,  # linear warmup steps
+        end_lr_ratio=0.01,  # cosine: final lr / peak
+        weight_decay=0.05,  # AdamW decay of matrices (not SSM dynamics, not vectors)
+        ssm_lr=1e-3,  # lr of A_log, dt_bias, D, S4 log_dt, ... (no decay)
+        b2=0.98,  # Adam beta2
+        clip_norm=1.0,  # global-norm gradient clipping (0 = off)
+    )
 
     config.train = ml_collections.ConfigDict()
     config.train.seed = 0  # init and dropout seed
@@ -59,14 +59,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.train.log_every = 100  # train metrics every this many steps
     config.train.eval_every = 1000  # held-out teacher-forced eval every this many steps
 
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # devices on the 'data' axis (batch sharding); -1 = all
-    config.mesh.model = 1  # devices on the 'model' axis
-    config.mesh.rules = (("batch", "data"), ("embed", None), ("mlp", "model"),
-                         ("heads", "model"), ("state", None))  # logical axis -> mesh axis
-
-    config.kernels = ml_collections.ConfigDict()
-    config.kernels.impl = "auto"  # scan impl: 'auto' (pallas on GPU, xla on CPU) | 'ref' | 'xla' | 'pallas'
+    config.mesh = mesh_config()  # data parallel over every device (configs/base.py)
+    config.kernels = kernels_config()  # scan impl 'auto': pallas on GPU, xla elsewhere
 
     if "tiny" in words:
         config.model = model_config(kind, 64, 2)

@@ -293,22 +293,23 @@ def _compiler_params(num_warps, num_stages):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _exp2(cfg, x):
+def _mufu(cfg, x, op, reference):
+    """One MUFU instruction (`op`.approx.ftz.f32) on the GPU; `reference` in interpret mode.
+    The libdevice exp2f / log2f the lowering would call add denormal handling that decays
+    (<= 1, flushed to 0 below 2^-126) and softplus arguments do not need."""
     if cfg.interpret:
-        return jnp.exp2(x)
-    # One MUFU instruction; the libdevice exp2f the lowering would call adds denormal handling
-    # that decays (<= 1, flushed to 0 below 2^-126) do not need.
+        return reference(x)
     return pltr.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
+def _exp2(cfg, x):
+    return _mufu(cfg, x, "ex2", jnp.exp2)
 
 
 def _lg2(cfg, x):
-    if cfg.interpret:
-        return jnp.log2(x)
-    return pltr.elementwise_inline_asm(
-        "lg2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+    return _mufu(cfg, x, "lg2", jnp.log2)
 
 
 def _softplus_fast(cfg, x):

@@ -844,6 +844,9 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
 
     dstates, dh0 = _dstate_call(dt, A, C, z, dy, dhT, states_dtype=states.dtype, q=q, bs=bs,
                                 interpret=interpret)
+    if bs.bwd == "split3":
+        return _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, q=q, hb=hb,
+                                bs=bs, interpret=interpret)
 
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
                  jax.ShapeDtypeStruct((b, lp, h), f32),                  # ddt
@@ -861,9 +864,6 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
         outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
         _ssd_bwd_chunk_kernel(*ins, *outs, q=q, hb=hb, rep=rep)
 
-    if bs.bwd == "split3":
-        return _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, q=q, hb=hb,
-                                bs=bs, interpret=interpret)
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
     res = list(_pallas_call(chunk_kernel, out_shape, (b, nc, h // hb), bs.num_warps_bwd,
                             bs.num_stages, interpret, "ssd_bwd_chunk")(*args))

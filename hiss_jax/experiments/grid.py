@@ -258,9 +258,8 @@ def run_grid_parallel(config, workdir: str, pairs, workers: int, argv, *,
             pair = todo.pop(0)
             run_dir = os.path.join(workdir, pair)
             os.makedirs(run_dir, exist_ok=True)
-            for stale in ("error.txt",):
-                if os.path.exists(os.path.join(run_dir, stale)):
-                    os.remove(os.path.join(run_dir, stale))
+            if os.path.exists(os.path.join(run_dir, "error.txt")):  # an earlier failure's
+                os.remove(os.path.join(run_dir, "error.txt"))
             cmd = [sys.executable, "-m", "hiss_jax.experiments.grid", f"--pairs={pair}",
                    f"--workdir={workdir}", "--worker", *_worker_argv(argv)]
             out = open(os.path.join(run_dir, "log.txt"), "a")

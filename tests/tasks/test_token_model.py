@@ -55,13 +55,9 @@ def test_step_logits_equal_parallel_logits(kind):
 
 
 def test_token_model_trains_with_decreasing_loss():
+    from configs import selective_copy
     from hiss_jax.tasks.train_tokens import train_and_evaluate
-    import importlib.util, os
-    spec = importlib.util.spec_from_file_location(
-        "_sc", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "selective_copy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config("mamba,tiny")
+    config = selective_copy.get_config("mamba,tiny")
     config.model.d_model, config.model.mamba.d_state = 16, 4
     config.task.seq_len, config.task.n_data, config.task.vocab_size = 8, 2, 6
     config.task.n_eval = 32

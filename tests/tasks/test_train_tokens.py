@@ -1,20 +1,16 @@
 """The token-task training loop: a run killed mid-way resumes from its checkpoint and ends where
 an uninterrupted run ends."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from configs import selective_copy as selective_copy_config
 from hiss_jax.tasks import selective_copy, train_tokens
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location(
-        "_sc", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "selective_copy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config("mamba,tiny")
+    config = selective_copy_config.get_config("mamba,tiny")
     config.model.d_model, config.model.mamba.d_state, config.model.n_layers = 16, 4, 1
     config.task.seq_len, config.task.n_data, config.task.vocab_size = 8, 2, 6
     config.task.n_eval = 32
