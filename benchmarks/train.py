@@ -129,6 +129,8 @@ def measure_point(model: str, impl: str, length: int, batch: int, preset: dict) 
     t = time.perf_counter()
     compiled = train_step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t
+    if preset.get("compile_only"):
+        return {"compile_s": compile_s}
     mem = {}
     try:
         ma = compiled.memory_analysis()
@@ -203,11 +205,15 @@ def run_job(job: dict, preset: dict, out: str | None = None, deadline: float | N
     return recs
 
 
-def _child(job, preset_name, timeout, tmpdir, deadline, profile=0, dtype="float32"):
-    path = os.path.join(tmpdir, f"train_child_{job['part']}_{job['model']}_{job['impl']}.json")
+def _child(job, preset_name, timeout, tmpdir, deadline, profile=0, dtype="float32",
+           compile_only=False):
+    tag = f"{job['part']}_{job['model']}_{job['impl']}" + (
+        f"_compile{job['lengths'][0]}" if compile_only else "")
+    path = os.path.join(tmpdir, f"train_child_{tag}.json")
     if os.path.exists(path):
         os.remove(path)
-    spec = dict(job=job, preset=preset_name, deadline=deadline, profile=profile, dtype=dtype)
+    spec = dict(job=job, preset=preset_name, deadline=deadline, profile=profile, dtype=dtype,
+                compile_only=compile_only)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--out", path]
     err = None
     try:
@@ -358,6 +364,11 @@ def parse(argv=None):
     p.add_argument("--profile", type=int, default=0,
                    help="trace this many steps per point after timing (jax.profiler): device "
                         "busy time and kernel time by category in the JSON and table")
+    p.add_argument("--compile-workers", type=int, default=0,
+                   help="scaling: first compile every point in this many parallel processes "
+                        "into a persistent compilation cache (CPU-bound, so it overlaps), then "
+                        "time the points one at a time from the cache; the cold compile time "
+                        "is kept as compile_s_cold")
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="", help="comma list of JSONs: merge + plot, no runs")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -372,7 +383,8 @@ def main(argv=None) -> dict:
     if opts.child:
         spec = json.loads(opts.child)
         preset = dict(PRESETS[spec["preset"]], profile=spec.get("profile", 0),
-                      dtype=spec.get("dtype", "float32"))
+                      dtype=spec.get("dtype", "float32"),
+                      compile_only=spec.get("compile_only", False))
         recs = run_job(spec["job"], preset, opts.out, spec["deadline"])
         return {"records": recs}
     t0 = time.time()
@@ -419,6 +431,10 @@ def main(argv=None) -> dict:
     tmpdir = os.path.dirname(os.path.abspath(out))
     os.makedirs(tmpdir, exist_ok=True)
     deadline = t0 + opts.budget_s
+    cold = {}
+    if opts.compile_workers > 0 and not opts.inline:
+        cold = _precompile([j for j in jobs if j["part"] == "scaling"], opts, tmpdir, deadline)
+        result["precompile"] = {"workers": opts.compile_workers, "wall_s": time.time() - t0}
     for i, job in enumerate(jobs):
         left = deadline - time.time()
         # Scaling sweeps share the time left evenly, so one slow model cannot starve the next;
@@ -438,6 +454,9 @@ def main(argv=None) -> dict:
             limit = min(opts.job_timeout, left - 5) if job["part"] == "throughput" else left - 5
             result["records"] += _child(job, opts.preset, limit, tmpdir, job_deadline,
                                         opts.profile, opts.dtype)
+        for rec in result["records"]:
+            if (rec["model"], rec["length"]) in cold and rec["part"] == "scaling":
+                rec["compile_s_cold"] = cold[rec["model"], rec["length"]]
         common.write_json(out, result)
     if "scaling" in parts:
         _finish_scaling(result, png)
@@ -447,6 +466,41 @@ def main(argv=None) -> dict:
     print(f"\nwrote {out}" + (f" and {png}" if "scaling" in parts else ""))
     print(text)
     return result
+
+
+def _precompile(jobs, opts, tmpdir, deadline) -> dict:
+    """Compiles every (model, length) of the scaling jobs in `opts.compile_workers` parallel
+    child processes into a persistent compilation cache shared through the environment, so the
+    timed children load their executables instead of compiling one after another. Returns
+    (model, length) -> cold compile seconds (points that failed here are timed, and fail,
+    in the timed pass)."""
+    from concurrent.futures import ThreadPoolExecutor
+    cache = os.path.join(tmpdir, ".jax_compile_cache")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    # Longest first: they compile slowest, so the pool ends together.
+    points = sorted(((job, n) for job in jobs for n in job["lengths"]), key=lambda p: -p[1])
+    # Compilation must leave the timing pass most of the budget.
+    stop = time.time() + 0.5 * (deadline - time.time())
+
+    def one(point):
+        job, n = point
+        left = stop - time.time()
+        if left < 10:
+            return point, None
+        recs = _child(dict(job, lengths=[n]), opts.preset, left, tmpdir, stop, 0, opts.dtype,
+                      compile_only=True)
+        return point, recs[0].get("compile_s")
+
+    cold = {}
+    with ThreadPoolExecutor(opts.compile_workers) as pool:
+        for (job, n), secs in pool.map(one, points):
+            print(f"[train] precompiled {job['model']} L={n}: "
+                  + (f"{secs:.1f} s" if secs is not None else "no"), flush=True)
+            if secs is not None:
+                cold[job["model"], n] = secs
+    return cold
 
 
 def _finish_scaling(result, png):

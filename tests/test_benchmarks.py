@@ -91,6 +91,26 @@ def test_train_smoke_throughput_and_scaling(tmp_path):
     assert merged["slopes"] == sc["slopes"]
 
 
+def test_train_scaling_precompile_pass_fills_the_cache_the_timed_pass_loads(tmp_path,
+                                                                             monkeypatch):
+    # _precompile sets the cache variables for its children; keep them out of later tests.
+    for var in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    out = tmp_path / "scaling.json"
+    sc = train_bench.main(["--part", "scaling", "--preset", "cpu-smoke", "--models",
+                           "flat_mamba2", "--lengths", "100,200", "--compile-workers", "2",
+                           "--out", str(out)])
+    recs = sc["records"]
+    assert [r["length"] for r in recs] == [100, 200]
+    for r in recs:
+        assert _finite(r.get("step_ms")) and _finite(r.get("compile_s_cold")), r
+        # The timed child found the executable in the cache the parallel pass wrote.
+        assert r["compile_s"] < r["compile_s_cold"], r
+    assert os.listdir(tmp_path / ".jax_compile_cache")
+
+
 def test_slope_fit_recovers_linear_and_quadratic():
     lengths = [1000, 2000, 4000, 8000]
     recs = [{"part": "scaling", "model": m, "length": n, "step_ms": c * n ** p}
