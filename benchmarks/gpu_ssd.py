@@ -252,7 +252,7 @@ def task_breakdown(rec, name, precompile=False):
     jax = _jax()
     import jax.numpy as jnp
     import importlib
-    K = importlib.import_module("kernels.ssd")  # the package re-exports `ssd`, the function
+    K = importlib.import_module("kernels.ssd_long")   # the multi-chunk kernels and launchers
     bs = block_sizes(name)
     q = 64
     for shape in ("L", "S"):

@@ -1,0 +1,188 @@
+"""Pieces shared by the SSD implementations (`kernels.ssd` and its two Pallas modules).
+
+Shape legend: x, z: (B, L, H, P)  dt: (B, L, H)  A: (H,)  B, C: (B, L, G, N)
+D: (H,) or (H, P)  dt_bias: (H,)  state: (B, H, P, N) float32.
+Holds the argument checks and preprocessing every implementation uses, `BlockSizes` (the
+Pallas kernels' tiling) and the small Pallas helpers both kernel modules call. Imports no
+other `kernels` module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+# The Triton backend of pallas_call is deprecated from jax 0.11 (Mosaic GPU is the future);
+# it is the backend these kernels are written for.
+# The warning's id is "jax-pallas-triton"; its text says "Pallas Triton backend is deprecated".
+warnings.filterwarnings("ignore", message=".*jax-pallas-triton.*", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*",
+                        category=DeprecationWarning)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checking and preprocessing shared by every implementation.
+# --------------------------------------------------------------------------------------------
+def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state):
+    """Validates the shapes of the `ssd` contract; returns (b, l, h, p, g, n)."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be (batch, length, n_heads, head_dim); got {x.shape=}")
+    b, l, h, p = x.shape
+    if dt.shape != (b, l, h):
+        raise ValueError(f"dt must be (batch, length, n_heads) = {(b, l, h)}; got {dt.shape=}")
+    if A.shape != (h,):
+        raise ValueError(f"A must be (n_heads,) = {(h,)}; got {A.shape=}")
+    if B.ndim != 4 or B.shape[:2] != (b, l):
+        raise ValueError(f"B must be (batch, length, n_groups, d_state) with "
+                         f"{(b, l)=} leading; got {B.shape=}")
+    if C.shape != B.shape:
+        raise ValueError(f"C must have B's shape {B.shape}; got {C.shape=}")
+    g, n = B.shape[2:]
+    if g < 1 or h % g != 0:
+        raise ValueError(f"n_heads={h} is not divisible by n_groups={g}; "
+                         f"pick n_groups among the divisors of n_heads")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size=}")
+    if D is not None and D.shape not in ((h,), (h, p)):
+        raise ValueError(f"D must be (n_heads,) = {(h,)} or (n_heads, head_dim) = {(h, p)}; "
+                         f"got {D.shape=}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must have x's shape {x.shape}; got {z.shape=}")
+    if dt_bias is not None and dt_bias.shape != (h,):
+        raise ValueError(f"dt_bias must be (n_heads,) = {(h,)}; got {dt_bias.shape=}")
+    if initial_state is not None and initial_state.shape != (b, h, p, n):
+        raise ValueError(f"initial_state must be (batch, n_heads, head_dim, d_state) = "
+                         f"{(b, h, p, n)}; got {initial_state.shape=}")
+    return b, l, h, p, g, n
+
+
+def _effective_dt(dt, dt_bias, dt_softplus):
+    """dt (B, L, H) -> float32 step after the bias and the optional softplus."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)
+    if dt_softplus:
+        dt = jax.nn.softplus(dt)
+    return dt
+
+
+def _finish(y, x, D, z):
+    """y (B, L, H, P) float32 -> y + D x, gated by silu(z), in x's dtype."""
+    xf = x.astype(jnp.float32)
+    if D is not None:
+        Df = D.astype(jnp.float32)
+        y = y + (Df[:, None] if D.ndim == 1 else Df) * xf
+    if z is not None:
+        zf = z.astype(jnp.float32)
+        y = y * (zf * jax.nn.sigmoid(zf))
+    return y.astype(x.dtype)
+
+
+def _pad_to(t, axis, size):
+    """Zero-pads `axis` of t up to `size`."""
+    if t.shape[axis] == size:
+        return t
+    widths = [(0, 0)] * t.ndim
+    widths[axis] = (0, size - t.shape[axis])
+    return jnp.pad(t, widths)
+
+
+# --------------------------------------------------------------------------------------------
+# Pallas (Triton backend): tiling and helpers.
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the Pallas kernels.
+
+    chunk: the kernel's chunk length Q (a power of two >= 16). None: the caller's chunk_size
+      rounded up to a power of two within [16, 128]. The result does not depend on the chunk
+      (it only regroups exact arithmetic), so the kernel may use its own.
+    num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters.
+    bwd: "split3" (a sequential dL/dh pass; then one program per (batch, chunk, head) for
+      dx, ddt, dz, dA, dD; then one per (batch, chunk, head block) for dB, dC), "split" (the
+      last two fused into one program per (batch, chunk, head block)) or "fused" (one
+      sequential program per (batch, head) does it all).
+    bwd_heads: heads per program where dB, dC are summed over heads (rounded down to a
+      divisor of the heads per group); they sum in registers, so only H / bwd_heads partials
+      are written.
+    num_warps_dstate / num_warps_dx: warps of the dL/dh pass and of the split3 dx pass
+      (None: num_warps_fwd); num_warps_bwd is the dB/dC (and "split"/"fused") kernels'.
+    short: the one-chunk path. When the whole sequence fits in one kernel chunk (L <= the
+      chunk above), the kernel chunk becomes the smallest power of two >= max(L, 16), and
+      two kernels run instead of four: a forward that saves no states (the entry state is
+      the initial state or zero) and one backward program per (short_batch sequences, head
+      block) with no dL/dh pass (the chunk-end cotangent is the final-state cotangent or
+      zero). False: the general chunked kernels at every length.
+    short_batch: sequences per program on the one-chunk path (a power of two), stacked as
+      one (short_batch * Q)-row tile with a block-diagonal causal mask. None: 32 // Q (at
+      least 1); measured on the H100 at (12800, 10, 4, 64, n64) f32, fwd+bwd: 2 per program
+      1.04 ms, 4 1.66 ms, 8 7.5 ms (register spills). With an initial state or a returned
+      final state it is 1 (those are per-sequence (P, N) products).
+    num_warps_short_fwd / num_warps_short_bwd: warps of the one-chunk kernels. The one-chunk
+      backward loops over bwd_heads heads of a group like the dB/dC pass.
+    """
+    chunk: int | None = None
+    num_warps_fwd: int = 4
+    num_warps_bwd: int = 8
+    num_stages: int = 2
+    bwd: str = "split3"
+    bwd_heads: int = 32
+    num_warps_dstate: int | None = None
+    num_warps_dx: int | None = None
+    short: bool = True
+    short_batch: int | None = None
+    num_warps_short_fwd: int = 4
+    num_warps_short_bwd: int = 4
+
+    def __post_init__(self):
+        if self.bwd not in ("split3", "split", "fused"):
+            raise ValueError(f"BlockSizes.bwd must be 'split3', 'split' or 'fused'; "
+                             f"got {self.bwd=}")
+        if self.bwd_heads < 1:
+            raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
+        sb = self.short_batch
+        if sb is not None and (sb < 1 or sb & (sb - 1)):
+            raise ValueError(f"BlockSizes.short_batch must be a power of two >= 1 or None; "
+                             f"got {self.short_batch=}")
+
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        return cls()
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _kernel_chunk(chunk_size: int, block_sizes: BlockSizes) -> int:
+    q = block_sizes.chunk if block_sizes.chunk is not None else chunk_size
+    q = min(max(_next_pow2(q), 16), 128) if block_sizes.chunk is None else q
+    if q < 16 or q & (q - 1):
+        raise ValueError(f"BlockSizes.chunk must be a power of two >= 16 (Triton dot minimum); "
+                         f"got {block_sizes.chunk=}")
+    return q
+
+
+def _compiler_params(num_warps, num_stages):
+    # 0.10.2 and 0.11.x name it CompilerParams; older releases TritonCompilerParams.
+    cls = getattr(pltr, "CompilerParams", None) or getattr(pltr, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a, b, dims=((1,), (0,))):
+    """2-D dot with float32 accumulation; both operands share a dtype (a Triton requirement)."""
+    return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name,
+        compiler_params=None if interpret else _compiler_params(num_warps, num_stages))
+
+
+def _largest_divisor_at_most(v: int, cap: int) -> int:
+    return max(k for k in range(1, min(v, cap) + 1) if v % k == 0)

@@ -1,0 +1,604 @@
+"""SSD Pallas kernels (Triton backend) for sequences of several chunks.
+
+Shape legend: x, z: (B, L, H, P)  dt: (B, L, H)  A: (H,)  B, C: (B, L, G, N)  state: (B, H, P, N)
+Operands arrive padded by `kernels.ssd.ssd_pallas`: Lp a multiple of the kernel chunk Q, P
+and N powers of two >= 16, dt after bias and softplus (padding steps have dt = 0).
+Forward (`_ssd_fwd_kernel`): one program per (batch, head), a sequential loop over chunks
+with the (P, N) state in registers; under `jax.grad` it also writes the chunk-entry states.
+Backward (`BlockSizes.bwd`): "split3" (default; a dL/dh pass, a dx pass, a dB/dC pass),
+"split" or "fused"; see `BlockSizes` and benchmarks/NOTES_ssd.md. Entry point: `_ssd_core`
+(a `jax.custom_vjp`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.ssd_common import _dot, _largest_divisor_at_most, _pallas_call
+
+
+def _chunk_common(dt, a, C, B, q):
+    """Per-chunk quantities shared by the forward and backward kernels.
+
+    dt: (Q,) f32  C, B: (Q, N)  ->  cs (Q,) inclusive cumsum of dt*A, total = cs_Q,
+    causal (Q, Q) mask i >= j, decay (Q, Q) = exp(cs_i - cs_j) on the causal part, else 0,
+    cb (Q, Q) = C B^T (f32 accumulation).
+    """
+    dA = dt * a
+    cs = jnp.cumsum(dA)
+    total = jnp.sum(dA)           # cs_Q as a reduction: Triton cannot index a loaded value
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+    # Mask the exponent, never the product: exp(cs_i) * exp(-cs_j) overflows within a chunk.
+    decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+    cb = _dot(C, B, ((1,), (1,)))
+    return cs, total, causal, decay, cb
+
+
+def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
+                    y_ref, hT_ref, st_ref, *, q, nc, rep):
+    """One program per (batch, head): a sequential pass over the chunks (Mamba-2 sec. 6).
+
+    x, z, y: (B, Lp, H, P)  dt: (B, Lp, H) f32  B, C: (B, Lp, G, N)  D: (H, P) f32
+    h0, hT: (B, H, P, N) f32  st: (B, nc, H, P, N) chunk-entry states (only for the backward).
+    Per chunk: y = (C B^T o decay) (dt x) + exp(cs) C h^T + D x, gated by silu(z);
+    h <- exp(cs_Q) h + (exp(cs_Q - cs) dt x)^T B. Fusing the state pass with the output
+    keeps the state in registers: no (B, nc, H, P, N) round trip through memory.
+    """
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    gi = hi // rep
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    dot_dtype = x_ref.dtype
+
+    def body(c, h):
+        t = pl.ds(pl.multiple_of(c * q, q), q)
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        Bc = b_ref[bi, t, gi, :]
+        Cc = c_ref[bi, t, gi, :]
+        cs, total, _, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+        xf = x.astype(jnp.float32)
+        xdt = xf * dt[:, None]
+        y = _dot((cb * decay).astype(dot_dtype), xdt.astype(dot_dtype))
+        y = y + jnp.exp(cs)[:, None] * _dot(Cc, h.astype(dot_dtype), ((1,), (1,)))
+        y = y + d[None, :] * xf
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(jnp.float32)
+            y = y * (zf * jax.nn.sigmoid(zf))
+        y_ref[bi, t, hi, :] = y.astype(y_ref.dtype)
+        if st_ref is not None:
+            st_ref[bi, c, hi, :, :] = h.astype(st_ref.dtype)
+        w = jnp.exp(total - cs)
+        return jnp.exp(total) * h + _dot((xdt * w[:, None]).astype(dot_dtype), Bc,
+                                         ((0,), (0,)))
+
+    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, :, :])
+
+
+def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy_ref, dhT_ref,
+                    dx_ref, ddt_ref, db_ref, dc_ref, dz_ref, da_ref, dd_ref, dh0_ref,
+                    *, q, nc, rep):
+    """One program per (batch, head): the chunks in reverse, carrying dL/dh (P, N) in f32.
+
+    Shapes as in `_ssd_fwd_kernel`; dy: (B, Lp, H, P); outputs dx, dz like x; ddt: (B, Lp, H);
+    dB, dC: (B, Lp, H, N) per-head partials (summed over a group's heads in XLA);
+    dA: (B, H, 16) (16 copies: Triton stores power-of-two vectors); dD: (B, H, P);
+    dh0: (B, H, P, N).
+    d(dA) is formed without cancellation: for cs_i - cs_j the pairs (i >= k > j) are summed
+    with an in-kernel exclusive cumsum and a causal mask (as the Triton SSD original does),
+    never as out * dout - ddt * dt.
+    """
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    gi = hi // rep
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    dot_dtype = x_ref.dtype
+    f32 = jnp.float32
+
+    def body(i, carry):
+        dh, da_acc, dd_acc = carry
+        c = nc - 1 - i
+        t = pl.ds(pl.multiple_of(c * q, q), q)
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        Bc = b_ref[bi, t, gi, :]
+        Cc = c_ref[bi, t, gi, :]
+        h_prev = st_ref[bi, c, hi, :, :].astype(f32)
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+        ecs = jnp.exp(cs)
+        xf = x.astype(f32)
+        xdt = xf * dt[:, None]
+        m = cb * decay
+        if z_ref is not None:
+            # Recompute the pre-gate output (cheaper than storing it in the forward).
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            y = _dot(m.astype(dot_dtype), xdt.astype(dot_dtype))
+            y = y + ecs[:, None] * _dot(Cc, h_prev.astype(dot_dtype), ((1,), (1,)))
+            y = y + d[None, :] * xf
+            sz = jax.nn.sigmoid(zf)
+            dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(
+                dz_ref.dtype)
+            dout = dout * zf * sz
+        dd_acc = dd_acc + jnp.sum(dout * xf, axis=0)
+        dout_c = dout.astype(dot_dtype)
+        # Intra-chunk term y = M (dt x), M = C B^T o decay.
+        dm = _dot(dout_c, xdt.astype(dot_dtype), ((1,), (1,)))              # (Q, Q)
+        dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))              # (Q, P)
+        dcb = (dm * decay).astype(dot_dtype)
+        dC = _dot(dcb, Bc)
+        dB = _dot(dcb, Cc, ((0,), (0,)))
+        # Inter-chunk term y_i += exp(cs_i) h_prev C_i.
+        dC_inter = ecs[:, None] * _dot(dout_c, h_prev.astype(dot_dtype))   # (Q, N)
+        dC = dC + dC_inter
+        t_inter = jnp.sum(dC_inter * Cc.astype(f32), axis=1)                # d/dcs_i
+        dh_from_out = _dot((dout * ecs[:, None]).astype(dot_dtype), Cc, ((0,), (0,)))
+        # State write h = exp(cs_Q) h_prev + sum_j exp(cs_Q - cs_j) (dt x)_j B_j^T.
+        w = jnp.exp(total - cs)
+        dh_c = dh.astype(dot_dtype)
+        bdh = _dot(Bc, dh_c, ((1,), (1,)))                                  # (Q, P)
+        dxdt = dxdt + w[:, None] * bdh
+        dB = dB + w[:, None] * _dot(xdt.astype(dot_dtype), dh_c)
+        f_write = w * jnp.sum(xdt * bdh, axis=1)
+        s_prev = jnp.exp(total) * jnp.sum(dh * h_prev)
+        # d(dA_k): cs_i depends on dA_k for k <= i.
+        e = dm * m                                                           # pair (i, j)
+        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
+        dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+        ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+        dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+        db_ref[bi, t, hi, :] = dB.astype(db_ref.dtype)
+        dc_ref[bi, t, hi, :] = dC.astype(dc_ref.dtype)
+        dh = jnp.exp(total) * dh + dh_from_out
+        return dh, da_acc + jnp.sum(dda * dt), dd_acc
+
+    p = x_ref.shape[-1]
+    init = (dhT_ref[bi, hi, :, :], jnp.zeros((), f32), jnp.zeros((p,), f32))
+    dh, da, dd = jax.lax.fori_loop(0, nc, body, init)
+    dh0_ref[bi, hi, :, :] = dh
+    da_ref[bi, hi, :] = jnp.full((16,), da, f32)
+    dd_ref[bi, hi, :] = dd
+
+
+def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref, dh0_ref,
+                           *, q, nc, rep):
+    """Split backward, pass 1: one program per (batch, head), chunks in reverse.
+
+    dt: (B, Lp, H) f32  C: (B, Lp, G, N)  dy: (B, Lp, H, P)  dhT, dh0: (B, H, P, N) f32
+    dst: (B, nc, H, P, N) = dL/dh at the END of each chunk. The adjoint of the state pass:
+    dh_{c-1} = exp(cs_Q) dh_c + (exp(cs) o dy_core)^T C, with dy_core = dy silu(z).
+    Shaped like the forward pass, so it costs about what the forward does.
+    """
+    bi, hi = pl.program_id(0), pl.program_id(1)
+    gi = hi // rep
+    a = a_ref[hi]
+    f32 = jnp.float32
+    dot_dtype = c_ref.dtype
+
+    def body(i, dh):
+        c = nc - 1 - i
+        t = pl.ds(pl.multiple_of(c * q, q), q)
+        dst_ref[bi, c, hi, :, :] = dh.astype(dst_ref.dtype)
+        dt = dt_ref[bi, t, hi]
+        Cc = c_ref[bi, t, gi, :]
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            dout = dout * zf * jax.nn.sigmoid(zf)
+        g = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
+        return jnp.exp(total) * dh + _dot(g, Cc, ((0,), (0,)))
+
+    dh0_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, :, :])
+
+
+def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
+                          dy_ref, dx_ref, ddt_ref, db_ref, dc_ref, dz_ref, da_ref, dd_ref,
+                          *, q, hb, rep):
+    """Split backward, pass 2: one program per (batch, chunk, block of hb heads of one group).
+
+    x, z, dy, dx, dz: (B, Lp, H, P)  dt, ddt: (B, Lp, H) f32  B, C: (B, Lp, G, N)
+    st / dst: (B, nc, H, P, N) chunk-entry states / dL/dh at chunk ends
+    dB, dC: (B, Lp, H // hb, N) f32 partials per head block  dA: (B, nc, H, 16)
+    dD: (B, nc, H, P). With both states known every chunk is independent (Mamba-2 sec. 6 run
+    backwards). C B^T is shared by the block's heads; dB, dC accumulate over them in f32:
+    the intra-chunk parts as one (Q, Q) sum, d(C B^T), applied once after the head loop.
+    d(dA) pairs (i >= k > j) are summed by an in-kernel exclusive cumsum under a causal mask
+    (stable), never as out * dout - ddt * dt.
+    """
+    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = (blk * hb) // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
+    t = pl.ds(pl.multiple_of(c * q, q), q)
+    Bc = b_ref[bi, t, gi, :]
+    Cc = c_ref[bi, t, gi, :]
+    Cf = Cc.astype(f32)
+    cb = _dot(Cc, Bc, ((1,), (1,)))
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+
+    def head(j, carry):
+        dcb_acc, db_acc, dc_acc = carry
+        hi = blk * hb + j
+        a = a_ref[hi]
+        d = d_ref[hi, :]
+        x = x_ref[bi, t, hi, :]
+        dt = dt_ref[bi, t, hi]
+        h_prev = st_ref[bi, c, hi, :, :]
+        dh = dst_ref[bi, c, hi, :, :]
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+        ecs = jnp.exp(cs)
+        xf = x.astype(f32)
+        xdt = xf * dt[:, None]
+        xdt_c = xdt.astype(dot_dtype)
+        m = cb * decay
+        if z_ref is not None:
+            # Recompute the pre-gate output (cheaper than storing it in the forward).
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            y = _dot(m.astype(dot_dtype), xdt_c)
+            y = y + ecs[:, None] * _dot(Cc, h_prev.astype(dot_dtype), ((1,), (1,)))
+            y = y + d[None, :] * xf
+            sz = jax.nn.sigmoid(zf)
+            dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(
+                dz_ref.dtype)
+            dout = dout * zf * sz
+        dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
+        dout_c = dout.astype(dot_dtype)
+        # Intra-chunk term y = M (dt x), M = C B^T o decay.
+        dm = _dot(dout_c, xdt_c, ((1,), (1,)))                               # (Q, Q)
+        dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))              # (Q, P)
+        dcb_acc = dcb_acc + dm * decay
+        # Inter-chunk term y_i += exp(cs_i) h_prev C_i.
+        dc_inter = ecs[:, None] * _dot(dout_c, h_prev.astype(dot_dtype))   # (Q, N)
+        t_inter = jnp.sum(dc_inter * Cf, axis=1)
+        # State write h_c = exp(cs_Q) h_prev + sum_j exp(cs_Q - cs_j) (dt x)_j B_j^T.
+        w = jnp.exp(total - cs)
+        dh_c = dh.astype(dot_dtype)
+        bdh = _dot(Bc, dh_c, ((1,), (1,)))                                  # (Q, P)
+        dxdt = dxdt + w[:, None] * bdh
+        db_acc = db_acc + w[:, None] * _dot(xdt_c, dh_c)
+        f_write = w * jnp.sum(xdt * bdh, axis=1)
+        s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+        e = dm * m
+        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
+        dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+        dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+        ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+        dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+        da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
+        return dcb_acc, db_acc, dc_acc + dc_inter
+
+    n = b_ref.shape[-1]
+    init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
+    dcb, db, dc = jax.lax.fori_loop(0, hb, head, init)
+    dcb_c = dcb.astype(dot_dtype)
+    db_ref[bi, t, blk, :] = db + _dot(dcb_c, Cc, ((0,), (0,)))
+    dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, Bc)
+
+
+def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
+                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep):
+    """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
+
+    Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
+    (B, nc, H, P). The (Q, N) products of the head-block kernel are replaced by (Q, P) ones
+    (t_inter from C h_prev^T), which keeps the live set small enough not to spill at P=64,
+    N=128; dB and dC come from `_ssd_bwd_dbc_kernel`.
+    """
+    bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
+    t = pl.ds(pl.multiple_of(c * q, q), q)
+    Bc = b_ref[bi, t, gi, :]
+    Cc = c_ref[bi, t, gi, :]
+    a = a_ref[hi]
+    d = d_ref[hi, :]
+    x = x_ref[bi, t, hi, :]
+    dt = dt_ref[bi, t, hi]
+    h_prev = st_ref[bi, c, hi, :, :]
+    dh = dst_ref[bi, c, hi, :, :]
+    dout = dy_ref[bi, t, hi, :].astype(f32)
+    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+    ecs = jnp.exp(cs)
+    xf = x.astype(f32)
+    xdt = xf * dt[:, None]
+    xdt_c = xdt.astype(dot_dtype)
+    m = cb * decay
+    ch = _dot(Cc, h_prev, ((1,), (1,)))                                     # (Q, P)
+    if z_ref is not None:
+        zf = z_ref[bi, t, hi, :].astype(f32)
+        y = _dot(m.astype(dot_dtype), xdt_c) + ecs[:, None] * ch + d[None, :] * xf
+        sz = jax.nn.sigmoid(zf)
+        dz_ref[bi, t, hi, :] = (dout * y * sz * (1.0 + zf * (1.0 - sz))).astype(dz_ref.dtype)
+        dout = dout * zf * sz
+    dd_ref[bi, c, hi, :] = jnp.sum(dout * xf, axis=0)
+    dout_c = dout.astype(dot_dtype)
+    dm = _dot(dout_c, xdt_c, ((1,), (1,)))                                   # (Q, Q)
+    dxdt = _dot(m.astype(dot_dtype), dout_c, ((0,), (0,)))                  # (Q, P)
+    t_inter = ecs * jnp.sum(dout * ch, axis=1)                               # d/dcs_i
+    w = jnp.exp(total - cs)
+    bdh = _dot(Bc, dh, ((1,), (1,)))                                         # (Q, P)
+    dxdt = dxdt + w[:, None] * bdh
+    f_write = w * jnp.sum(xdt * bdh, axis=1)
+    s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+    e = dm * m
+    excl = jnp.cumsum(e, axis=1) - e                                         # sum_{j<k} e_ik
+    dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+    dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+    ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
+    dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
+    da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
+
+
+def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_ref, dy_ref,
+                        db_ref, dc_ref, *, q, hb, rep):
+    """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group).
+
+    dB = sum_h [ (d(C B^T)_h)^T C + (exp(cs_Q - cs) o dt x)_h dh_h ]
+    dC = sum_h [ d(C B^T)_h B + (exp(cs) o dy_core)_h h_prev_h ]
+    A matmul K-loop over the block's heads: only the three accumulators are carried.
+    Outputs dB, dC: (B, Lp, H // hb, N) f32 partials.
+    """
+    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = (blk * hb) // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
+    t = pl.ds(pl.multiple_of(c * q, q), q)
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    causal = idx >= jdx
+
+    def head(j, carry):
+        dcb_acc, db_acc, dc_acc = carry
+        hi = blk * hb + j
+        a = a_ref[hi]
+        dt = dt_ref[bi, t, hi]
+        xdt = x_ref[bi, t, hi, :].astype(f32) * dt[:, None]
+        dout = dy_ref[bi, t, hi, :].astype(f32)
+        if z_ref is not None:
+            zf = z_ref[bi, t, hi, :].astype(f32)
+            dout = dout * zf * jax.nn.sigmoid(zf)
+        dA = dt * a
+        cs = jnp.cumsum(dA)
+        total = jnp.sum(dA)
+        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+        dm = _dot(dout.astype(dot_dtype), xdt.astype(dot_dtype), ((1,), (1,)))
+        u = (xdt * jnp.exp(total - cs)[:, None]).astype(dot_dtype)
+        v = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
+        return (dcb_acc + dm * decay,
+                db_acc + _dot(u, dst_ref[bi, c, hi, :, :]),
+                dc_acc + _dot(v, st_ref[bi, c, hi, :, :]))
+
+    n = b_ref.shape[-1]
+    init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
+    dcb, db, dc = jax.lax.fori_loop(0, hb, head, init)
+    dcb_c = dcb.astype(dot_dtype)
+    db_ref[bi, t, blk, :] = db + _dot(dcb_c, c_ref[bi, t, gi, :], ((0,), (0,)))
+    dc_ref[bi, t, blk, :] = dc + _dot(dcb_c, b_ref[bi, t, gi, :])
+
+
+def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
+    """Launches `_ssd_fwd_kernel` on padded operands; returns y, hT [, chunk-entry states]."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]
+    if save_states:
+        # Stored in the input dtype: bf16 entry states halve the largest residual and stay
+        # within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
+        out_shape.append(jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype))
+
+    has_z = z is not None
+    n_in = 7 + has_z
+
+    def kernel(*refs):
+        ins = list(refs[:6]) + [refs[6] if has_z else None, refs[n_in - 1]]
+        outs = list(refs[n_in:]) + ([] if save_states else [None])
+        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
+
+    args = [x, dt, A, B, C, D] + ([z] if z is not None else []) + [h0]
+    return _pallas_call(kernel, out_shape, (b, h), bs.num_warps_fwd, bs.num_stages, interpret,
+                        "ssd_fwd")(*args)
+
+
+def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
+    """Launches `_ssd_bwd_kernel`; returns padded-shape gradients (per-head dB/dC partials)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    part = x.dtype      # per-head dB/dC partials: f32 for f32 inputs, bf16 halves the traffic
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
+                 jax.ShapeDtypeStruct((b, lp, h), jnp.float32),          # ddt
+                 jax.ShapeDtypeStruct((b, lp, h, n), part),              # dB partials
+                 jax.ShapeDtypeStruct((b, lp, h, n), part)]              # dC partials
+    if z is not None:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
+    out_shape += [jax.ShapeDtypeStruct((b, h, 16), jnp.float32),         # dA (16 copies)
+                  jax.ShapeDtypeStruct((b, h, p), jnp.float32),          # dD
+                  jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]       # dh0
+    has_z = z is not None
+
+    def kernel(*refs):
+        refs = list(refs)
+        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
+        outs = refs[9:]
+        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
+        _ssd_bwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
+
+    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dy, dhT]
+    res = _pallas_call(kernel, out_shape, (b, h), bs.num_warps_bwd, bs.num_stages, interpret,
+                       "ssd_bwd")(*args)
+    res = list(res)
+    dz = res.pop(4) if has_z else None
+    dx, ddt, dbp, dcp, da, dd, dh0 = res
+    return dx, ddt, dbp, dcp, dz, da, dd, dh0
+
+
+def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
+    """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at every chunk end (B, nc, H, P, N)
+    in states_dtype, and dh0 (B, H, P, N) f32."""
+    b, lp, h, p = dy.shape
+    g, n = C.shape[2:]
+    nc = lp // q
+    has_z = z is not None
+
+    def kernel(*refs):
+        refs = list(refs)
+        ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
+        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g)
+
+    args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
+    return _pallas_call(
+        kernel,
+        [jax.ShapeDtypeStruct((b, nc, h, p, n), states_dtype),
+         jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
+        (b, h), bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
+        "ssd_bwd_dstate")(*args)
+
+
+def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
+    """Launches the two split-backward kernels; returns the same tuple as `_bwd_call`."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    rep = h // g
+    hb = _largest_divisor_at_most(rep, bs.bwd_heads)
+    has_z = z is not None
+    f32 = jnp.float32
+
+    dstates, dh0 = _dstate_call(dt, A, C, z, dy, dhT, states_dtype=states.dtype, q=q, bs=bs,
+                                interpret=interpret)
+    if bs.bwd == "split3":
+        return _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, q=q, hb=hb,
+                                bs=bs, interpret=interpret)
+
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
+                 jax.ShapeDtypeStruct((b, lp, h), f32),                  # ddt
+                 jax.ShapeDtypeStruct((b, lp, h // hb, n), f32),         # dB partials
+                 jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)]         # dC partials
+    if has_z:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
+    out_shape += [jax.ShapeDtypeStruct((b, nc, h, 16), f32),             # dA (16 copies)
+                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]              # dD
+
+    def chunk_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
+        outs = refs[9:]
+        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
+        _ssd_bwd_chunk_kernel(*ins, *outs, q=q, hb=hb, rep=rep)
+
+    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
+    res = list(_pallas_call(chunk_kernel, out_shape, (b, nc, h // hb), bs.num_warps_bwd,
+                            bs.num_stages, interpret, "ssd_bwd_chunk")(*args))
+    dz = res.pop(4) if has_z else None
+    dx, ddt, dbp, dcp, da, dd = res
+    return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
+
+
+def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, bs,
+                     interpret):
+    """Passes 2 and 3 of the three-kernel backward (after the dL/dh pass)."""
+    dx, ddt, dz, da, dd = _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, q=q, bs=bs,
+                                   interpret=interpret)
+    dbp, dcp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
+                         interpret=interpret)
+    return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
+
+
+def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
+    """Launches `_ssd_bwd_dx_kernel`: dx, ddt, dz, per-chunk dA (B, nc, H, 16), dD (B, nc, H, P)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    rep = h // g
+    has_z = z is not None
+    f32 = jnp.float32
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
+                 jax.ShapeDtypeStruct((b, lp, h), f32)]                  # ddt
+    if has_z:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
+    out_shape += [jax.ShapeDtypeStruct((b, nc, h, 16), f32),             # dA (16 copies)
+                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]              # dD
+
+    def dx_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
+        outs = refs[9:]
+        outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
+        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep)
+
+    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
+    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h), bs.num_warps_dx or bs.num_warps_fwd,
+                            bs.num_stages, interpret, "ssd_bwd_dx")(*args))
+    dz = res.pop(2) if has_z else None
+    dx, ddt, da, dd = res
+    return dx, ddt, dz, da, dd
+
+
+def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
+    """Launches `_ssd_bwd_dbc_kernel`: dB, dC partials (B, Lp, H // hb, N) f32."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    has_z = z is not None
+
+    def dbc_kernel(*refs):
+        refs = list(refs)
+        ins = refs[:5] + ([refs.pop(5)] if has_z else [None]) + refs[5:8]
+        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=h // g)
+
+    args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
+    return _pallas_call(
+        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2,
+        (b, nc, h // hb), bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _ssd_core(x, dt, A, B, C, D, z, h0, q, bs, interpret):
+    """Padded operands (Lp % q == 0, P and N powers of two >= 16) -> (y, hT)."""
+    return _fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
+                     save_states=False)
+
+
+def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
+    y, hT, states = _fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
+                              save_states=True)
+    return (y, hT), (x, dt, A, B, C, D, z, states)
+
+
+def _ssd_core_bwd(q, bs, interpret, res, cts):
+    x, dt, A, B, C, D, z, states = res
+    dy, dhT = cts
+    call = _bwd_call if bs.bwd == "fused" else _bwd_split_call
+    dx, ddt, dbp, dcp, dz, da, dd, dh0 = call(
+        x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,
+        interpret=interpret)
+    b, lp, _, _ = x.shape
+    g, n = B.shape[2:]
+    # Sum the partials (per head or per head block) over each group's share: the partial axis
+    # is ordered like the heads, and head h reads group h // (H // G).
+    k = dbp.shape[2]
+    dB = dbp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(B.dtype)
+    dC = dcp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(C.dtype)
+    return (dx, ddt, da[:, :, 0].sum(0).astype(A.dtype), dB, dC, dd.sum(0).astype(D.dtype),
+            dz, dh0)
+
+
+_ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
