@@ -20,6 +20,14 @@ Every variant is a `BlockSizes` (VARIANTS below; BENCH_VARIANTS=a,b picks some).
    float input). Shapes L and S: D, delta_bias, softplus, no z, bf16 u/delta/B/C, float32
    A/D/bias. The first two variants are timed twice (start and end) to show the noise.
 BENCH_SMALL=1 runs the whole script on CPU in interpret mode at tiny shapes (a dry run).
+
+    python3 benchmarks/gpu_selective_scan.py --mgpu   # writes $OUT/selective_scan_h100_mgpu.json
+
+--mgpu (or BENCH_MGPU=1) swaps the variant list for the Mosaic GPU forward
+(kernels/selective_scan_mgpu.py, `MgpuBlockSizes` variants, Triton backward) against v5, impl="xla"
+and the peer jax-linear-attention 0.1.0 (`jla.ops.mosaic_gpu.mamba1.mamba1`; install its wheel
+first, e.g. `pip install --no-deps --target /tmp/site .whl/jax_linear_attention-0.1.0-*.whl`
+and put /tmp/site on PYTHONPATH; without it the peer is reported as a compile failure).
 """
 import concurrent.futures as cf
 import json
@@ -38,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from kernels.selective_scan import (BlockSizes, selective_scan,  # noqa: E402
                                     selective_scan_pallas)
+from kernels.selective_scan_mgpu import MgpuBlockSizes, selective_scan_mgpu  # noqa: E402
 
 try:
     from tests.conftest import TOLERANCES
@@ -75,6 +84,20 @@ VARIANTS = {
 # The odd-shape check runs the kernels' other code paths (z, groups, initial state, padding);
 # the tuning variants share that code with "v4", so only these compile it (compile time).
 ODD_VARIANTS = ("v4a", "v4_f16", "v4_bd16", "v4_f8", "v4_f16b8", "v4_shfl")
+MGPU = "--mgpu" in sys.argv or os.environ.get("BENCH_MGPU") == "1"
+if MGPU:
+    # Strings name an impl of `selective_scan`, or "peer"; MgpuBlockSizes the Mosaic forward.
+    VARIANTS = {
+        "v5": BlockSizes(block_d=16, bwd_block_d=16),              # the committed default
+        "mgpu": MgpuBlockSizes(),                                   # tile 32, 3 stages, unroll 4
+        "mgpu_u8": MgpuBlockSizes(unroll=8),
+        "mgpu_u16": MgpuBlockSizes(unroll=16),
+        "mgpu_s2": MgpuBlockSizes(stages=2),
+        "mgpu_t64": MgpuBlockSizes(tile=64, stages=2, unroll=8),
+        "xla": "xla",
+        "peer": "peer",
+    }
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_u16", "mgpu_t64")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}
@@ -114,9 +137,25 @@ def inputs(b, l, d, n, g=None, z=False, h0=False, seed=0, dtype=jnp.bfloat16):
     return args
 
 
+def peer_scan(u, delta, A, B, C, D=None, delta_bias=None, z=None, initial_state=None):
+    """The peer jax-linear-attention 0.1.0 (Mosaic GPU): q = C, k = B, v = u."""
+    from jla.ops.mosaic_gpu.mamba1 import mamba1
+    return mamba1(C, B, u, delta, A, d=D, z=z, dt_bias=delta_bias, dt_softplus=True,
+                  initial_state=initial_state, output_final_state=True)
+
+
 def scan(bs, impl=None):
-    """(**kw) -> (y, h_L) for a BlockSizes (pallas) or an impl name."""
+    """(**kw) -> (y, h_L) for a BlockSizes (pallas), an MgpuBlockSizes (Mosaic GPU forward),
+    an impl name, or "peer"."""
+    if isinstance(bs, str):
+        bs, impl = None, bs
+    if impl == "peer":
+        return peer_scan
+
     def f(**kw):
+        if isinstance(bs, MgpuBlockSizes):
+            return selective_scan_mgpu(**kw, delta_softplus=True, return_final_state=True,
+                                       block_sizes=bs)
         if impl is not None:
             return selective_scan(**kw, delta_softplus=True, return_final_state=True,
                                   impl=impl)
@@ -178,8 +217,36 @@ for vname, bs in VARIANTS.items():
         JOBS[(vname, "odd")] = (vjp_fn(scan(bs), odd_names), (odd_vals, odd_cts))
 first = next(iter(VARIANTS))
 default = "v4_f16" if "v4_f16" in VARIANTS else first
+if MGPU:
+    default = "mgpu"
 _, nan_grad = timed_fns(scan(VARIANTS[default]), list(ARGN))
 JOBS[(default, "nan")] = (nan_grad, [nan_args[k] for k in ARGN])
+
+
+def dump_sass(key, path):
+    """Compiles JOBS[key] once with Mosaic GPU's SASS and ptxas dumps (printed by the compiler
+    on fd 1) sent to `path`: instructions per step and registers, read after the run."""
+    fn, args = JOBS[key]
+    sys.stdout.flush()
+    saved, fd = os.dup(1), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.environ.update(MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1")
+    try:
+        jax.jit(fn).lower(*args).compile()
+    except Exception as e:  # noqa: BLE001
+        print("SASS dump compile failed:", repr(e)[:3000])
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(fd)
+        for k in ("MOSAIC_GPU_DUMP_SASS", "MOSAIC_GPU_DUMP_PTXAS"):
+            os.environ.pop(k, None)
+
+
+if MGPU and os.environ.get("BENCH_SASS") == "1" and ("mgpu", "L/fwd") in JOBS:
+    os.makedirs(OUT, exist_ok=True)
+    dump_sass(("mgpu", "L/fwd"), os.path.join(OUT, "sass_mgpu.txt"))
+    log("SASS of mgpu L/fwd dumped")
 
 
 def build(key):
@@ -199,8 +266,8 @@ with cf.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
                 COMPILED[key], dt = fut.result()
                 RESULTS["compile_s"]["/".join(key)] = round(dt, 1)
             except Exception as e:  # noqa: BLE001
-                RESULTS["errors"]["compile/" + "/".join(key)] = repr(e)[:600]
-                log("compile FAILED", key, repr(e)[:600])
+                RESULTS["errors"]["compile/" + "/".join(key)] = repr(e)[:3000]
+                log("compile FAILED", key, repr(e)[:3000 if MGPU else 600])
                 DEAD.add(key[0])
     except cf.TimeoutError:
         for fut, key in futs.items():
@@ -316,7 +383,8 @@ except Exception as e:  # noqa: BLE001
 
 # ------------------------------------------------------------------ table + json
 os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, "selective_scan_gpu.json"), "w") as f:
+with open(os.path.join(OUT, "selective_scan_h100_mgpu.json" if MGPU else
+                       "selective_scan_gpu.json"), "w") as f:
     json.dump(RESULTS, f, indent=1)
 print("\n=== selective scan, ms (mean of 50 jit calls); worst rel err over S, L[, odd] ===")
 print(f"{'variant':16s} {'L fwd':>8s} {'L f+b':>8s} {'S fwd':>8s} {'S f+b':>8s} {'ok':>3s} "
