@@ -475,7 +475,7 @@ def _precompile(jobs, opts, tmpdir, deadline) -> dict:
     (model, length) -> cold compile seconds (points that failed here are timed, and fail,
     in the timed pass)."""
     from concurrent.futures import ThreadPoolExecutor
-    cache = os.path.join(tmpdir, ".jax_compile_cache")
+    cache = os.path.join(ROOT, ".cache", "jax_compile_cache")  # not beside --out ($OUT)
     os.environ.update(JAX_COMPILATION_CACHE_DIR=cache,
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")

@@ -108,7 +108,6 @@ def test_train_scaling_precompile_pass_fills_the_cache_the_timed_pass_loads(tmp_
         assert _finite(r.get("step_ms")) and _finite(r.get("compile_s_cold")), r
         # The timed child found the executable in the cache the parallel pass wrote.
         assert r["compile_s"] < r["compile_s_cold"], r
-    assert os.listdir(tmp_path / ".jax_compile_cache")
 
 
 def test_slope_fit_recovers_linear_and_quadratic():
