@@ -226,31 +226,33 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
 
     x, z: (B, L, H, P)  dt: (B, L, H)  A: (H,)  B, C: (B, L, G, N)  D: (H,) or (H, P)
     The wrapper applies dt's bias and softplus in XLA (autodiff carries them), zero-pads
-    time to a multiple of the kernel chunk (padded steps have dt = 0: no decay, no write) and
-    P, N to powers of two >= 16 (Triton's smallest dot), then calls the fused kernels under
+    time to a multiple of the kernel chunk (padded steps have dt = 0: no decay, no write;
+    not on the packed one-chunk path, whose kernels mask the rows instead) and P, N to powers
+    of two >= 16 (Triton's smallest dot), then calls the fused kernels under
     `jax.custom_vjp`. Returns y (B, L, H, P) [, h_L (B, H, P, N) float32].
     Numerics: dot operands are x's dtype with f32 accumulation (f32 inputs run TF32 dots on
     the GPU, ~1e-3 relative; interpret mode on CPU is exact f32); the chunk-entry states kept
     for the backward are stored in x's dtype.
     A sequence that fits in one kernel chunk (L <= chunk, e.g. HiSS's low level) takes the
     one-chunk path (`BlockSizes.short`): no saved states, no dL/dh pass, several sequences
-    per program.
+    per program (`kernels.ssd_short`).
     """
     b, l, h, p, g, n = _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state)
     bs = block_sizes or BlockSizes.get_default()
     if interpret is None:
         interpret = not _on_gpu()
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"ssd_pallas supports float32/bfloat16/float16 x; got {x.dtype=}")
     q = _kernel_chunk(chunk_size, bs)
     short = bs.short and l <= q
     if short:
-        # One chunk: the smallest power-of-two chunk that holds the sequence.
+        # One chunk: the smallest power-of-two chunk that holds the sequence. The one-chunk
+        # path pads time itself, and only in its run-6 layout (BlockSizes.short_pack=False).
         q = max(16, _next_pow2(l))
-    lp = -(-l // q) * q
+    lp = l if short else -(-l // q) * q
     pp, nn = max(16, _next_pow2(p)), max(16, _next_pow2(n))
     f32 = jnp.float32
     dt_eff = _pad_to(_effective_dt(dt, dt_bias, dt_softplus), 1, lp)
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ValueError(f"ssd_pallas supports float32/bfloat16/float16 x; got {x.dtype=}")
     # Triton dots need one operand dtype: B and C follow x.
     xp = _pad_to(_pad_to(x, 1, lp), 3, pp)
     Bp = _pad_to(_pad_to(B.astype(x.dtype), 1, lp), 3, nn)
@@ -261,15 +263,17 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
         Dp = _pad_to(jnp.broadcast_to((D[:, None] if D.ndim == 1 else D).astype(f32), (h, p)),
                      1, pp)
     zp = None if z is None else _pad_to(_pad_to(z, 1, lp), 3, pp)
+    h0 = (None if initial_state is None
+          else _pad_to(_pad_to(initial_state.astype(f32), 2, pp), 3, nn))
     if short:
-        h0 = (None if initial_state is None
-              else _pad_to(_pad_to(initial_state.astype(f32), 2, pp), 3, nn))
         y, hT = _ssd_short(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q=q, bs=bs,
                            interpret=interpret, want_hT=return_final_state)
+    else:
+        if h0 is None:
+            h0 = jnp.zeros((b, h, pp, nn), f32)
+        y, hT = _ssd_core(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q, bs, interpret)
+    if (lp, pp) != (l, p):
         y = y[:, :l, :, :p]
-        return (y, hT[:, :, :p, :n]) if return_final_state else y
-    h0 = (jnp.zeros((b, h, pp, nn), f32) if initial_state is None
-          else _pad_to(_pad_to(initial_state.astype(f32), 2, pp), 3, nn))
-    y, hT = _ssd_core(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q, bs, interpret)
-    y = y[:, :l, :, :p]
-    return (y, hT[:, :, :p, :n]) if return_final_state else y
+    if not return_final_state:
+        return y
+    return y, (hT if (pp, nn) == (p, n) else hT[:, :, :p, :n])

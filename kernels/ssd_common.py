@@ -124,6 +124,18 @@ class BlockSizes:
       final state it is 1 (those are per-sequence (P, N) products).
     num_warps_short_fwd / num_warps_short_bwd: warps of the one-chunk kernels. The one-chunk
       backward loops over bwd_heads heads of a group like the dB/dC pass.
+    short_pack: on the one-chunk path, stack sequences of L steps as they lie in memory
+      ((B, L) flattened to B*L rows; masked loads and stores for the rows of a tile that hold
+      no step of its sequences) instead of padding each to the kernel chunk (run 6's layout,
+      short_batch sequences of Q rows): no time padding or output slicing in XLA, and at
+      L = 10 three sequences per 32-row tile instead of two.
+    short_rows: rows per one-chunk program tile when packing (a power of two >= 16); the
+      tile holds max(1, short_rows // L) sequences (1 with an initial or final state) and
+      grows to the next power of two when one sequence needs more. None: 32.
+    short_fwd_heads: heads per one-chunk forward program (rounded down to a divisor of the
+      heads per group); they share the loads of B, C and C B^T.
+    short_unroll: unroll the one-chunk kernels' loops over heads (straight code the compiler
+      may interleave) instead of a loop.
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
@@ -137,6 +149,10 @@ class BlockSizes:
     short_batch: int | None = None
     num_warps_short_fwd: int = 4
     num_warps_short_bwd: int = 4
+    short_pack: bool = True
+    short_rows: int | None = None
+    short_fwd_heads: int = 1
+    short_unroll: bool = False
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -148,6 +164,13 @@ class BlockSizes:
         if sb is not None and (sb < 1 or sb & (sb - 1)):
             raise ValueError(f"BlockSizes.short_batch must be a power of two >= 1 or None; "
                              f"got {self.short_batch=}")
+        if self.short_fwd_heads < 1:
+            raise ValueError(f"BlockSizes.short_fwd_heads must be >= 1; "
+                             f"got {self.short_fwd_heads=}")
+        sr = self.short_rows
+        if sr is not None and (sr < 16 or sr & (sr - 1)):
+            raise ValueError(f"BlockSizes.short_rows must be a power of two >= 16 or None; "
+                             f"got {self.short_rows=}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":

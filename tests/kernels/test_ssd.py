@@ -287,42 +287,68 @@ def short_inputs(key, b, l, g, dtype, keep, d_per_channel=False):
 ALL_OPT = ("D", "z", "dt_bias", "initial_state")
 
 
-@pytest.mark.parametrize("l,chunk,b,g,keep,final,short_batch,dtype", [
-    (1, 16, 2, 1, (), False, None, jnp.float32),                  # one step, nothing optional
-    (7, 4, 3, 2, ("D", "z", "dt_bias"), False, 2, jnp.float32),   # batch 3 padded to 4
-    (10, 10, 5, 1, ("D", "dt_bias"), False, None, jnp.float32),   # HiSS: 2 per program, 5 -> 6
-    (16, 16, 2, 4, ("z",), False, 4, jnp.float32),                # exactly one chunk
-    (20, 32, 3, 2, ("D", "z"), False, 2, jnp.float32),            # Q = 32, 2 per program
-    (10, 10, 3, 2, ("D", "z", "dt_bias"), False, 2, jnp.bfloat16),
-])
-def test_pallas_short_matches_reference(l, chunk, b, g, keep, final, short_batch, dtype):
-    key = jax.random.PRNGKey(100 + l)
-    args = short_inputs(key, b, l, g, dtype, keep, d_per_channel=l == 7)
+def check_short(args, key, dtype, bs, chunk, what):
+    """y and every gradient of ssd_pallas (BlockSizes bs) vs the f32 sequential reference."""
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    bs = BlockSizes(short_batch=short_batch)
     fn = functools.partial(ssd_pallas, chunk_size=chunk, block_sizes=bs)
     y, grads = vjp_y(fn, args, key)
     y0, grads0 = vjp_y(ssd_reference, args32, key)
     assert y.dtype == dtype
-    assert_close(y, y0, dtype, "out", f"short l={l}: y")
+    assert_close(y, y0, dtype, "out", f"{what}: y")
     for k in grads0:
-        assert_close(grads[k], grads0[k], dtype, "grad", f"short l={l}: d{k}")
+        assert_close(grads[k], grads0[k], dtype, "grad", f"{what}: d{k}")
 
 
-@pytest.mark.parametrize("l,chunk,g,keep,dtype", [
-    (1, 16, 1, ALL_OPT, jnp.float32),
-    (7, 8, 2, ("z", "initial_state"), jnp.float32),
-    (10, 10, 2, ALL_OPT, jnp.float32),
-    (10, 10, 1, ("D", "dt_bias"), jnp.float32),        # final state without an initial one
-    (16, 16, 4, ALL_OPT, jnp.float32),                # exactly one chunk
-    (13, 16, 2, ALL_OPT, jnp.bfloat16),
+@pytest.mark.parametrize("l,chunk,b,g,keep,short_batch,dtype", [
+    (1, 16, 2, 1, (), None, jnp.float32),                  # one step, nothing optional
+    (7, 4, 3, 2, ("D", "z", "dt_bias"), 2, jnp.float32),   # batch 3 padded to 4
+    (10, 10, 5, 1, ("D", "dt_bias"), None, jnp.float32),   # HiSS: 2 per program, 5 -> 6
+    (16, 16, 2, 4, ("z",), 4, jnp.float32),                # exactly one chunk
+    (20, 32, 3, 2, ("D", "z"), 2, jnp.float32),            # Q = 32, 2 per program
+    (10, 10, 3, 2, ("D", "z", "dt_bias"), 2, jnp.bfloat16),
 ])
-def test_pallas_short_with_states_matches_reference(l, chunk, g, keep, dtype):
+def test_pallas_short_padded_layout_matches_reference(l, chunk, b, g, keep, short_batch, dtype):
+    """Run 6's layout (short_pack=False): each sequence padded to the kernel chunk in XLA."""
+    key = jax.random.PRNGKey(100 + l)
+    args = short_inputs(key, b, l, g, dtype, keep, d_per_channel=l == 7)
+    check_short(args, key, dtype, BlockSizes(short_pack=False, short_batch=short_batch), chunk,
+                f"short padded l={l}")
+
+
+# Packed-layout options, rotated over the lengths: 32-row tiles (the default), 16 and 64
+# rows, and the head loops unrolled with all heads of a group in one forward program.
+PACKED_OPTIONS = (dict(), dict(short_rows=16), dict(short_rows=64),
+                  dict(short_fwd_heads=4, short_unroll=True))
+
+
+@pytest.mark.parametrize("l", range(1, 21))
+def test_pallas_short_packed_every_length(l):
+    """The packed layout (default) at every length 1..20: sequences of l steps stacked as they
+    lie in memory, max(1, rows // l) per tile, the last tile's tail masked (batch 7)."""
+    key = jax.random.PRNGKey(400 + l)
+    dtype = jnp.bfloat16 if l in (10, 19) else jnp.float32
+    keep = ("D", "dt_bias") + (("z",) if l % 2 else ())
+    args = short_inputs(key, 7, l, 2, dtype, keep, d_per_channel=l % 3 == 0)
+    bs = BlockSizes(**PACKED_OPTIONS[l % len(PACKED_OPTIONS)])
+    check_short(args, key, dtype, bs, 20, f"short packed l={l} {bs}")
+
+
+@pytest.mark.parametrize("l,chunk,g,keep,dtype,pack", [
+    (1, 16, 1, ALL_OPT, jnp.float32, True),
+    (7, 8, 2, ("z", "initial_state"), jnp.float32, True),
+    (10, 10, 2, ALL_OPT, jnp.float32, True),
+    (10, 10, 2, ALL_OPT, jnp.float32, False),                # run 6's padded layout
+    (10, 10, 1, ("D", "dt_bias"), jnp.float32, True),        # final state without an initial one
+    (16, 16, 4, ALL_OPT, jnp.float32, True),                 # exactly one chunk
+    (13, 16, 2, ALL_OPT, jnp.bfloat16, True),
+])
+def test_pallas_short_with_states_matches_reference(l, chunk, g, keep, dtype, pack):
     """Initial state in, final state out (and their gradients) on the one-chunk path."""
     key = jax.random.PRNGKey(200 + l)
     args = short_inputs(key, 3, l, g, dtype, keep)
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    got = vjp_all(functools.partial(ssd_pallas, chunk_size=chunk), args, key)
+    got = vjp_all(functools.partial(ssd_pallas, chunk_size=chunk,
+                                    block_sizes=BlockSizes(short_pack=pack)), args, key)
     assert got[0].dtype == dtype and got[1].dtype == jnp.float32
     compare(got, vjp_all(ssd_reference, args32, key), dtype, f"short+state l={l}")
 
@@ -338,18 +364,21 @@ def test_pallas_short_initial_state_without_final():
         assert_close(grads[k], grads0[k], jnp.float32, "grad", f"short h0: d{k}")
 
 
-@pytest.mark.parametrize("short,final,kernels", [
-    (True, False, ("ssd_short_fwd", "ssd_short_bwd")),
-    (True, True, ("ssd_short_fwd", "ssd_short_bwd")),
-    (False, False, ("ssd_fwd", "ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
+@pytest.mark.parametrize("short,final,kernels,options", [
+    (True, False, ("ssd_short_fwd", "ssd_short_bwd"), {}),
+    (True, True, ("ssd_short_fwd", "ssd_short_bwd"), {}),
+    (True, False, ("ssd_short_fwd", "ssd_short_bwd"), dict(short_pack=False)),
+    (True, True, ("ssd_short_fwd", "ssd_short_bwd"),
+     dict(short_rows=64, short_fwd_heads=4, short_unroll=True)),
+    (False, False, ("ssd_fwd", "ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc"), {}),
 ])
-def test_pallas_short_lowers_to_triton(short, final, kernels):
+def test_pallas_short_lowers_to_triton(short, final, kernels, options):
     """The one-chunk kernels cross-lower to Triton IR, replace the chunked ones at L <= chunk,
     and `BlockSizes(short=False)` switches back; with their launch warps."""
     args = make_inputs(jax.random.PRNGKey(17), b=8, l=10, h=4, p=64, n=64, g=1,
                        dtype=jnp.bfloat16, with_optional=final)
     names = list(args)
-    bs = BlockSizes(short=short, num_warps_short_fwd=2, num_warps_short_bwd=8)
+    bs = BlockSizes(short=short, num_warps_short_fwd=2, num_warps_short_bwd=8, **options)
 
     def loss(*vals):
         kw = dict(zip(names, vals))
@@ -373,6 +402,28 @@ def test_pallas_short_lowers_to_triton(short, final, kernels):
         assert launches == {"ssd_short_fwd": 2, "ssd_short_bwd": 8}
 
 
+@pytest.mark.parametrize("options", PACKED_OPTIONS[:3])
+def test_pallas_short_packed_lowers_every_length(options):
+    """Forward and backward of the packed layout cross-lower to Triton IR at every length
+    1..20 (tile masks, division by a length that is no power of two), f32 and bf16."""
+    bs = BlockSizes(**options)
+    for l in range(1, 21):
+        dtype = jnp.bfloat16 if l % 2 else jnp.float32
+        args = make_inputs(jax.random.PRNGKey(18), b=5, l=l, h=4, p=64, n=64, g=1,
+                           dtype=dtype, with_optional=False)
+
+        def loss(x, dt, A, B, C):
+            y = ssd_pallas(x, dt, A, B, C, chunk_size=20, dt_softplus=True, interpret=False,
+                           block_sizes=bs)
+            return jnp.sum(y.astype(jnp.float32))
+
+        vals = [args[k] for k in ("x", "dt", "A", "B", "C")]
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*vals).lower(
+            lowering_platforms=("cuda",)).as_text()
+        names = set(re.findall(r'name = "(ssd_\w+)"', text))
+        assert names == {"ssd_short_fwd", "ssd_short_bwd"}, (l, names)
+
+
 def test_pallas_block_sizes_validated():
     args = make_inputs(jax.random.PRNGKey(14), l=9, g=2)
     with pytest.raises(ValueError, match="BlockSizes.chunk"):
@@ -381,3 +432,7 @@ def test_pallas_block_sizes_validated():
         BlockSizes(bwd="reverse")
     with pytest.raises(ValueError, match="BlockSizes.short_batch"):
         BlockSizes(short_batch=3)
+    with pytest.raises(ValueError, match="BlockSizes.short_rows"):
+        BlockSizes(short_rows=24)
+    with pytest.raises(ValueError, match="BlockSizes.short_fwd_heads"):
+        BlockSizes(short_fwd_heads=0)
