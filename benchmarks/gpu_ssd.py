@@ -16,11 +16,12 @@ $OUT/ssd_gpu.json (or ./ssd_gpu.json) after each:
      block_until_ready) of the forward and of forward+backward (jax.grad of sum(y) wrt x,
      dt, A, B, C, D) at L (b8 L4096 h32 p64 n128 g1) and S (b64 L1024 h4 p32 n64 g1);
   4. (optional) dA / ddt gradient accuracy at length 65536 for one variant.
-`--short` instead runs run 6's tasks: equivalence of the one-chunk path at HiSS's low-level
-shape (12800, 10, 4, 64, n64), its fwd and fwd+bwd timings against the general path
-(`BlockSizes(short=False)`) and xla (f32, bf16), short_batch / warps variants, and the
-default at L and S; `--summary SSD_JSON TRAIN_JSON` prints its table with the end-to-end
-rows of benchmarks/train.py's JSON.
+`--short` instead runs run 7's tasks at HiSS's low-level shape (12800, 10, 4, 64, n64):
+every SHORT_VARIANTS entry (one-chunk path knobs), run 6's default ("old") and xla, each
+checked against the f32 sequential reference on the GPU (fresh inputs per check) and timed
+(fwd, fwd+bwd; f32 and bf16 inputs), then the combination of the best knob of each group,
+then the chunked default at L and S; everything is precompiled in parallel first, with a
+ptxas report of the one-chunk kernels. `--summary SSD_JSON` reprints its table.
 `--ptxas-report VARIANT` instead prints each kernel's registers, spills, shared memory and
 resident programs per SM (Triton + ptxas for sm_90a; no GPU needed).
 Each worker has a watchdog: a task over its time limit is recorded as an error and the next
@@ -321,28 +322,20 @@ def task_grad64k(rec, name, precompile=False):
         rec[jnp.dtype(dtype).name + "_pass"] = all(v <= BF16_TOL["grad"] for v in errs.values())
 
 
-def ptxas_report(name, shape="L"):
-    """Registers, spills and shared memory of each kernel of a variant (no GPU needed).
+def _ptxas_rows(lower, warps, num_stages):
+    """Registers, spills and shared memory of every Pallas kernel that `lower()` lowers.
 
     Captures the Triton IR that Pallas lowers for CUDA, compiles it for sm_90a with the
-    `triton` package (installed on the GPU machine; elsewhere put it on PYTHONPATH) at the
-    variant's num_warps / num_stages, and runs that package's ptxas -v. Triton's own
-    pipeline, not XLA's copy of it: indicative, not exact. Resident programs per SM =
-    min(64K registers, 228 KB shared memory, 64 warps) over one program's needs.
+    `triton` package (installed on the GPU machine; elsewhere put it on PYTHONPATH) at each
+    kernel's num_warps (`warps[name]`) and num_stages, and runs that package's ptxas -v.
+    Triton's own pipeline, not XLA's copy of it: indicative, not exact. Resident programs per
+    SM = min(64K registers, 228 KB shared memory, 64 warps) over one program's needs.
     """
     import re
     import tempfile
-    jax = _jax()
-    import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as reg
     import triton
     from triton.backends.compiler import GPUTarget
-    from kernels.ssd import ssd_pallas
-    bs = block_sizes(name)
-    warps = {"ssd_fwd": bs.num_warps_fwd,
-             "ssd_bwd_dstate": bs.num_warps_dstate or bs.num_warps_fwd,
-             "ssd_bwd_dx": bs.num_warps_dx or bs.num_warps_fwd,
-             "ssd_bwd_dbc": bs.num_warps_bwd}
     tmp = tempfile.mkdtemp()
     irs = {}
     orig = reg.lowering.lower_jaxpr_to_triton_module
@@ -355,26 +348,18 @@ def ptxas_report(name, shape="L"):
 
     reg.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        cfg = dict(SHAPES[shape], b=1, l=128)      # the kernel body does not depend on b, l
-        args = inputs(jax.random.PRNGKey(0), **cfg)
-        vals = [args[k] for k in ("x", "dt", "A", "B", "C", "D")]
-
-        def loss(x, dt, A, B, C, D):
-            y = ssd_pallas(x, dt, A, B, C, D=D, chunk_size=64, block_sizes=bs, interpret=False)
-            return jnp.sum(y.astype(jnp.float32))
-        jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*vals).lower(
-            lowering_platforms=("cuda",))
+        lower()
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     rows = []
     for kname, text in irs.items():
-        w = warps.get(kname, bs.num_warps_fwd)
+        w = warps[kname]
         path = os.path.join(tmp, f"{kname}.ttir")
         with open(path, "w") as f:
             f.write(text)
         k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": w, "num_stages": bs.num_stages})
+                           options={"num_warps": w, "num_stages": num_stages})
         ptx = os.path.join(tmp, f"{kname}.ptx")
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
@@ -386,14 +371,42 @@ def ptxas_report(name, shape="L"):
         per_sm = min(65536 // (regs * 32 * w), (228 * 1024) // max(smem, 1), 64 // w)
         rows.append({"kernel": kname, "num_warps": w, "registers": regs,
                      "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
-                     "shared_bytes": smem, "programs_per_sm": per_sm})
-    print(f"\nptxas report, variant {name!r}, shape {shape} (triton {triton.__version__}, "
-          f"sm_90a):")
+                     "shared_bytes": smem, "programs_per_sm": per_sm,
+                     "triton": triton.__version__})
+    return rows
+
+
+def _print_ptxas(title, rows):
+    print(f"\nptxas report, {title} (sm_90a):")
     print("kernel           warps  regs  spill st/ld   shared   programs/SM")
     for r in rows:
         print(f"{r['kernel']:16s} {r['num_warps']:5d} {r['registers']:5d} "
               f"{r['spill_stores']:6d}/{r['spill_loads']:<6d} {r['shared_bytes']:7d} "
               f"{r['programs_per_sm']:8d}")
+
+
+def ptxas_report(name, shape="L"):
+    """`_ptxas_rows` for the chunked kernels of a VARIANTS entry (chunk 64)."""
+    jax = _jax()
+    import jax.numpy as jnp
+    from kernels.ssd import ssd_pallas
+    bs = block_sizes(name)
+    warps = {"ssd_fwd": bs.num_warps_fwd,
+             "ssd_bwd_dstate": bs.num_warps_dstate or bs.num_warps_fwd,
+             "ssd_bwd_dx": bs.num_warps_dx or bs.num_warps_fwd,
+             "ssd_bwd_dbc": bs.num_warps_bwd, "ssd_bwd": bs.num_warps_bwd,
+             "ssd_bwd_chunk": bs.num_warps_bwd}
+    cfg = dict(SHAPES[shape], b=1, l=128)      # the kernel body does not depend on b, l
+    args = inputs(jax.random.PRNGKey(0), **cfg)
+    vals = [args[k] for k in ("x", "dt", "A", "B", "C", "D")]
+
+    def loss(x, dt, A, B, C, D):
+        y = ssd_pallas(x, dt, A, B, C, D=D, chunk_size=64, block_sizes=bs, interpret=False)
+        return jnp.sum(y.astype(jnp.float32))
+
+    rows = _ptxas_rows(lambda: jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(
+        *vals).lower(lowering_platforms=("cuda",)), warps, bs.num_stages)
+    _print_ptxas(f"variant {name!r}, shape {shape}", rows)
     return rows
 
 
@@ -403,6 +416,8 @@ TASKS = {"refs": task_refs, "variant": task_variant, "breakdown": task_breakdown
 
 def worker(job_path, results_path, precompile):
     """Runs the tasks of a job file in order, appending one JSON line per task."""
+    global RESULTS_PATH
+    RESULTS_PATH = results_path
     with open(job_path) as f:
         job = json.load(f)
     print(f"[worker] {'precompile ' if precompile else ''}{len(job)} tasks", flush=True)
@@ -437,11 +452,12 @@ def worker(job_path, results_path, precompile):
             f.write(json.dumps(rec) + "\n")
         short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                  if k not in ("trace", "L_errors", "S_errors", "block_sizes", "compile_s")}
-        print(f"[worker] {short}", flush=True)
+        print(f"[worker] {str(short)[:400]}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
-# --short: the one-chunk path at HiSS's low-level shape (run 6).
+# --short: the one-chunk path at HiSS's low-level shape (run 7; run 6's version of this
+# section is in git history, commit 709ef21).
 # --------------------------------------------------------------------------------------------
 # The training benchmark's low level: 32 x 4000 steps in chunks of 10 -> 12 800 sequences of
 # 10 steps; d_model 128 -> 4 heads of 64, d_state 64, 1 group, chunk_size 10; the Mamba-2
@@ -451,16 +467,28 @@ LOW_CHUNK = 10
 if os.environ.get("SSD_BENCH_TINY"):
     LOW = dict(b=64, l=10, h=4, p=64, n=64, g=1)
 # name -> BlockSizes keywords (no pinned chunk: the caller's chunk_size 10, as in the model).
-# "old" is the general chunked path (the kernels the profile measured). Run 6 timed these
-# with the then default short_batch 4 as "new"; "sb2" won and is the default since.
+# Order = priority. "old" is run 6's default (each sequence padded to 16 steps in XLA, 2 per
+# 32-row program); "pack32" the packed layout with the other knobs at their defaults.
 SHORT_VARIANTS = {
-    "new": dict(),
-    "old": dict(short=False),
-    "sb4": dict(short_batch=4),
-    "sb8": dict(short_batch=8),
+    "pack32": dict(),
+    "old": dict(short_pack=False),
+    "rows16": dict(short_rows=16),
+    "rows64": dict(short_rows=64),
+    "fh4": dict(short_fwd_heads=4),
+    "fwd_w2": dict(num_warps_short_fwd=2),
+    "unroll": dict(short_unroll=True),
+    "bwd_w2": dict(num_warps_short_bwd=2),
     "bwd_w8": dict(num_warps_short_bwd=8),
-    "hb1": dict(bwd_heads=1),
+    "stages1": dict(num_stages=1),
 }
+# The combination task takes the best of each group (each differs from pack32 in one knob):
+ROW_KNOBS = ("pack32", "rows16", "rows64")               # both kernels: by fwd+bwd
+FWD_KNOBS = ("pack32", "fh4", "fwd_w2")                  # forward kernel only: by fwd
+BWD_KNOBS = ("pack32", "unroll", "bwd_w2", "bwd_w8", "stages1")   # by fwd+bwd - fwd
+PTXAS_SHORT = ("old", "pack32", "rows16", "rows64", "fh4", "unroll", "bwd_w2")
+# f32 inputs run TF32 dots on the GPU (~5e-4 relative per operand): their GPU tolerance.
+F32_GPU_TOL = {"out": 3e-3, "grad": 3e-3}
+RESULTS_PATH = None       # set in worker(): the combination task reads the earlier records
 
 
 def low_inputs(key, dtype, b=None, full=False):
@@ -480,19 +508,19 @@ def low_inputs(key, dtype, b=None, full=False):
         D=jax.random.normal(ks[5], (h,), jnp.float32),
         dt_bias=jax.random.uniform(ks[7], (h,), minval=-1.0, maxval=0.0),
     )
-    if full:   # every optional argument: the one-sequence-per-program variant of the path
+    if full:   # every optional argument: one sequence per program
         args["D"] = jax.random.normal(ks[5], (h, p), jnp.float32)
         args["z"] = jax.random.normal(ks[6], (b, l, h, p), jnp.float32).astype(dtype)
         args["initial_state"] = jax.random.normal(ks[8], (b, h, p, n), jnp.float32)
     return args
 
 
-def _short_fn(name):
+def _short_fn(kw):
+    """kw: BlockSizes keywords, or "xla"."""
     from kernels.ssd import BlockSizes, ssd, ssd_pallas
-    if name == "xla":
+    if kw == "xla":
         return functools.partial(ssd, chunk_size=LOW_CHUNK, impl="xla")
-    return functools.partial(ssd_pallas, chunk_size=LOW_CHUNK,
-                             block_sizes=BlockSizes(**SHORT_VARIANTS[name]))
+    return functools.partial(ssd_pallas, chunk_size=LOW_CHUNK, block_sizes=BlockSizes(**kw))
 
 
 def _y_grads(fn, names, final):
@@ -513,123 +541,201 @@ def _y_grads(fn, names, final):
     return go
 
 
-def task_short_eq(rec, precompile=False):
-    """y [, h_L] and every gradient of the one-chunk path vs the f32 sequential reference at
-    the low-level shape, within the bf16 tolerances."""
-    del precompile
+def short_eq(kw, dtype, seed, full=False, precompile=False):
+    """Errors of y [, h_L] and every gradient vs the f32 sequential reference (HIGHEST
+    precision) on fresh inputs (seed): an unwritten output row cannot match by chance."""
     jax = _jax()
     import jax.numpy as jnp
     from kernels.ssd import ssd_reference
-    key = jax.random.PRNGKey(0)
-    cases = [("model f32", jnp.float32, False, "new"), ("model bf16", jnp.bfloat16, False, "new"),
-             ("all optional bf16 (h0, h_L, z, D(H,P))", jnp.bfloat16, True, "new")]
-    for what, dtype, full, name in cases:
-        args = low_inputs(jax.random.PRNGKey(5), dtype, full=full)
-        names = list(args)
-        vals = [args[k] for k in names]
-        vals32 = [v.astype(jnp.float32) for v in vals]
-        with jax.default_matmul_precision("highest"):
-            y0, h0, g0 = jax.jit(_y_grads(ssd_reference, names, full))(vals32, key)
-        y, h, gr = jax.jit(_y_grads(_short_fn(name), names, full))(vals, key)
-        errs = {"y": rel_err(y, y0)}
-        if full:
-            errs["h_L"] = rel_err(h, h0)
-        errs.update({"d" + k: rel_err(a, b) for k, a, b in zip(names, gr, g0)})
-        ok = all(v <= BF16_TOL["out" if k in ("y", "h_L") else "grad"] for k, v in errs.items())
-        rec[what] = {"errors": errs, "max_err": max(errs.values()), "pass": ok}
-        del y0, h0, g0, y, h, gr
+    args = low_inputs(jax.random.PRNGKey(seed), dtype, full=full)
+    names = list(args)
+    vals = [args[k] for k in names]
+    vals32 = [v.astype(jnp.float32) for v in vals]
+    key = jax.random.PRNGKey(seed + 1)
+    with jax.default_matmul_precision("highest"):
+        ref_exe, _ = compiled(_y_grads(ssd_reference, names, full), vals32, key)
+    exe, ct = compiled(_y_grads(_short_fn(kw), names, full), vals, key)
+    if precompile:
+        return {"compile_s": round(ct, 1)}
+    y0, h0, g0 = ref_exe(vals32, key)
+    y, h, gr = exe(vals, key)
+    errs = {"y": rel_err(y, y0)}
+    if full:
+        errs["h_L"] = rel_err(h, h0)
+    errs.update({"d" + k: rel_err(a, b) for k, a, b in zip(names, gr, g0)})
+    tol = BF16_TOL if jnp.dtype(dtype) == jnp.bfloat16 else F32_GPU_TOL
+    ok = all(v <= tol["out" if k in ("y", "h_L") else "grad"] for k, v in errs.items())
+    return {"errors": errs, "max_err": max(errs.values()), "pass": ok}
 
 
-def task_short_time(rec, names="new,old,xla", dtypes="float32,bfloat16", precompile=False):
+def short_time(rec, kw, dtypes=("float32", "bfloat16"), precompile=False):
     """fwd and fwd+bwd (jax.grad of sum(y) wrt x, dt, A, B, C, D, dt_bias) at the low-level
-    shape, per implementation and input dtype."""
-    del precompile
+    shape per input dtype: two bursts of 50 back-to-back calls (mean each); ms = their mean."""
     jax = _jax()
     import jax.numpy as jnp
-    rec["shape"] = LOW
-    rec["chunk_size"] = LOW_CHUNK
-    for dname in dtypes.split(","):
-        dtype = jnp.dtype(dname)
-        args = low_inputs(jax.random.PRNGKey(3), dtype)
+    f = _short_fn(kw)
+    keys = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+    for dname in dtypes:
+        args = low_inputs(jax.random.PRNGKey(3), jnp.dtype(dname))
+        vals = [args[k] for k in keys]
+
+        def fwd(*v):
+            return call(f, dict(zip(keys, v)), dt_softplus=True)
+
+        def loss(*v):
+            return jnp.sum(fwd(*v).astype(jnp.float32))
+
+        for what, fn in (("fwd", fwd), ("fwd_bwd", jax.grad(loss, argnums=tuple(range(7))))):
+            k = f"{dname} {what}"
+            try:
+                exe, ct = compiled(fn, *vals)
+                rec[k + " compile_s"] = round(ct, 1)
+                if not precompile:
+                    runs = [bench(exe, vals), bench(exe, vals)]
+                    rec[k + " runs_ms"] = runs
+                    rec[k + " ms"] = sum(runs) / len(runs)
+                del exe
+            except Exception as e:  # keep the other timings
+                rec[k + " error"] = repr(e)[:400]
+
+
+def task_short_var(rec, name, precompile=False):
+    """One variant: GPU equivalence (f32 and bf16 model arguments; for pack32 and old also
+    every optional argument), then its timings."""
+    kw = SHORT_VARIANTS[name] if name in SHORT_VARIANTS else "xla"
+    rec["block_sizes"] = kw
+    if kw != "xla":
+        seed = 100 + 10 * (list(SHORT_VARIANTS).index(name))
+        cases = [("f32", "float32", False), ("bf16", "bfloat16", False)]
+        if name in ("pack32", "old"):
+            cases += [("f32 all optional", "float32", True), ("bf16 all optional", "bfloat16", True)]
+        for i, (what, dname, full) in enumerate(cases):
+            rec["eq " + what] = short_eq(kw, dname, seed + i, full=full, precompile=precompile)
+        if not precompile:
+            rec["pass"] = all(v["pass"] for k, v in rec.items() if k.startswith("eq "))
+    short_time(rec, kw, precompile=precompile)
+
+
+def _score(rec, what):
+    vals = [rec.get(f"{d} {what} ms") for d in ("float32", "bfloat16")]
+    return sum(vals) if all(isinstance(v, float) for v in vals) else None
+
+
+def combo_choice(recs):
+    """The best of each knob group (passing variants only) -> (BlockSizes keywords, picks)."""
+    by = {r["name"]: r for r in recs if r["task"] == "short_var" and r.get("pass")}
+
+    def best(group, key):
+        scored = [(key(by[n]), n) for n in group if n in by and key(by[n]) is not None]
+        return min(scored)[1] if scored else "pack32"
+
+    fb = lambda r: _score(r, "fwd_bwd")                                      # noqa: E731
+    fw = lambda r: _score(r, "fwd")                                          # noqa: E731
+    bw = lambda r: (None if fb(r) is None or fw(r) is None else fb(r) - fw(r))  # noqa: E731
+    picks = {"rows": best(ROW_KNOBS, fb), "fwd": best(FWD_KNOBS, fw), "bwd": best(BWD_KNOBS, bw)}
+    kw = {}
+    for n in picks.values():
+        kw.update(SHORT_VARIANTS[n])
+    return kw, picks
+
+
+def task_short_combo(rec, precompile=False):
+    """The combination of the best knob of each group, checked and timed like a variant."""
+    if precompile:
+        return
+    kw, picks = combo_choice(_read(RESULTS_PATH))
+    rec["picks"] = picks
+    rec["block_sizes"] = kw
+    same = [n for n, v in SHORT_VARIANTS.items() if v == kw]
+    if same:
+        rec["same_as"] = same[0]
+        return
+    for i, (what, dname) in enumerate((("f32", "float32"), ("bf16", "bfloat16"))):
+        rec["eq " + what] = short_eq(kw, dname, 900 + i)
+    rec["eq bf16 all optional"] = short_eq(kw, "bfloat16", 910, full=True)
+    rec["pass"] = all(v["pass"] for k, v in rec.items() if k.startswith("eq "))
+    short_time(rec, kw)
+
+
+def task_ptxas_short(rec, precompile=False):
+    """Registers / spills / shared memory of the one-chunk kernels of PTXAS_SHORT (CPU only:
+    runs in the precompile phase)."""
+    if not precompile:
+        return
+    jax = _jax()
+    import jax.numpy as jnp
+    from kernels.ssd import BlockSizes
+    for name in PTXAS_SHORT:
+        bs = BlockSizes(**SHORT_VARIANTS[name])
+        args = low_inputs(jax.random.PRNGKey(0), jnp.bfloat16, b=64)
         keys = ("x", "dt", "A", "B", "C", "D", "dt_bias")
         vals = [args[k] for k in keys]
-        for name in names.split(","):
-            f = _short_fn(name)
+        f = _short_fn(SHORT_VARIANTS[name])
 
-            def fwd(*v, f=f):
-                kw = dict(zip(keys, v))
-                return call(f, kw, dt_softplus=True)
+        def loss(*v, f=f):
+            kw = dict(zip(keys, v))
+            y = call(f, kw, dt_softplus=True, interpret=False)
+            return jnp.sum(y.astype(jnp.float32))
 
-            def loss(*v, fwd=fwd):
-                return jnp.sum(fwd(*v).astype(jnp.float32))
-
-            for what, fn in (("fwd", fwd), ("fwd_bwd", jax.grad(loss, argnums=tuple(range(7))))):
-                k = f"{name} {dname} {what}"
-                try:
-                    exe, ct = compiled(fn, *vals)
-                    rec[k + "_ms"] = bench(exe, vals)
-                    rec[k + "_compile_s"] = round(ct, 1)
-                    del exe
-                except Exception as e:  # keep the other timings
-                    rec[k + "_error"] = repr(e)[:400]
+        warps = {"ssd_short_fwd": bs.num_warps_short_fwd, "ssd_short_bwd": bs.num_warps_short_bwd}
+        try:
+            rec[name] = _ptxas_rows(lambda: jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(
+                *vals).lower(lowering_platforms=("cuda",)), warps, bs.num_stages)
+        except Exception as e:
+            rec[name] = repr(e)[:300]
 
 
-def task_short_variants(rec, precompile=False):
-    task_short_time(rec, names=",".join(n for n in SHORT_VARIANTS if n not in ("new", "old")),
-                    dtypes="float32", precompile=precompile)
+TASKS.update({"short_var": task_short_var, "short_combo": task_short_combo,
+              "ptxas_short": task_ptxas_short})
 
 
-TASKS.update({"short_eq": task_short_eq, "short_time": task_short_time,
-              "short_variants": task_short_variants})
-
-
-def short_table(recs, train=None):
-    """The run-6 summary: low-level timings, equivalence, L/S default, end to end."""
+def short_table(recs):
+    """The run-7 summary: low-level timings (ms) with equivalence, then the extras."""
     lines = []
-    for r in recs:
-        if r["task"] == "short_eq":
-            for what, v in r.items():
-                if isinstance(v, dict) and "max_err" in v:
-                    lines.append(f"eq low {what}: max rel err {v['max_err']:.1e} pass {v['pass']}")
-            if r.get("error"):
-                lines.append(f"eq low: {r['error'][:200]}")
-    timing = {}
-    for r in recs:
-        if r["task"] in ("short_time", "short_variants"):
-            timing.update({k: v for k, v in r.items() if k.endswith(("_ms", "_error"))})
-            if r.get("error"):
-                lines.append(f"{r['task']}: {r['error'][:200]}")
-    order = list(SHORT_VARIANTS) + ["xla"]
-    names = sorted({k.split(" ")[0] for k in timing},
-                   key=lambda s: order.index(s) if s in order else len(order))
+    rows = [r for r in recs if r["task"] in ("short_var", "short_combo") and not r.get("precompile")]
     shape = "({b}, {l}, {h}, {p}, n{n})".format(**LOW)
-    lines.append(f"low level {shape:24s} ms:  f32 fwd  f32 f+b  bf16 fwd bf16 f+b")
-    for nm in names:
+    lines.append(f"low level {shape}, chunk {LOW_CHUNK}; ms (mean of 2x50 calls)")
+    lines.append(f"{'variant':10s} {'f32 fwd':>8s} {'f32 f+b':>8s} {'bf16 fwd':>8s} "
+                 f"{'bf16 f+b':>8s}  max err f32 / bf16 (all-opt)  pass")
+    for r in rows:
+        name = r["name"] or "combo"
+        if r.get("same_as"):
+            lines.append(f"combo = {r['same_as']} (picks {r.get('picks')})")
+            continue
         cells = []
-        for dn in ("float32", "bfloat16"):
-            for what in ("fwd", "fwd_bwd"):
-                v = timing.get(f"{nm} {dn} {what}_ms")
+        for d in ("float32", "bfloat16"):
+            for w in ("fwd", "fwd_bwd"):
+                v = r.get(f"{d} {w} ms")
                 cells.append(f"{v:8.3f}" if isinstance(v, float) else "     n/a")
-        lines.append(f"  {nm:36s} " + " ".join(cells))
+        errs = []
+        for what in ("f32", "bf16", "bf16 all optional"):
+            e = r.get("eq " + what)
+            if isinstance(e, dict) and "max_err" in e:
+                errs.append(f"{e['max_err']:.1e}")
+        err = " / ".join(errs) if errs else "-"
+        lines.append(f"{name:10s} " + " ".join(cells) + f"  {err:28s} {r.get('pass', '-')}"
+                     + (f"  {r.get('error', '')[:60]}" if r.get("error") else "")
+                     + (f"  picks {r['picks']}" if r.get("picks") else ""))
     for r in recs:
-        if r["task"] == "variant":
+        if r["task"] == "ptxas_short":
+            for name in PTXAS_SHORT:
+                v = r.get(name)
+                if isinstance(v, list):
+                    lines.append(f"ptxas {name:8s} " + "; ".join(
+                        f"{k['kernel'][4:]} w{k['num_warps']} {k['registers']} regs "
+                        f"spill {k['spill_stores']} smem {k['shared_bytes']} "
+                        f"{k['programs_per_sm']}/SM" for k in v))
+                elif v is not None:
+                    lines.append(f"ptxas {name}: {v[:120]}")
+            if r.get("error"):
+                lines.append(f"ptxas: {r['error'][:200]}")
+        if r["task"] == "variant" and not r.get("precompile"):
             def ms(k):
                 v = r.get(k)
                 return f"{v:.3f}" if isinstance(v, float) else "n/a"
-            lines.append(f"L/S {r['name']}: L fwd {ms('L_fwd_ms')} f+b {ms('L_fwd_bwd_ms')} | "
-                         f"S fwd {ms('S_fwd_ms')} f+b {ms('S_fwd_bwd_ms')} | max err "
-                         f"{r.get('L_max_err', float('nan')):.1e} / "
-                         f"{r.get('S_max_err', float('nan')):.1e} pass "
-                         f"{bool(r.get('L_pass') and r.get('S_pass'))} {r.get('error', '')[:80]}")
-    if train:
-        tp = {r["impl"]: r for r in train.get("records", []) if r.get("part") == "throughput"}
-        cells = {k: (f"{v['step_ms']:.2f}" if "step_ms" in v else
-                     str(v.get("error", v.get("skipped")))[:80]) for k, v in tp.items()}
-        line = f"end to end hiss_mamba2_mamba2 ms/step: pallas {cells.get('pallas')} xla " \
-               f"{cells.get('xla')}"
-        if all("step_ms" in tp.get(k, {}) for k in ("pallas", "xla")):
-            line += f"  pallas speed-up {tp['xla']['step_ms'] / tp['pallas']['step_ms']:.2f}x"
-        lines.append(line)
+            lines.append(f"long default: L fwd {ms('L_fwd_ms')} f+b {ms('L_fwd_bwd_ms')} | "
+                         f"S fwd {ms('S_fwd_ms')} f+b {ms('S_fwd_bwd_ms')} "
+                         f"{r.get('error', '')[:80]}")
     print("\n" + "\n".join(lines))
 
 
@@ -639,19 +745,51 @@ def short_main(opts):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.makedirs(OUT, exist_ok=True)
     results_path = os.path.join(OUT, "ssd_gpu_tasks.jsonl")
-    if os.path.exists(results_path):
-        os.remove(results_path)
-    # Priority order: a device call may end before the last.
-    tasks = [{"kind": "short_eq", "limit_s": 75}, {"kind": "short_time", "limit_s": 90},
-             {"kind": "refs", "limit_s": 40},
-             {"kind": "variant", "name": "default", "limit_s": 50},
-             {"kind": "short_variants", "limit_s": 50}]
+    pre_path = os.path.join(OUT, "ssd_gpu_precompile.jsonl")
+    for path in (results_path, pre_path):
+        if os.path.exists(path):
+            os.remove(path)
+    names = [v for v in opts.variants.split(",") if v] or list(SHORT_VARIANTS)
+    unknown = [v for v in names if v not in SHORT_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(SHORT_VARIANTS)}")
+    var = [{"kind": "short_var", "name": n, "limit_s": 75} for n in names]
+    # Priority: the new and old defaults and xla, the other variants, their combination,
+    # then the chunked default at L and S (a regression check of the unchanged long path).
+    tasks = (var[:2] + [{"kind": "short_var", "name": "xla", "limit_s": 60}] + var[2:]
+             + [{"kind": "short_combo", "limit_s": 75},
+                {"kind": "variant", "name": "default", "limit_s": 60}])
+    # Precompile every task into the persistent cache in parallel (CPU-bound) with the ptxas
+    # report, then measure one task at a time on a quiet machine.
+    pre = [{"kind": "ptxas_short", "limit_s": opts.precompile_s}] + [
+        t for t in tasks if t["kind"] != "short_combo"]
+    groups = [[] for _ in range(max(1, opts.precompile_workers))]
+    for i, t in enumerate(pre):
+        groups[i % len(groups)].append(t)
+    threads = [threading.Thread(target=run_tasks, args=(
+        grp, f"{pre_path}.{i}", start + opts.precompile_s, True, f"pre{i}",
+        start + opts.precompile_s + 30)) for i, grp in enumerate(groups) if grp]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pre_recs = []
+    for i in range(len(groups)):
+        pre_recs += _read(f"{pre_path}.{i}")
+        if os.path.exists(f"{pre_path}.{i}"):
+            os.remove(f"{pre_path}.{i}")
+    with open(pre_path, "w") as f:
+        for r in pre_recs:
+            f.write(json.dumps(r) + "\n")
+    print(f"[parent] precompile done at {time.time() - start:.0f} s", flush=True)
     left = run_tasks(tasks, results_path, deadline, hard_end=hard_end)
     recs = _read(results_path)
-    _write_summary({"low_shape": LOW, "low_chunk": LOW_CHUNK, "short_variants": SHORT_VARIANTS,
-                    "shapes": SHAPES, "eq_batch": EQ_BATCH, "tol_bf16": BF16_TOL,
-                    "results": recs}, left, start)
-    short_table(recs)
+    _write_summary({"run": 7, "low_shape": LOW, "low_chunk": LOW_CHUNK,
+                    "short_variants": SHORT_VARIANTS, "knob_groups": {
+                        "rows": ROW_KNOBS, "fwd": FWD_KNOBS, "bwd": BWD_KNOBS},
+                    "tol_bf16": BF16_TOL, "tol_f32_gpu": F32_GPU_TOL, "shapes": SHAPES,
+                    "results": recs, "precompile": pre_recs}, left, start)
+    short_table(recs + [r for r in pre_recs if r["task"] == "ptxas_short"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,10 +875,10 @@ def main():
     parser.add_argument("--ptxas-report", default="", metavar="VARIANT",
                         help="print registers / spills / shared memory per kernel and exit")
     parser.add_argument("--short", action="store_true",
-                        help="run 6: the one-chunk path at HiSS's low-level shape (equivalence, "
-                             "new / old / xla timings, variants) and the default at L and S")
-    parser.add_argument("--summary", nargs=2, metavar=("SSD_JSON", "TRAIN_JSON"),
-                        help="print the --short table from its JSON and benchmarks/train.py's")
+                        help="run 7: the one-chunk path at HiSS's low-level shape (equivalence "
+                             "and timings of its variants, old default, xla, best combination)")
+    parser.add_argument("--summary", metavar="SSD_JSON",
+                        help="print the --short table from its JSON")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--results", default="", help=argparse.SUPPRESS)
     parser.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
@@ -749,15 +887,10 @@ def main():
         worker(opts.worker, opts.results, opts.precompile)
         return
     if opts.summary:
-        recs = []
-        if os.path.exists(opts.summary[0]):
-            with open(opts.summary[0]) as f:
-                recs = json.load(f)["results"]
-        train = None
-        if os.path.exists(opts.summary[1]):
-            with open(opts.summary[1]) as f:
-                train = json.load(f)
-        short_table(recs, train)
+        with open(opts.summary) as f:
+            saved = json.load(f)
+        short_table(saved["results"] + [r for r in saved.get("precompile", [])
+                                        if r["task"] == "ptxas_short"])
         return
     if opts.short:
         short_main(opts)
