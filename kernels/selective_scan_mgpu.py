@@ -60,40 +60,62 @@ except Exception:  # pragma: no cover - depends on the installed jax
 
 _LOG2E = math.log2(math.e)
 WIDTH = 128         # channels per block: one warpgroup, one channel per thread
-CHUNK = 16          # steps between saved states (the Triton backward's chunk)
+TRITON_CHUNK = 16   # steps between saved states for the Triton backward (its chunk)
+MAX_MGPU_BWD_STATE = 16   # padded d_state up to which the Mosaic backward runs
 
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBlockSizes:
-    """Tiling of the Mosaic GPU forward."""
-    tile: int = 32      # steps per TMA tile (multiple of CHUNK)
-    stages: int = 3     # tiles in flight (shared-memory ring)
-    unroll: int = 4     # steps per loop iteration inside a chunk (divides CHUNK)
+    """Tiling of the Mosaic GPU kernels."""
+    tile: int = 32          # forward: steps per TMA tile (multiple of 16)
+    stages: int = 3         # forward: tiles in flight (shared-memory ring)
+    unroll: int = 4         # forward: steps per loop iteration (divides bwd_chunk and 16)
+    backward: str = "mosaic"  # "mosaic" (d_state <= 16, else Triton) or "triton"
+    bwd_chunk: int = 8      # Mosaic backward: steps between saved states (recompute depth)
+    bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
+    bwd_stages: int = 2
+    bwd_unroll: int = 4     # Mosaic backward: steps per loop iteration (divides 4)
 
     def __post_init__(self):
-        if self.tile < CHUNK or self.tile % CHUNK:
-            raise ValueError(f"MgpuBlockSizes.tile={self.tile} must be a multiple of {CHUNK}")
-        if self.stages < 1:
-            raise ValueError(f"MgpuBlockSizes.stages={self.stages} must be >= 1")
-        if CHUNK % self.unroll:
-            raise ValueError(f"MgpuBlockSizes.unroll={self.unroll} must divide {CHUNK}")
+        if self.tile < 16 or self.tile % 16:
+            raise ValueError(f"MgpuBlockSizes.tile={self.tile} must be a multiple of 16")
+        if self.stages < 1 or self.bwd_stages < 1:
+            raise ValueError(f"MgpuBlockSizes.stages={self.stages}, bwd_stages="
+                             f"{self.bwd_stages} must be >= 1")
+        if self.bwd_chunk not in (8, 16):
+            raise ValueError(f"MgpuBlockSizes.bwd_chunk={self.bwd_chunk} must be 8 or 16")
+        if self.unroll < 1 or self.bwd_chunk % self.unroll or 16 % self.unroll:
+            raise ValueError(f"MgpuBlockSizes.unroll={self.unroll} must divide "
+                             f"bwd_chunk={self.bwd_chunk} and 16")
+        if self.bwd_tile % self.bwd_chunk or self.tile % self.bwd_chunk:
+            raise ValueError(f"MgpuBlockSizes.tile={self.tile} and bwd_tile={self.bwd_tile} "
+                             f"must be multiples of bwd_chunk={self.bwd_chunk}")
+        if self.bwd_unroll < 1 or 4 % self.bwd_unroll:
+            raise ValueError(f"MgpuBlockSizes.bwd_unroll={self.bwd_unroll} must divide 4")
+        if self.backward not in ("mosaic", "triton"):
+            raise ValueError(f"MgpuBlockSizes.backward={self.backward!r}: 'mosaic' or 'triton'")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     """Static description of one padded problem (hashable: a custom_vjp nondiff argument)."""
     length: int            # true length; steps >= length are identity steps
-    n_tiles: int           # padded length = n_tiles * tile
+    lp: int                # padded length (multiple of tile and bwd_tile)
     tile: int
     stages: int
     unroll: int
-    n_state: int           # true d_state (the loop's states)
+    save_every: int        # steps between the states the forward saves for the backward
+    n_state: int           # true d_state (the loops' states)
     np_: int               # padded d_state (rows of h0 / hL / hs; B|C row = 2 np_)
     blocks_per_group: int
     softplus: bool
     has_z: bool
     interpret: bool
-    tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan.py)
+    mosaic_bwd: bool       # False: the Triton backward (tcfg)
+    bwd_tile: int
+    bwd_stages: int
+    bwd_unroll: int
+    tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan.py) or None
 
 
 def _softplus(x):
@@ -105,14 +127,57 @@ def _softplus(x):
     return jnp.where(x > 20.0, x, jnp.where(e < 0.03125, series, big))
 
 
+def _sigmoid(x):
+    # ex2 of a large argument is +inf and 1 / inf = 0: no clamp needed.
+    return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
+
+
+def _barrier():
+    """A warpgroup-wide barrier (bar.sync): waiting on no pending bulk stores is one, and
+    automatic barriers are off (`unsafe_no_auto_barriers`)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _params():
+    return plgpu.CompilerParams(
+        lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True,
+        unsafe_no_auto_barriers=True)
+
+
+def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False):
+    """Tiles 0..n_tiles-1 (or reversed) through a `stages`-deep ring of shared-memory slots
+    filled by TMA: `issue(tile, slot)` starts the copies of a tile (arriving on bar[slot]),
+    `body(tile, slot, carry)` consumes it. One warpgroup barrier per tile orders the reads of
+    tile i - 1 before the copy that refills its slot."""
+    def tile_of(i):
+        return n_tiles - 1 - i if reverse else i
+
+    for i in range(min(stages - 1, n_tiles)):
+        issue(tile_of(i), i)
+
+    def it(i, carry):
+        slot = jax.lax.rem(i, stages)
+        _barrier()
+        nxt = i + stages - 1
+
+        @pl.when(nxt < n_tiles)
+        def _():
+            issue(tile_of(nxt), jax.lax.rem(nxt, stages))
+
+        plgpu.barrier_wait(bar.at[slot])
+        return body(tile_of(i), slot, carry)
+
+    return jax.lax.fori_loop(0, n_tiles, it, carry)
+
+
 def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     """Forward of one (batch, 128-channel block): eq. 2a-2b, one channel per thread.
 
     GMEM refs: u, dt, [z]: (B, Lp, Dp)  bc: (B, G, Lp, 2 Np) float32 (B | C)
-    par: (Np + 2, Dp) float32 (rows: A^T log2(e), D, delta_bias)  h0: (B, Np, Dp)
-    -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / CHUNK, Np, Dp)]
+    par: (Np + 3, Dp) float32 (rows: A^T log2(e), D, delta_bias, 0)  h0: (B, Np, Dp)
+    -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / save_every, Np, Dp)]
     SMEM scratch: u, dt, [z]: (stages, tile, 128)  bc: (stages, tile, 2 Np)
-    par: (Np + 2, 128)  h0: (Np, 128); barriers: one per stage, one for par / h0.
+    par: (Np + 3, 128)  h0: (Np, 128); barriers: one per stage, one for par / h0.
     """
     n_in = 4 if cfg.has_z else 3
     it = iter(refs)
@@ -127,7 +192,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
     j = jax.lax.axis_index("d")
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * WIDTH, WIDTH)
-    T, S, N = cfg.tile, cfg.stages, cfg.n_state
+    T, N, CH = cfg.tile, cfg.n_state, cfg.save_every
 
     def issue(k, slot):
         rows = pl.ds(k * T, T)
@@ -138,18 +203,16 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
 
     plgpu.copy_gmem_to_smem(par_ref.at[:, cols], par_s, pbar)
     plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
-    for k in range(min(S - 1, cfg.n_tiles)):
-        issue(k, k)
     plgpu.barrier_wait(pbar)
     a2 = [par_s[n, :] for n in range(N)]
     dskip = par_s[cfg.np_, :]
     bias = par_s[cfg.np_ + 1, :]
+    zero = par_s[cfg.np_ + 2, :]
     h = tuple(h0_s[n, :] for n in range(N))
-    zero = h0_s[N, :] if N < cfg.np_ else None      # padded state rows are zero in h0
     u_s, dt_s = seq_smem[0], seq_smem[1]
     z_s = seq_smem[2] if cfg.has_z else None
     bc_s = seq_smem[-1]
-    masked = cfg.n_tiles * T != cfg.length
+    masked = cfg.lp != cfg.length
 
     def step(t0, slot, t, h):
         x = dt_s[slot, t, :].astype(jnp.float32) + bias
@@ -166,74 +229,240 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
             out.append(hn)
         if cfg.has_z:
             zt = z_s[slot, t, :].astype(jnp.float32)
-            y = y * zt / (1.0 + jnp.exp2(zt * -_LOG2E))
+            y = y * zt * _sigmoid(zt)
         y_ref[bi, t0 + t, cols] = y.astype(y_ref.dtype)
         return tuple(out)
 
-    def save(c, h):
-        for n in range(cfg.np_):
-            hs_ref[bi, c, n, cols] = h[n] if n < N else zero
-
-    def tile_body(k, h):
-        slot = jax.lax.rem(k, S)
-        if S > 1:
-            # Every thread is done with tile k - 1, whose slot the copy below refills (the
-            # wait on no pending stores is a warpgroup barrier; auto barriers are off).
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-            @pl.when(k + S - 1 < cfg.n_tiles)
-            def _():
-                issue(k + S - 1, jax.lax.rem(k + S - 1, S))
-        else:
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            issue(k, 0)
-        plgpu.barrier_wait(bar.at[slot])
+    def tile_body(k, slot, h):
         t0 = k * T
-        for q in range(T // CHUNK):
+        for q in range(T // CH):
             if save_states:
-                save(k * (T // CHUNK) + q, h)
-            h = jax.lax.fori_loop(
-                q * CHUNK, (q + 1) * CHUNK,
-                lambda t, h: step(t0, slot, t, h), h, unroll=cfg.unroll)
+                c = k * (T // CH) + q
+                for n in range(cfg.np_):
+                    hs_ref[bi, c, n, cols] = h[n] if n < N else zero
+            h = jax.lax.fori_loop(q * CH, (q + 1) * CH,
+                                  lambda t, h: step(t0, slot, t, h), h, unroll=cfg.unroll)
         return h
 
-    h = jax.lax.fori_loop(0, cfg.n_tiles, tile_body, h)
+    h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
     for n in range(cfg.np_):
         hl_ref[bi, n, cols] = h[n] if n < N else zero
 
 
+def _bwd_kernel(*refs, cfg: _Cfg):
+    """Backward of one (batch, 128-channel block), one channel per thread: tiles and chunks
+    in reverse, each chunk's states recomputed from the state saved at its entry.
+
+    Per step (adjoint g = dLoss/dh_t, accumulated backwards; a_t = exp(dt_t A)):
+        g += C_t dy_t ;  dC_t = sum_d dy_t h_t ;  dB_t = sum_d g dt_t u_t
+        du_t = D dy_t + dt_t sum_n g B_t ;  ddt_t = sum_n g (B_t u_t + A a_t h_{t-1})
+        dA += g a_t h_{t-1} dt_t ;  g *= a_t
+    dB_t, dC_t are sums over the block's channels (threads): each thread writes its terms as
+    one row per (step, state) of a (128, 129) shared tile, 64 / Np steps fill it, and then
+    thread r sums row r (the padding column keeps both phases free of bank conflicts).
+    GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  bc: (B, G, Lp, 2 Np)  par: (Np + 3, Dp)
+    hs: (B, Lp / chunk, Np, Dp)  dhL: (B, Np, Dp)
+    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, Lp * 2 Np) per-block partials (dC | dB)
+    dA^T: (B, Np, Dp)  dD, dbias: (B, 2, Dp)  dh0: (B, Np, Dp)
+    """
+    n_in = 5 if cfg.has_z else 4
+    it = iter(refs)
+    seq_refs = [next(it) for _ in range(n_in)]       # u, dt, [z], dout, bc
+    par_ref, hs_ref, dhl_ref = next(it), next(it), next(it)
+    du_ref, ddt_ref = next(it), next(it)
+    dz_ref = next(it) if cfg.has_z else None
+    dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
+    seq_smem = [next(it) for _ in range(n_in)]
+    par_s, h_s, pt_s, bar, pbar = next(it), next(it), next(it), next(it), next(it)
+
+    bi = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("d")
+    grp = j // cfg.blocks_per_group
+    cols = pl.ds(j * WIDTH, WIDTH)
+    T, N, NP, CH = cfg.bwd_tile, cfg.n_state, cfg.np_, cfg.save_every
+    UQ = WIDTH // (2 * NP)           # steps per dB/dC reduction: 2 NP rows each
+    f32 = jnp.float32
+    masked = cfg.lp != cfg.length
+
+    def issue(k, slot):
+        rows = pl.ds(k * T, T)
+        for r, s in zip(seq_refs[:-1], seq_smem[:-1]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s.at[slot], bar.at[slot])
+        plgpu.copy_gmem_to_smem(seq_refs[-1].at[bi, grp, rows, :], seq_smem[-1].at[slot],
+                                bar.at[slot])
+
+    plgpu.copy_gmem_to_smem(par_ref.at[:, cols], par_s, pbar)
+    plgpu.barrier_wait(pbar)
+    a2 = [par_s[n, :] for n in range(N)]
+    dskip = par_s[NP, :]
+    bias = par_s[NP + 1, :]
+    zero = par_s[NP + 2, :]
+    u_s, dt_s = seq_smem[0], seq_smem[1]
+    z_s = seq_smem[2] if cfg.has_z else None
+    do_s, bc_s = seq_smem[-2], seq_smem[-1]
+    n_chunks = cfg.lp // CH
+
+    def step_size(slot, tl, tg):
+        x = dt_s[slot, tl, :].astype(f32) + bias
+        dt = _softplus(x) if cfg.softplus else x
+        if masked:
+            dt = jnp.where(tg < cfg.length, dt, 0.0)
+        return x, dt
+
+    def recompute(t0, slot, base, i, h):
+        # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
+        tl = base + i
+        _, dt = step_size(slot, tl, t0 + tl)
+        dtu = dt * u_s[slot, tl, :].astype(f32)
+        for n in range(N):
+            h_s[i, n, :] = h[n]
+        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bc_s[slot, tl, n] for n in range(N))
+
+    def adjoint(t0, slot, base, gbase, i, carry):
+        # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
+        g, dat, dd, dbias = carry
+        tl, tg = base + i, t0 + base + i
+        x, dt = step_size(slot, tl, tg)
+        u = u_s[slot, tl, :].astype(f32)
+        dout = do_s[slot, tl, :].astype(f32)
+        dtu = dt * u
+        hp = [h_s[i, n, :] for n in range(N)]
+        a = [jnp.exp2(dt * a2[n]) for n in range(N)]
+        h = [a[n] * hp[n] + dtu * bc_s[slot, tl, n] for n in range(N)]
+        if cfg.has_z:
+            zt = z_s[slot, tl, :].astype(f32)
+            sig = _sigmoid(zt)
+            y = dskip * u
+            for n in range(N):
+                y = y + h[n] * bc_s[slot, tl, NP + n]
+            dz_ref[bi, tg, cols] = (dout * y * sig * (1.0 + zt * (1.0 - sig))).astype(
+                dz_ref.dtype)
+            dy = dout * zt * sig
+        else:
+            dy = dout
+        row = (base + i - gbase) * (2 * NP)
+        g = [g[n] + bc_s[slot, tl, NP + n] * dy for n in range(N)]
+        for n in range(N):
+            pt_s[row + n, pl.ds(0, WIDTH)] = dy * h[n]              # dC_t terms
+            pt_s[row + NP + n, pl.ds(0, WIDTH)] = g[n] * dtu        # dB_t terms
+        gb = g[0] * bc_s[slot, tl, 0]
+        gah = [g[n] * a[n] * hp[n] for n in range(N)]
+        sa = gah[0] * a2[0]
+        for n in range(1, N):
+            gb = gb + g[n] * bc_s[slot, tl, n]
+            sa = sa + gah[n] * a2[n]
+        du = dskip * dy + dt * gb
+        ddt = gb * u + sa * (1.0 / _LOG2E)          # a2 = A log2(e)
+        if cfg.softplus:
+            ddt = ddt * _sigmoid(x)
+        if masked:
+            ddt = jnp.where(tg < cfg.length, ddt, 0.0)
+        du_ref[bi, tg, cols] = du.astype(du_ref.dtype)
+        ddt_ref[bi, tg, cols] = ddt.astype(ddt_ref.dtype)
+        return (tuple(g[n] * a[n] for n in range(N)),
+                tuple(dat[n] + gah[n] * dt for n in range(N)), dd + dy * u, dbias + ddt)
+
+    def reduce_rows(tg0):
+        # Row r of the tile holds (step tg0 + r // (2 Np), dC | dB state r % (2 Np)).
+        _barrier()
+        acc = [pt_s[pl.ds(0, WIDTH), k] for k in range(4)]
+        for k in range(4, WIDTH):
+            acc[k % 4] = acc[k % 4] + pt_s[pl.ds(0, WIDTH), k]
+        dbc_ref[bi, j, pl.ds(tg0 * 2 * NP, WIDTH)] = (acc[0] + acc[1]) + (acc[2] + acc[3])
+        _barrier()
+
+    def tile_body(k, slot, carry):
+        carry, h_next = carry[:4], carry[4]
+        t0 = k * T
+        for q in reversed(range(T // CH)):
+            base = q * CH
+            c = k * (T // CH) + q
+            h_entry = h_next
+            # The next chunk's entry state, loaded one chunk ahead (global-memory latency).
+            c_prev = jnp.maximum(c - 1, 0)
+            h_next = tuple(hs_ref[bi, c_prev, n, cols] for n in range(N))
+            jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
+                              unroll=min(cfg.bwd_unroll, CH))
+            for gq in reversed(range(CH // UQ)):
+                gbase = base + gq * UQ
+                carry = jax.lax.fori_loop(
+                    0, UQ, lambda ii, cr: adjoint(t0, slot, base, gbase,
+                                                  gbase - base + UQ - 1 - ii, cr),
+                    carry, unroll=min(cfg.bwd_unroll, UQ))
+                reduce_rows(t0 + gbase)
+        return carry + (h_next,)
+
+    g0 = tuple(dhl_ref[bi, n, cols] for n in range(N))
+    init = (g0, tuple(zero for _ in range(N)), zero, zero,
+            tuple(hs_ref[bi, n_chunks - 1, n, cols] for n in range(N)))
+    g, dat, dd, dbias, _ = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body, init,
+                                 reverse=True)
+    for n in range(NP):
+        dat_ref[bi, n, cols] = dat[n] if n < N else zero
+        dh0_ref[bi, n, cols] = g[n] if n < N else zero
+    ddb_ref[bi, 0, cols] = dd
+    ddb_ref[bi, 1, cols] = dbias
+
+
+def _interpret(cfg):
+    return plgpu.InterpretGPUParams() if cfg.interpret else None
+
+
+def _bc(Bm, Cm):
+    # B | C as one (tile, 2 Np) float32 row block per TMA copy, groups outermost.
+    return jnp.swapaxes(jnp.concatenate([Bm, Cm], axis=-1).astype(jnp.float32), 1, 2)
+
+
 def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, par, h0):
     b, lp, dp = u.shape
-    g = Bm.shape[2]
     np_, T, S = cfg.np_, cfg.tile, cfg.stages
     f32 = jnp.float32
-    # B | C as one (tile, 2 Np) row block per TMA copy, groups outermost.
-    bc = jnp.swapaxes(jnp.concatenate([Bm, Cm], axis=-1).astype(f32), 1, 2)
-    seq = [u, dt] + ([z] if cfg.has_z else []) + [bc]
+    seq = [u, dt] + ([z] if cfg.has_z else []) + [_bc(Bm, Cm)]
     out_type = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype),
                 jax.ShapeDtypeStruct((b, np_, dp), f32)]
     if save_states:
-        out_type.append(jax.ShapeDtypeStruct((b, lp // CHUNK, np_, dp), f32))
+        out_type.append(jax.ShapeDtypeStruct((b, lp // cfg.save_every, np_, dp), f32))
     scratch = ([plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-1]]
                + [plgpu.SMEM((S, T, 2 * np_), f32),
-                  plgpu.SMEM((np_ + 2, WIDTH), f32), plgpu.SMEM((np_, WIDTH), f32),
+                  plgpu.SMEM((np_ + 3, WIDTH), f32), plgpu.SMEM((np_, WIDTH), f32),
                   plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                   plgpu.Barrier(num_arrivals=2)])
-    params = plgpu.CompilerParams(
-        lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True,
-        unsafe_no_auto_barriers=True)
     kern = plgpu.kernel(
         functools.partial(_fwd_kernel, cfg=cfg, save_states=save_states),
-        out_type=tuple(out_type), scratch_types=scratch, compiler_params=params,
-        grid=(b, dp // WIDTH), grid_names=("b", "d"),
-        interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
-        )
-    del g
+        out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
+        grid=(b, dp // WIDTH), grid_names=("b", "d"), interpret=_interpret(cfg))
     return kern(*seq, par, h0)
 
 
+def _bwd_call(cfg, res, dout, dhl):
+    u, dt, z, Bm, Cm, par, hs = res
+    b, lp, dp = u.shape
+    np_, T, S = cfg.np_, cfg.bwd_tile, cfg.bwd_stages
+    n_blocks = dp // WIDTH
+    f32 = jnp.float32
+    seq = [u, dt] + ([z] if cfg.has_z else []) + [dout.astype(u.dtype), _bc(Bm, Cm)]
+    out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
+                + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
+                + [jax.ShapeDtypeStruct((b, n_blocks, lp * 2 * np_), f32),
+                   jax.ShapeDtypeStruct((b, np_, dp), f32),
+                   jax.ShapeDtypeStruct((b, 2, dp), f32),
+                   jax.ShapeDtypeStruct((b, np_, dp), f32)])
+    scratch = ([plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-1]]
+               + [plgpu.SMEM((S, T, 2 * np_), f32),
+                  plgpu.SMEM((np_ + 3, WIDTH), f32),
+                  plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # h_{t-1}
+                  plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
+                  plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
+                  plgpu.Barrier(num_arrivals=1)])
+    kern = plgpu.kernel(
+        functools.partial(_bwd_kernel, cfg=cfg),
+        out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
+        grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg))
+    return kern(*seq, par, hs, dhl.astype(f32))
+
+
 def _par(AT, D, bias):
-    return jnp.concatenate([AT * _LOG2E, D[None], bias[None]], axis=0)
+    return jnp.concatenate([AT * _LOG2E, D[None], bias[None], jnp.zeros_like(D)[None]], axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -248,8 +477,22 @@ def _scan_padded_fwd(cfg, u, dt, z, Bm, Cm, AT, D, bias, h0):
 
 
 def _scan_padded_bwd(cfg, res, cts):
-    # The Triton backward of kernels/selective_scan.py on the same padded layout.
-    return _ss._scan_padded_bwd(cfg.tcfg, res, cts)
+    if not cfg.mosaic_bwd:
+        # The Triton backward of kernels/selective_scan.py on the same padded layout.
+        return _ss._scan_padded_bwd(cfg.tcfg, res, cts)
+    u, dt, z, Bm, Cm, AT, D, bias, hs = res
+    dy, dhl = cts
+    outs = _bwd_call(cfg, (u, dt, z, Bm, Cm, _par(AT, D, bias), hs), dy, dhl)
+    du, ddt = outs[0], outs[1]
+    dz = outs[2] if cfg.has_z else None
+    dbc, dat, ddb, dh0 = outs[-4:]
+    b, lp, _ = u.shape
+    g, np_ = Bm.shape[2], cfg.np_
+    # Per-block partial sums of dC | dB reduced here (deterministic, no atomics).
+    dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp, 2 * np_).sum(2)
+    dC = jnp.swapaxes(dbc[..., :np_], 1, 2).astype(Cm.dtype)
+    dB = jnp.swapaxes(dbc[..., np_:], 1, 2).astype(Bm.dtype)
+    return (du, ddt, dz, dB, dC, dat.sum(0), ddb[:, 0].sum(0), ddb[:, 1].sum(0), dh0)
 
 
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
@@ -276,30 +519,36 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
             f"(jax {jax.__version__} lacks part of it); use kernels.selective_scan")
     b, l, di, g, n = _ss._check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     bs = block_sizes or MgpuBlockSizes()
-    tbs = bwd_block_sizes or _ss.BlockSizes.get_default(l)
     if interpret is None:
         interpret = not _ss._on_gpu()
     f32 = jnp.float32
     cg = di // g
     cgp = _round_up(cg, WIDTH)
-    np_ = max(_ss._next_pow2(n), 4)
-    lp = _round_up(l, bs.tile)
-    bdb = tbs.bwd_block_d or tbs.block_d
-    bdb = max(min(bdb, _ss._next_pow2(cg)), min(bdb, 16))
-    # The Triton backward on this layout: chunk = CHUNK steps, lp // CHUNK chunks.
-    tcfg = _ss._Cfg(length=l, n_chunks=lp // CHUNK, chunk=CHUNK, n_groups=g,
-                    blocks_per_group=cgp // bdb, block_d=bdb,
-                    bwd_blocks_per_group=cgp // bdb, bwd_block_d=bdb, d_state=np_,
-                    softplus=bool(delta_softplus), has_z=z is not None,
-                    unroll=min(tbs.unroll, CHUNK), prefetch=tbs.prefetch,
-                    num_warps=tbs.num_warps, num_stages=tbs.num_stages,
-                    bwd_num_warps=tbs.bwd_num_warps, lane=tbs.layout == "lane",
-                    fast_math=tbs.fast_math, carry_prefetch=tbs.carry_prefetch,
-                    bc_shuffle=False, interpret=bool(interpret))
-    cfg = _Cfg(length=l, n_tiles=lp // bs.tile, tile=bs.tile, stages=bs.stages,
-               unroll=bs.unroll, n_state=n, np_=np_, blocks_per_group=cgp // WIDTH,
+    # Mosaic backward: 2 Np rows per step fill the 128-row dB/dC tile, Np in {8, 16}.
+    mosaic_bwd = bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
+    np_ = max(_ss._next_pow2(n), 8 if mosaic_bwd else 4)
+    save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
+    lp = _round_up(l, math.lcm(bs.tile, bs.bwd_tile, TRITON_CHUNK))
+    tcfg = None
+    if not mosaic_bwd:
+        # The Triton backward on this layout: chunks of TRITON_CHUNK steps.
+        tbs = bwd_block_sizes or _ss.BlockSizes.get_default(l)
+        bdb = tbs.bwd_block_d or tbs.block_d
+        bdb = max(min(bdb, _ss._next_pow2(cg)), min(bdb, 16))
+        tcfg = _ss._Cfg(length=l, n_chunks=lp // TRITON_CHUNK, chunk=TRITON_CHUNK,
+                        n_groups=g, blocks_per_group=cgp // bdb, block_d=bdb,
+                        bwd_blocks_per_group=cgp // bdb, bwd_block_d=bdb, d_state=np_,
+                        softplus=bool(delta_softplus), has_z=z is not None,
+                        unroll=min(tbs.unroll, TRITON_CHUNK), prefetch=tbs.prefetch,
+                        num_warps=tbs.num_warps, num_stages=tbs.num_stages,
+                        bwd_num_warps=tbs.bwd_num_warps, lane=tbs.layout == "lane",
+                        fast_math=tbs.fast_math, carry_prefetch=tbs.carry_prefetch,
+                        bc_shuffle=False, interpret=bool(interpret))
+    cfg = _Cfg(length=l, lp=lp, tile=bs.tile, stages=bs.stages, unroll=bs.unroll,
+               save_every=save_every, n_state=n, np_=np_, blocks_per_group=cgp // WIDTH,
                softplus=bool(delta_softplus), has_z=z is not None,
-               interpret=bool(interpret), tcfg=tcfg)
+               interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bs.bwd_tile,
+               bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll, tcfg=tcfg)
 
     def chan(x):
         # (..., Di) -> (..., G * cgp): pad each group's channels (no copy when cg == cgp).
