@@ -271,8 +271,15 @@ def plot_scaling(records, slopes, path, title=""):
         xs, ys = zip(*pts)
         allx += xs
         ally += ys
-        slope = s.get("slope_upper")
-        label = model + (f" (slope {slope:.2f})" if slope is not None else "")
+        slope, where = s.get("slope_upper"), ""
+        if slope is None and s.get("slope_all") is not None:  # too few long points (e.g. OOM)
+            slope, where = s["slope_all"], f", up to {max(xs)}"
+        label = model + (f" (slope {slope:.2f}{where})" if slope is not None else "")
+        failed = [r for r in records if r["part"] == "scaling" and r["model"] == model
+                  and "error" in r]
+        if failed:
+            why = "out of memory" if "RESOURCE_EXHAUSTED" in failed[0]["error"] else "failed"
+            label += f"; {why} at {failed[0]['length']}"
         ax.plot(xs, ys, "o-", label=label)
     if allx:
         x0, x1 = min(allx), max(allx)
