@@ -8,24 +8,30 @@ Shape legend (as kernels/selective_scan.py):
 
 Design (benchmarks/NOTES_selective_scan.md, "Mosaic GPU"): one thread block = one warpgroup of
 128 threads per (batch, 128 channels), ONE CHANNEL PER THREAD, the N states of its channel in
-registers, sequential over time. Tiles of `tile` steps of u, delta, [z] and B|C are brought
+registers, sequential over time. Tiles of `tile` steps of u, delta, [z], B and C are brought
 into shared memory by the bulk-copy engine (TMA), `stages` tiles ahead of the recurrence, so
 the dependent loop reads only registers and shared memory (the Triton kernels load rows from
 global memory inside the loop: ~444 cycles per step). B_t[n], C_t[n] are warp-uniform scalar
-shared-memory loads (broadcast, no bank conflicts); exp2 with A pre-scaled by log2(e); y_t is
-stored straight to global memory (128 consecutive channels per warpgroup and step).
-One warpgroup-wide barrier per tile (before a slot is refilled) is the only synchronisation.
+shared-memory loads (broadcast, no bank conflicts; bf16 B/C converted to float32 once per tile);
+exp2 with A pre-scaled by log2(e); y_t is stored straight to global memory (128 consecutive
+channels per warpgroup and step). One warpgroup barrier per tile (before a slot is refilled)
+is the only synchronisation of the forward. The kernels read the caller's arrays as they are
+(no XLA pass before or after them) when the length is a multiple of the tile, each group's
+width a multiple of 128 and d_state a power of 2 >= 8.
 
-Backward: `jax.custom_vjp`; the forward saves the state entering every `chunk` (16) steps in
-the layout of kernels/selective_scan.py and the backward is that module's Triton backward
-kernel (v5), unchanged. A Mosaic backward (recompute per tile from the saved states, dB/dC as
-cross-thread sums) is not written yet.
+Backward (`jax.custom_vjp`): the forward saves the state entering every `bwd_chunk` (8) steps;
+the Mosaic backward walks tiles and chunks in reverse, recomputes a chunk's states into shared
+memory from the saved one, then runs the adjoint recurrence one channel per thread. The sums
+over channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
+writes its terms as rows, and after 64 / Np steps thread r sums row r. For d_state > 16 (or
+`backward="triton"`) the forward saves every 16 steps in the layout of kernels/selective_scan.py
+and its Triton backward (v5) runs instead.
 
 Contract: everything `kernels.selective_scan` accepts. The wrapper pads time to a multiple of
-`tile` (padded steps get delta = 0 after softplus: identity steps), each group's channels to a
-multiple of 128 (a block never straddles two groups) and d_state to a power of 2 >= 4 (the
-Triton backward's tile; the forward loops over the true N only). Widths far below 128 per
-group waste most of each block: correct, not fast.
+the tiles (padded steps get delta = 0 after softplus: identity steps), each group's channels to
+a multiple of 128 (a block never straddles two groups) and d_state to a power of 2 >= 8 (the
+loops run over the true N only). Widths far below 128 per group waste most of each block:
+correct, not fast.
 
 Needs jax >= 0.11.2 (`plgpu.kernel`, Lane lowering semantics, `InterpretGPUParams`);
 `AVAILABLE` is False where the API is missing (the module still imports, e.g. on jax 0.10.2).
@@ -170,23 +176,77 @@ def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False):
     return jax.lax.fori_loop(0, n_tiles, it, carry)
 
 
-def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
+def _zeros():
+    return plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32),
+                             plgpu.Layout.WG_STRIDED((WIDTH,), vec_size=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ins:
+    """Which optional inputs a kernel gets (static)."""
+    z: bool
+    d: bool
+    bias: bool
+    h0: bool
+    bc_f32: bool           # B, C already float32 (read from the TMA tiles directly)
+
+
+def _load_params(cfg, ins, refs, smem, pbar, cols):
+    """TMA of the per-channel parameters; returns a2 (N rows, A log2(e)), D, bias rows."""
+    a_ref, d_ref, bias_ref = refs
+    a_s, d_s, bias_s = smem
+    plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
+    if ins.d:
+        plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
+    if ins.bias:
+        plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
+    plgpu.barrier_wait(pbar)
+    # Column n of the (128, Np) tile: thread d reads A[d, n] (a strided load, once).
+    a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in range(cfg.n_state)]
+    return a2, (d_s[...] if ins.d else None), (bias_s[...] if ins.bias else None)
+
+
+def _bc_reader(ins, b_s, c_s, stage):
+    """(b(slot, t, n), c(slot, t, n), per-tile staging hook) over the B, C tiles. bf16 tiles
+    are converted to float32 once per tile into `stage` (one barrier), not at every use."""
+    if ins.bc_f32:
+        return (lambda slot, t, n: b_s[slot, t, n]), (lambda slot, t, n: c_s[slot, t, n]), None
+    bf_s, cf_s = stage
+
+    def convert(slot):
+        bf_s[...] = b_s[slot].astype(jnp.float32)
+        cf_s[...] = c_s[slot].astype(jnp.float32)
+        _barrier()
+
+    return (lambda slot, t, n: bf_s[t, n]), (lambda slot, t, n: cf_s[t, n]), convert
+
+
+def _par_count(ins):
+    return 1 + int(ins.d) + int(ins.bias)
+
+
+def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     """Forward of one (batch, 128-channel block): eq. 2a-2b, one channel per thread.
 
-    GMEM refs: u, dt, [z]: (B, Lp, Dp)  bc: (B, G, Lp, 2 Np) float32 (B | C)
-    par: (Np + 3, Dp) float32 (rows: A^T log2(e), D, delta_bias, 0)  h0: (B, Np, Dp)
+    GMEM refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np) float32
+    [D, delta_bias: (Dp,) float32]  [h0: (B, Np, Dp) float32]
     -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / save_every, Np, Dp)]
-    SMEM scratch: u, dt, [z]: (stages, tile, 128)  bc: (stages, tile, 2 Np)
-    par: (Np + 3, 128)  h0: (Np, 128); barriers: one per stage, one for par / h0.
+    SMEM scratch: u, dt, [z]: (stages, tile, 128)  B, C: (stages, tile, Np)
+    [B, C float32 staging: (tile, Np)]  A: (128, Np)  D, bias: (128,)  [h0: (Np, 128)];
+    barriers: one per stage, one for the parameters.
     """
-    n_in = 4 if cfg.has_z else 3
     it = iter(refs)
-    seq_refs = [next(it) for _ in range(n_in)]       # u, dt, [z], bc
-    par_ref, h0_ref = next(it), next(it)
+    nseq = 4 + int(ins.z)
+    seq_refs = [next(it) for _ in range(nseq)]       # u, dt, [z], B, C
+    par_refs = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
+    h0_ref = next(it) if ins.h0 else None
     y_ref, hl_ref = next(it), next(it)
     hs_ref = next(it) if save_states else None
-    seq_smem = [next(it) for _ in range(n_in)]
-    par_s, h0_s, bar, pbar = next(it), next(it), next(it), next(it)
+    seq_smem = [next(it) for _ in range(nseq)]
+    stage = None if ins.bc_f32 else (next(it), next(it))
+    par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
+    h0_s = next(it) if ins.h0 else None
+    bar, pbar = next(it), next(it)
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -196,44 +256,49 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
 
     def issue(k, slot):
         rows = pl.ds(k * T, T)
-        for r, s in zip(seq_refs[:-1], seq_smem[:-1]):
-            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s.at[slot], bar.at[slot])
-        plgpu.copy_gmem_to_smem(seq_refs[-1].at[bi, grp, rows, :], seq_smem[-1].at[slot],
-                                bar.at[slot])
+        for r, s_ in zip(seq_refs[:-2], seq_smem[:-2]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s_.at[slot], bar.at[slot])
+        for r, s_ in zip(seq_refs[-2:], seq_smem[-2:]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, grp, :], s_.at[slot], bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(par_ref.at[:, cols], par_s, pbar)
-    plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
-    plgpu.barrier_wait(pbar)
-    a2 = [par_s[n, :] for n in range(N)]
-    dskip = par_s[cfg.np_, :]
-    bias = par_s[cfg.np_ + 1, :]
-    zero = par_s[cfg.np_ + 2, :]
-    h = tuple(h0_s[n, :] for n in range(N))
+    if ins.h0:
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
+    a2, dskip, bias = _load_params(cfg, ins, par_refs, par_smem, pbar, cols)
+    zero = _zeros()
+    h = tuple(h0_s[n, :] if ins.h0 else zero for n in range(N))
     u_s, dt_s = seq_smem[0], seq_smem[1]
-    z_s = seq_smem[2] if cfg.has_z else None
-    bc_s = seq_smem[-1]
+    z_s = seq_smem[2] if ins.z else None
+    bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     masked = cfg.lp != cfg.length
 
     def step(t0, slot, t, h):
-        x = dt_s[slot, t, :].astype(jnp.float32) + bias
+        x = dt_s[slot, t, :].astype(jnp.float32)
+        if ins.bias:
+            x = x + bias
         dt = _softplus(x) if cfg.softplus else x
         if masked:
             dt = jnp.where(t0 + t < cfg.length, dt, 0.0)
         u = u_s[slot, t, :].astype(jnp.float32)
         dtu = dt * u
-        y = dskip * u
-        out = []
+        out, ys = [], []
         for n in range(N):
-            hn = jnp.exp2(dt * a2[n]) * h[n] + dtu * bc_s[slot, t, n]
-            y = y + hn * bc_s[slot, t, cfg.np_ + n]
+            hn = jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n)
             out.append(hn)
-        if cfg.has_z:
+            ys.append(hn * cval(slot, t, n))
+        if ins.d:
+            ys.append(dskip * u)
+        while len(ys) > 1:      # a tree: short dependent chain
+            ys = [ys[i] + ys[i + 1] if i + 1 < len(ys) else ys[i] for i in range(0, len(ys), 2)]
+        y = ys[0]
+        if ins.z:
             zt = z_s[slot, t, :].astype(jnp.float32)
             y = y * zt * _sigmoid(zt)
         y_ref[bi, t0 + t, cols] = y.astype(y_ref.dtype)
         return tuple(out)
 
     def tile_body(k, slot, h):
+        if convert is not None:
+            convert(slot)
         t0 = k * T
         for q in range(T // CH):
             if save_states:
@@ -249,7 +314,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, save_states: bool):
         hl_ref[bi, n, cols] = h[n] if n < N else zero
 
 
-def _bwd_kernel(*refs, cfg: _Cfg):
+def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     """Backward of one (batch, 128-channel block), one channel per thread: tiles and chunks
     in reverse, each chunk's states recomputed from the state saved at its entry.
 
@@ -260,20 +325,23 @@ def _bwd_kernel(*refs, cfg: _Cfg):
     dB_t, dC_t are sums over the block's channels (threads): each thread writes its terms as
     one row per (step, state) of a (128, 129) shared tile, 64 / Np steps fill it, and then
     thread r sums row r (the padding column keeps both phases free of bank conflicts).
-    GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  bc: (B, G, Lp, 2 Np)  par: (Np + 3, Dp)
+    GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np)  [D, bias]
     hs: (B, Lp / chunk, Np, Dp)  dhL: (B, Np, Dp)
     -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, Lp * 2 Np) per-block partials (dC | dB)
     dA^T: (B, Np, Dp)  dD, dbias: (B, 2, Dp)  dh0: (B, Np, Dp)
     """
-    n_in = 5 if cfg.has_z else 4
     it = iter(refs)
-    seq_refs = [next(it) for _ in range(n_in)]       # u, dt, [z], dout, bc
-    par_ref, hs_ref, dhl_ref = next(it), next(it), next(it)
+    nseq = 5 + int(ins.z)
+    seq_refs = [next(it) for _ in range(nseq)]       # u, dt, [z], dout, B, C
+    par_refs = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
+    hs_ref, dhl_ref = next(it), next(it)
     du_ref, ddt_ref = next(it), next(it)
-    dz_ref = next(it) if cfg.has_z else None
+    dz_ref = next(it) if ins.z else None
     dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
-    seq_smem = [next(it) for _ in range(n_in)]
-    par_s, h_s, pt_s, bar, pbar = next(it), next(it), next(it), next(it), next(it)
+    seq_smem = [next(it) for _ in range(nseq)]
+    stage = None if ins.bc_f32 else (next(it), next(it))
+    par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
+    h_s, pt_s, bar, pbar = next(it), next(it), next(it), next(it)
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -286,24 +354,23 @@ def _bwd_kernel(*refs, cfg: _Cfg):
 
     def issue(k, slot):
         rows = pl.ds(k * T, T)
-        for r, s in zip(seq_refs[:-1], seq_smem[:-1]):
-            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s.at[slot], bar.at[slot])
-        plgpu.copy_gmem_to_smem(seq_refs[-1].at[bi, grp, rows, :], seq_smem[-1].at[slot],
-                                bar.at[slot])
+        for r, s_ in zip(seq_refs[:-2], seq_smem[:-2]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s_.at[slot], bar.at[slot])
+        for r, s_ in zip(seq_refs[-2:], seq_smem[-2:]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, grp, :], s_.at[slot], bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(par_ref.at[:, cols], par_s, pbar)
-    plgpu.barrier_wait(pbar)
-    a2 = [par_s[n, :] for n in range(N)]
-    dskip = par_s[NP, :]
-    bias = par_s[NP + 1, :]
-    zero = par_s[NP + 2, :]
+    a2, dskip, bias = _load_params(cfg, ins, par_refs, par_smem, pbar, cols)
+    zero = _zeros()
     u_s, dt_s = seq_smem[0], seq_smem[1]
-    z_s = seq_smem[2] if cfg.has_z else None
-    do_s, bc_s = seq_smem[-2], seq_smem[-1]
+    z_s = seq_smem[2] if ins.z else None
+    do_s = seq_smem[-3]
+    bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     n_chunks = cfg.lp // CH
 
     def step_size(slot, tl, tg):
-        x = dt_s[slot, tl, :].astype(f32) + bias
+        x = dt_s[slot, tl, :].astype(f32)
+        if ins.bias:
+            x = x + bias
         dt = _softplus(x) if cfg.softplus else x
         if masked:
             dt = jnp.where(tg < cfg.length, dt, 0.0)
@@ -316,7 +383,7 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         dtu = dt * u_s[slot, tl, :].astype(f32)
         for n in range(N):
             h_s[i, n, :] = h[n]
-        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bc_s[slot, tl, n] for n in range(N))
+        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, tl, n) for n in range(N))
 
     def adjoint(t0, slot, base, gbase, i, carry):
         # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
@@ -326,32 +393,38 @@ def _bwd_kernel(*refs, cfg: _Cfg):
         u = u_s[slot, tl, :].astype(f32)
         dout = do_s[slot, tl, :].astype(f32)
         dtu = dt * u
+        bs = [bval(slot, tl, n) for n in range(N)]
+        cs = [cval(slot, tl, n) for n in range(N)]
         hp = [h_s[i, n, :] for n in range(N)]
         a = [jnp.exp2(dt * a2[n]) for n in range(N)]
-        h = [a[n] * hp[n] + dtu * bc_s[slot, tl, n] for n in range(N)]
-        if cfg.has_z:
+        h = [a[n] * hp[n] + dtu * bs[n] for n in range(N)]
+        if ins.z:
             zt = z_s[slot, tl, :].astype(f32)
             sig = _sigmoid(zt)
-            y = dskip * u
-            for n in range(N):
-                y = y + h[n] * bc_s[slot, tl, NP + n]
-            dz_ref[bi, tg, cols] = (dout * y * sig * (1.0 + zt * (1.0 - sig))).astype(
+            ys = [h[n] * cs[n] for n in range(N)] + ([dskip * u] if ins.d else [])
+            while len(ys) > 1:
+                ys = [ys[k] + ys[k + 1] if k + 1 < len(ys) else ys[k]
+                      for k in range(0, len(ys), 2)]
+            dz_ref[bi, tg, cols] = (dout * ys[0] * sig * (1.0 + zt * (1.0 - sig))).astype(
                 dz_ref.dtype)
             dy = dout * zt * sig
         else:
             dy = dout
         row = (base + i - gbase) * (2 * NP)
-        g = [g[n] + bc_s[slot, tl, NP + n] * dy for n in range(N)]
+        g = [g[n] + cs[n] * dy for n in range(N)]
         for n in range(N):
             pt_s[row + n, pl.ds(0, WIDTH)] = dy * h[n]              # dC_t terms
             pt_s[row + NP + n, pl.ds(0, WIDTH)] = g[n] * dtu        # dB_t terms
-        gb = g[0] * bc_s[slot, tl, 0]
         gah = [g[n] * a[n] * hp[n] for n in range(N)]
-        sa = gah[0] * a2[0]
-        for n in range(1, N):
-            gb = gb + g[n] * bc_s[slot, tl, n]
-            sa = sa + gah[n] * a2[n]
-        du = dskip * dy + dt * gb
+        gb = [g[n] * bs[n] for n in range(N)]
+        sa = [gah[n] * a2[n] for n in range(N)]
+        while len(gb) > 1:
+            gb = [gb[k] + gb[k + 1] if k + 1 < len(gb) else gb[k] for k in range(0, len(gb), 2)]
+            sa = [sa[k] + sa[k + 1] if k + 1 < len(sa) else sa[k] for k in range(0, len(sa), 2)]
+        gb, sa = gb[0], sa[0]
+        du = dt * gb
+        if ins.d:
+            du = du + dskip * dy
         ddt = gb * u + sa * (1.0 / _LOG2E)          # a2 = A log2(e)
         if cfg.softplus:
             ddt = ddt * _sigmoid(x)
@@ -373,6 +446,8 @@ def _bwd_kernel(*refs, cfg: _Cfg):
 
     def tile_body(k, slot, carry):
         carry, h_next = carry[:4], carry[4]
+        if convert is not None:
+            convert(slot)
         t0 = k * T
         for q in reversed(range(T // CH)):
             base = q * CH
@@ -408,91 +483,107 @@ def _interpret(cfg):
     return plgpu.InterpretGPUParams() if cfg.interpret else None
 
 
-def _bc(Bm, Cm):
-    # B | C as one (tile, 2 Np) float32 row block per TMA copy, groups outermost.
-    return jnp.swapaxes(jnp.concatenate([Bm, Cm], axis=-1).astype(jnp.float32), 1, 2)
+def _ins(z, Bm, D, bias, h0):
+    return _Ins(z=z is not None, d=D is not None, bias=bias is not None, h0=h0 is not None,
+                bc_f32=Bm.dtype == jnp.float32)
 
 
-def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, par, h0):
+def _common_scratch(ins, seq, T, S, np_, Bm):
+    f32 = jnp.float32
+    scratch = [plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-2]]
+    scratch += [plgpu.SMEM((S, T, np_), Bm.dtype), plgpu.SMEM((S, T, np_), Bm.dtype)]
+    if not ins.bc_f32:
+        scratch += [plgpu.SMEM((T, np_), f32), plgpu.SMEM((T, np_), f32)]
+    scratch.append(plgpu.SMEM((WIDTH, np_), f32))
+    scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
+    return scratch
+
+
+def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
+    ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
     np_, T, S = cfg.np_, cfg.tile, cfg.stages
     f32 = jnp.float32
-    seq = [u, dt] + ([z] if cfg.has_z else []) + [_bc(Bm, Cm)]
+    seq = [u, dt] + ([z] if ins.z else []) + [Bm, Cm]
+    pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = [jax.ShapeDtypeStruct((b, lp, dp), u.dtype),
                 jax.ShapeDtypeStruct((b, np_, dp), f32)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((b, lp // cfg.save_every, np_, dp), f32))
-    scratch = ([plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-1]]
-               + [plgpu.SMEM((S, T, 2 * np_), f32),
-                  plgpu.SMEM((np_ + 3, WIDTH), f32), plgpu.SMEM((np_, WIDTH), f32),
-                  plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
-                  plgpu.Barrier(num_arrivals=2)])
+    scratch = _common_scratch(ins, seq, T, S, np_, Bm)
+    scratch += [plgpu.SMEM((np_, WIDTH), f32)] if ins.h0 else []
+    scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
+                plgpu.Barrier(num_arrivals=_par_count(ins) + int(ins.h0))]
     kern = plgpu.kernel(
-        functools.partial(_fwd_kernel, cfg=cfg, save_states=save_states),
+        functools.partial(_fwd_kernel, cfg=cfg, ins=ins, save_states=save_states),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, dp // WIDTH), grid_names=("b", "d"), interpret=_interpret(cfg))
-    return kern(*seq, par, h0)
+    return kern(*seq, *pars, *([h0] if ins.h0 else []))
 
 
 def _bwd_call(cfg, res, dout, dhl):
-    u, dt, z, Bm, Cm, par, hs = res
+    u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
+    ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
     np_, T, S = cfg.np_, cfg.bwd_tile, cfg.bwd_stages
     n_blocks = dp // WIDTH
     f32 = jnp.float32
-    seq = [u, dt] + ([z] if cfg.has_z else []) + [dout.astype(u.dtype), _bc(Bm, Cm)]
+    seq = [u, dt] + ([z] if ins.z else []) + [dout.astype(u.dtype), Bm, Cm]
+    pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
-                + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if cfg.has_z else [])
+                + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
                 + [jax.ShapeDtypeStruct((b, n_blocks, lp * 2 * np_), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                    jax.ShapeDtypeStruct((b, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
-    scratch = ([plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-1]]
-               + [plgpu.SMEM((S, T, 2 * np_), f32),
-                  plgpu.SMEM((np_ + 3, WIDTH), f32),
-                  plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # h_{t-1}
-                  plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
-                  plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
-                  plgpu.Barrier(num_arrivals=1)])
+    scratch = _common_scratch(ins, seq, T, S, np_, Bm)
+    scratch += [plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # h_{t-1}
+                plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
+                plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
+                plgpu.Barrier(num_arrivals=_par_count(ins))]
     kern = plgpu.kernel(
-        functools.partial(_bwd_kernel, cfg=cfg),
+        functools.partial(_bwd_kernel, cfg=cfg, ins=ins),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg))
-    return kern(*seq, par, hs, dhl.astype(f32))
-
-
-def _par(AT, D, bias):
-    return jnp.concatenate([AT * _LOG2E, D[None], bias[None], jnp.zeros_like(D)[None]], axis=0)
+    return kern(*seq, *pars, hs, dhl.astype(f32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan_padded(cfg, u, dt, z, Bm, Cm, AT, D, bias, h0):
-    y, hl = _fwd_call(cfg, False, u, dt, z, Bm, Cm, _par(AT, D, bias), h0)
+def _scan_padded(cfg, u, dt, z, Bm, Cm, A, D, bias, h0):
+    y, hl = _fwd_call(cfg, False, u, dt, z, Bm, Cm, A, D, bias, h0)
     return y, hl
 
 
-def _scan_padded_fwd(cfg, u, dt, z, Bm, Cm, AT, D, bias, h0):
-    y, hl, hs = _fwd_call(cfg, True, u, dt, z, Bm, Cm, _par(AT, D, bias), h0)
-    return (y, hl), (u, dt, z, Bm, Cm, AT, D, bias, hs)
+def _scan_padded_fwd(cfg, u, dt, z, Bm, Cm, A, D, bias, h0):
+    y, hl, hs = _fwd_call(cfg, True, u, dt, z, Bm, Cm, A, D, bias, h0)
+    return (y, hl), (u, dt, z, Bm, Cm, A, D, bias, h0, hs)
 
 
 def _scan_padded_bwd(cfg, res, cts):
+    u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
+    dy, dhl = cts
     if not cfg.mosaic_bwd:
         # The Triton backward of kernels/selective_scan.py on the same padded layout.
-        return _ss._scan_padded_bwd(cfg.tcfg, res, cts)
-    u, dt, z, Bm, Cm, AT, D, bias, hs = res
-    dy, dhl = cts
-    outs = _bwd_call(cfg, (u, dt, z, Bm, Cm, _par(AT, D, bias), hs), dy, dhl)
-    du, ddt = outs[0], outs[1]
-    dz = outs[2] if cfg.has_z else None
-    dbc, dat, ddb, dh0 = outs[-4:]
-    b, lp, _ = u.shape
-    g, np_ = Bm.shape[2], cfg.np_
-    # Per-block partial sums of dC | dB reduced here (deterministic, no atomics).
-    dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp, 2 * np_).sum(2)
-    dC = jnp.swapaxes(dbc[..., :np_], 1, 2).astype(Cm.dtype)
-    dB = jnp.swapaxes(dbc[..., np_:], 1, 2).astype(Bm.dtype)
-    return (du, ddt, dz, dB, dC, dat.sum(0), ddb[:, 0].sum(0), ddb[:, 1].sum(0), dh0)
+        f32 = jnp.float32
+        zeros = jnp.zeros((A.shape[0],), f32)
+        tres = (u, dt, z, Bm, Cm, A.T, zeros if D is None else D,
+                zeros if bias is None else bias, hs)
+        du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _ss._scan_padded_bwd(cfg.tcfg, tres, cts)
+    else:
+        outs = _bwd_call(cfg, res, dy, dhl)
+        du, ddt = outs[0], outs[1]
+        dz = outs[2] if z is not None else None
+        dbc, dat, ddb, dh0 = outs[-4:]
+        b, lp, _ = u.shape
+        g, np_ = Bm.shape[2], cfg.np_
+        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics).
+        dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp, 2 * np_).sum(2)
+        dC = jnp.swapaxes(dbc[..., :np_], 1, 2).astype(Cm.dtype)
+        dB = jnp.swapaxes(dbc[..., np_:], 1, 2).astype(Bm.dtype)
+        dAT, dD, dbias = dat.sum(0), ddb[:, 0].sum(0), ddb[:, 1].sum(0)
+    return (du, ddt, dz, dB, dC, dAT.T,
+            None if D is None else dD, None if bias is None else dbias,
+            None if h0 is None else dh0)
 
 
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
@@ -507,7 +598,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         block_sizes: MgpuBlockSizes | None = None,
                         bwd_block_sizes: "_ss.BlockSizes | None" = None,
                         interpret: bool | None = None):
-    """Selective scan: Mosaic GPU forward, Triton backward (`jax.custom_vjp`).
+    """Selective scan on Mosaic GPU: forward and backward kernels under `jax.custom_vjp`
+    (the Triton backward of kernels/selective_scan.py for d_state > 16 or when asked for).
 
     u, delta, z: (B, L, Di)  A: (Di, N)  B, C: (B, L, N) or (B, L, G, N)  D, delta_bias: (Di,)
     initial_state: (B, Di, N).  Returns y (B, L, Di) [, h_L (B, Di, N) float32]; eq. 2a-2b.
@@ -526,7 +618,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     cgp = _round_up(cg, WIDTH)
     # Mosaic backward: 2 Np rows per step fill the 128-row dB/dC tile, Np in {8, 16}.
     mosaic_bwd = bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
-    np_ = max(_ss._next_pow2(n), 8 if mosaic_bwd else 4)
+    np_ = max(_ss._next_pow2(n), 8)     # 8: a bf16 B/C row is one 16-byte TMA unit
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
     lp = _round_up(l, math.lcm(bs.tile, bs.bwd_tile, TRITON_CHUNK))
     tcfg = None
@@ -550,30 +642,39 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bs.bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll, tcfg=tcfg)
 
-    def chan(x):
-        # (..., Di) -> (..., G * cgp): pad each group's channels (no copy when cg == cgp).
+    def chan(x, axis=-1):
+        # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
         if cgp == cg:
             return x
+        x = jnp.moveaxis(x, axis, -1)
         lead = x.shape[:-1]
         x = x.reshape(lead + (g, cg))
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, cgp - cg)])
-        return x.reshape(lead + (g * cgp,))
+        return jnp.moveaxis(x.reshape(lead + (g * cgp,)), -1, axis)
 
     def seq(x):
         return x if lp == l else jnp.pad(x, [(0, 0), (0, lp - l), (0, 0)])
 
+    def bc(x):
+        # B / C as (B, Lp, G, Np) in their own dtype (bf16 tiles are converted in-kernel).
+        x = _ss._as_groups(x)
+        if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            x = x.astype(f32)
+        if lp != l or np_ != n:
+            x = jnp.pad(x, [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)])
+        return x
+
     u_p, dt_p = seq(chan(u)), seq(chan(delta))
     z_p = None if z is None else seq(chan(z))
-    pad_bc = [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)]
-    B_p = jnp.pad(_ss._as_groups(B).astype(f32), pad_bc)
-    C_p = jnp.pad(_ss._as_groups(C).astype(f32), pad_bc)
-    AT = jnp.pad(chan(A.astype(f32).T), [(0, np_ - n), (0, 0)])
-    D_p = chan(jnp.zeros((di,), f32) if D is None else D.astype(f32))
-    bias_p = chan(jnp.zeros((di,), f32) if delta_bias is None else delta_bias.astype(f32))
-    h0 = (jnp.zeros((b, np_, g * cgp), f32) if initial_state is None else
+    A_p = chan(A.astype(f32), axis=0)
+    if np_ != n:
+        A_p = jnp.pad(A_p, [(0, 0), (0, np_ - n)])
+    D_p = None if D is None else chan(D.astype(f32))
+    bias_p = None if delta_bias is None else chan(delta_bias.astype(f32))
+    h0 = (None if initial_state is None else
           jnp.pad(chan(jnp.swapaxes(initial_state.astype(f32), 1, 2)),
                   [(0, 0), (0, np_ - n), (0, 0)]))
-    y, hl = _scan_padded(cfg, u_p, dt_p, z_p, B_p, C_p, AT, D_p, bias_p, h0)
+    y, hl = _scan_padded(cfg, u_p, dt_p, z_p, bc(B), bc(C), A_p, D_p, bias_p, h0)
     y = y[:, :l]
     if cgp != cg:
         y = y.reshape(b, l, g, cgp)[..., :cg].reshape(b, l, di)
