@@ -12,8 +12,10 @@ Implementations (`impl`):
     "ref"     sequential `lax.scan` over time: the readable spec (`selective_scan_reference`).
     "xla"     `jax.lax.associative_scan` over the (decay, input) pairs
               (`selective_scan_associative`); materialises (B, L, Di, N) float32.
-    "pallas"  the Pallas GPU kernels (Triton backend) under `jax.custom_vjp`
-              (interpret mode when no GPU is present).
+    "pallas"  the Pallas GPU kernels under `jax.custom_vjp`: on a GPU, with jax >= 0.11.2, the
+              Mosaic GPU kernels of kernels/selective_scan_mgpu.py where they were measured
+              to win (`_mosaic_applies`); otherwise the Triton kernels here (interpret mode
+              when no GPU is present).
     "auto"    pallas on GPU, xla elsewhere.
 State and all accumulation are float32 (the references switch to float64 when given float64
 inputs, for error measurements); the output has u's dtype.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import warnings
 
@@ -857,6 +860,23 @@ def _on_gpu() -> bool:
         return False
 
 
+MOSAIC_MAX_STATE = 16   # _mosaic_applies: d_state range of the Mosaic backward (measured)
+
+
+def _mosaic_applies(l, di, g, n) -> bool:
+    """Whether impl="pallas" takes the Mosaic GPU kernels (kernels/selective_scan_mgpu.py)
+    rather than the Triton ones: a GPU (compiled, not interpret mode; CPU cross-lowering keeps
+    Triton), a jax with the Pallas Mosaic GPU API (>= 0.11.2), sequences longer than
+    SHORT_LEN (short ones keep the measured short-sequence Triton default), at least 128
+    channels per group (one 128-channel block per warpgroup; narrower groups are padded) and
+    d_state <= MOSAIC_MAX_STATE (the Mosaic backward's range). H100, b8 L4096 d2048 n16 and
+    b64 L1024 d256 n16: benchmarks/NOTES_selective_scan.md, "Mosaic GPU"."""
+    if not _on_gpu() or l <= SHORT_LEN or di // g < 128 or n > MOSAIC_MAX_STATE:
+        return False
+    # Imported here: kernels/selective_scan_mgpu.py imports this module.
+    return importlib.import_module("kernels.selective_scan_mgpu").AVAILABLE
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                    delta_softplus=False, initial_state=None, return_final_state=False,
                    impl="auto"):
@@ -867,12 +887,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     [, h_L (B, Di, N) float32 when `return_final_state`].
         h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = C_t . h_t + D u_t ;
         y *= silu(z)
-    `impl`: "ref" (sequential lax.scan), "xla" (associative scan), "pallas" (GPU kernel,
-    interpret mode on CPU), "auto" (pallas on GPU, xla elsewhere).
+    `impl`: "ref" (sequential lax.scan), "xla" (associative scan), "pallas" (GPU kernels:
+    Mosaic GPU where `_mosaic_applies`, else Triton; interpret mode on CPU), "auto" (pallas
+    on GPU, xla elsewhere).
     """
     if impl not in _IMPLS:
         raise ValueError(f"unknown {impl=}; choose one of {_IMPLS}")
-    _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, l, di, g, n = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if impl == "auto":
         impl = "pallas" if _on_gpu() else "xla"
     kwargs = dict(delta_softplus=delta_softplus, initial_state=initial_state,
@@ -881,4 +902,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     if impl == "xla":
         return selective_scan_associative(u, delta, A, B, C, D, z, delta_bias, **kwargs)
+    if _mosaic_applies(l, di, g, n):
+        mgpu = importlib.import_module("kernels.selective_scan_mgpu")
+        return mgpu.selective_scan_mgpu(u, delta, A, B, C, D, z, delta_bias, **kwargs)
     return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, **kwargs)

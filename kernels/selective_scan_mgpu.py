@@ -589,6 +589,27 @@ def _scan_padded_bwd(cfg, res, cts):
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 
 
+SMEM_LIMIT = 220 * 1024    # H100: 227 KB of shared memory per block, some kept in reserve
+
+
+def _fwd_smem_bytes(stages, tile, np_, u, z, B):
+    """Shared memory of the Mosaic forward (scratch of _fwd_call) in bytes."""
+    seq = 2 * jnp.dtype(u.dtype).itemsize + (jnp.dtype(z.dtype).itemsize if z is not None else 0)
+    bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
+    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
+    return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
+
+
+def _bwd_smem_bytes(bs, tile, n, np_, u, z, B):
+    """Shared memory of the Mosaic backward (scratch of _bwd_call) in bytes."""
+    isz = jnp.dtype(u.dtype).itemsize
+    seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
+    bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
+    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
+    return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
+            + 2 * WIDTH * 4 + bs.bwd_chunk * n * WIDTH * 4 + WIDTH * (WIDTH + 1) * 4)
+
+
 def _round_up(x, m):
     return -(-x // m) * m
 
@@ -617,10 +638,26 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     cg = di // g
     cgp = _round_up(cg, WIDTH)
     # Mosaic backward: 2 Np rows per step fill the 128-row dB/dC tile, Np in {8, 16}.
-    mosaic_bwd = bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
     np_ = max(_ss._next_pow2(n), 8)     # 8: a bf16 B/C row is one 16-byte TMA unit
+    # The backward's shared memory (dominated by the recomputed states and the dB/dC tile)
+    # must fit: halve its tile for 4-byte inputs; else the Triton backward.
+    bwd_tile = bs.bwd_tile
+    while (_bwd_smem_bytes(bs, bwd_tile, n, np_, u, z, B) > SMEM_LIMIT
+           and bwd_tile > bs.bwd_chunk):
+        bwd_tile //= 2
+    mosaic_bwd = (bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
+                  and _bwd_smem_bytes(bs, bwd_tile, n, np_, u, z, B) <= SMEM_LIMIT)
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
-    lp = _round_up(l, math.lcm(bs.tile, bs.bwd_tile, TRITON_CHUNK))
+    # Likewise the forward's ring (f32 inputs, long tiles): fewer stages, then shorter tiles.
+    stages, tile = bs.stages, bs.tile
+    while _fwd_smem_bytes(stages, tile, np_, u, z, B) > SMEM_LIMIT:
+        if stages > 2:
+            stages -= 1
+        elif tile > 16 and (tile // 2) % save_every == 0:
+            tile //= 2
+        else:
+            break
+    lp = _round_up(l, math.lcm(tile, bwd_tile, TRITON_CHUNK))
     tcfg = None
     if not mosaic_bwd:
         # The Triton backward on this layout: chunks of TRITON_CHUNK steps.
@@ -636,10 +673,10 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         bwd_num_warps=tbs.bwd_num_warps, lane=tbs.layout == "lane",
                         fast_math=tbs.fast_math, carry_prefetch=tbs.carry_prefetch,
                         bc_shuffle=False, interpret=bool(interpret))
-    cfg = _Cfg(length=l, lp=lp, tile=bs.tile, stages=bs.stages, unroll=bs.unroll,
+    cfg = _Cfg(length=l, lp=lp, tile=tile, stages=stages, unroll=bs.unroll,
                save_every=save_every, n_state=n, np_=np_, blocks_per_group=cgp // WIDTH,
                softplus=bool(delta_softplus), has_z=z is not None,
-               interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bs.bwd_tile,
+               interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll, tcfg=tcfg)
 
     def chan(x, axis=-1):

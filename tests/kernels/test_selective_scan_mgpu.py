@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from kernels.selective_scan import _mosaic_applies, selective_scan
 from kernels.selective_scan_mgpu import AVAILABLE, MgpuBlockSizes, selective_scan_mgpu
 from tests.conftest import has_gpu
 from tests.kernels.test_selective_scan import FLOAT_ARGS, check_against_ref, make_inputs
@@ -92,3 +93,24 @@ def test_mgpu_compiled_on_gpu_matches_reference(dtype):
         pytest.skip("needs a CUDA GPU")
     check_against_ref(functools.partial(selective_scan_mgpu, interpret=False), args, True,
                       dtype)
+
+
+def test_public_pallas_routes_to_mosaic_only_on_gpu_and_measured_shapes():
+    # CPU (interpret mode, cross-lowering) keeps the Triton kernels; on a GPU, short sequences,
+    # narrow groups and d_state > 16 do too.
+    assert _mosaic_applies(1000, 256, 1, 16) == has_gpu()
+    assert not _mosaic_applies(64, 256, 1, 16)
+    assert not _mosaic_applies(1000, 200, 2, 16)
+    assert not _mosaic_applies(1000, 256, 1, 32)
+
+
+@pytest.mark.gpu
+def test_public_pallas_on_gpu_is_mosaic_and_matches_reference():
+    if not has_gpu():
+        pytest.skip("needs a CUDA GPU")
+    args = make_inputs(6, 2, 200, 256, 16, dtype=jnp.bfloat16)
+    text = jax.jit(lambda u: selective_scan(u, *[args[k] for k in FLOAT_ARGS[1:8]],
+                                            delta_softplus=True, impl="pallas")).lower(
+        args["u"]).as_text()
+    assert "mosaic_gpu" in text
+    check_against_ref("pallas", args, True, jnp.bfloat16)
