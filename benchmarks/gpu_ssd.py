@@ -467,25 +467,29 @@ LOW_CHUNK = 10
 if os.environ.get("SSD_BENCH_TINY"):
     LOW = dict(b=64, l=10, h=4, p=64, n=64, g=1)
 # name -> BlockSizes keywords (no pinned chunk: the caller's chunk_size 10, as in the model).
-# Order = priority. "old" is run 6's default (each sequence padded to 16 steps in XLA, 2 per
-# 32-row program); "pack32" the packed layout with the other knobs at their defaults.
+# Order = priority. Run 7 ran these with the then defaults short_fwd_heads 1 and num_stages 2
+# for every kernel (RUN7_BASE; a global num_stages=1 was its "stages1"); its best-knob
+# combination (4 heads per forward program, 1 stage) is the default since ("default").
+# "old" is run 6's default (each sequence padded to 16 steps in XLA, 2 per 32-row program).
+RUN7_BASE = dict(short_fwd_heads=1, num_stages_short=2)
 SHORT_VARIANTS = {
-    "pack32": dict(),
-    "old": dict(short_pack=False),
-    "rows16": dict(short_rows=16),
-    "rows64": dict(short_rows=64),
-    "fh4": dict(short_fwd_heads=4),
-    "fwd_w2": dict(num_warps_short_fwd=2),
-    "unroll": dict(short_unroll=True),
-    "bwd_w2": dict(num_warps_short_bwd=2),
-    "bwd_w8": dict(num_warps_short_bwd=8),
-    "stages1": dict(num_stages=1),
+    "default": dict(),
+    "pack32": dict(RUN7_BASE),
+    "old": dict(RUN7_BASE, short_pack=False),
+    "rows16": dict(RUN7_BASE, short_rows=16),
+    "rows64": dict(RUN7_BASE, short_rows=64),
+    "fh4": dict(RUN7_BASE, short_fwd_heads=4),
+    "fwd_w2": dict(RUN7_BASE, num_warps_short_fwd=2),
+    "unroll": dict(RUN7_BASE, short_unroll=True),
+    "bwd_w2": dict(RUN7_BASE, num_warps_short_bwd=2),
+    "bwd_w8": dict(RUN7_BASE, num_warps_short_bwd=8),
+    "stages1": dict(RUN7_BASE, num_stages_short=1),
 }
 # The combination task takes the best of each group (each differs from pack32 in one knob):
 ROW_KNOBS = ("pack32", "rows16", "rows64")               # both kernels: by fwd+bwd
 FWD_KNOBS = ("pack32", "fh4", "fwd_w2")                  # forward kernel only: by fwd
 BWD_KNOBS = ("pack32", "unroll", "bwd_w2", "bwd_w8", "stages1")   # by fwd+bwd - fwd
-PTXAS_SHORT = ("old", "pack32", "rows16", "rows64", "fh4", "unroll", "bwd_w2")
+PTXAS_SHORT = ("old", "default", "pack32", "rows16", "rows64", "fh4", "unroll", "bwd_w2")
 # f32 inputs run TF32 dots on the GPU (~5e-4 relative per operand): their GPU tolerance.
 F32_GPU_TOL = {"out": 3e-3, "grad": 3e-3}
 RESULTS_PATH = None       # set in worker(): the combination task reads the earlier records
@@ -569,8 +573,11 @@ def short_eq(kw, dtype, seed, full=False, precompile=False):
 
 
 def short_time(rec, kw, dtypes=("float32", "bfloat16"), precompile=False):
-    """fwd and fwd+bwd (jax.grad of sum(y) wrt x, dt, A, B, C, D, dt_bias) at the low-level
-    shape per input dtype: two bursts of 50 back-to-back calls (mean each); ms = their mean."""
+    """fwd and fwd+bwd (jax.value_and_grad of sum(y) wrt x, dt, A, B, C, D, dt_bias) at the
+    low-level shape per input dtype: two bursts of 50 back-to-back calls (mean each); ms =
+    their mean. value_and_grad, not grad: the one-chunk backward needs no output of the
+    forward kernel, so under jax.grad XLA drops that kernel (run 7's "fwd_bwd" column was
+    the backward alone)."""
     jax = _jax()
     import jax.numpy as jnp
     f = _short_fn(kw)
@@ -585,7 +592,8 @@ def short_time(rec, kw, dtypes=("float32", "bfloat16"), precompile=False):
         def loss(*v):
             return jnp.sum(fwd(*v).astype(jnp.float32))
 
-        for what, fn in (("fwd", fwd), ("fwd_bwd", jax.grad(loss, argnums=tuple(range(7))))):
+        for what, fn in (("fwd", fwd),
+                         ("fwd_bwd", jax.value_and_grad(loss, argnums=tuple(range(7))))):
             k = f"{dname} {what}"
             try:
                 exe, ct = compiled(fn, *vals)
@@ -607,7 +615,7 @@ def task_short_var(rec, name, precompile=False):
     if kw != "xla":
         seed = 100 + 10 * (list(SHORT_VARIANTS).index(name))
         cases = [("f32", "float32", False), ("bf16", "bfloat16", False)]
-        if name in ("pack32", "old"):
+        if name in ("default", "pack32", "old"):
             cases += [("f32 all optional", "float32", True), ("bf16 all optional", "bfloat16", True)]
         for i, (what, dname, full) in enumerate(cases):
             rec["eq " + what] = short_eq(kw, dname, seed + i, full=full, precompile=precompile)
@@ -633,9 +641,10 @@ def combo_choice(recs):
     fw = lambda r: _score(r, "fwd")                                          # noqa: E731
     bw = lambda r: (None if fb(r) is None or fw(r) is None else fb(r) - fw(r))  # noqa: E731
     picks = {"rows": best(ROW_KNOBS, fb), "fwd": best(FWD_KNOBS, fw), "bwd": best(BWD_KNOBS, bw)}
-    kw = {}
-    for n in picks.values():
-        kw.update(SHORT_VARIANTS[n])
+    base = SHORT_VARIANTS["pack32"]
+    kw = dict(base)
+    for n in picks.values():   # each pick's difference from pack32
+        kw.update({k: v for k, v in SHORT_VARIANTS[n].items() if base.get(k) != v})
     return kw, picks
 
 
@@ -680,7 +689,7 @@ def task_ptxas_short(rec, precompile=False):
         warps = {"ssd_short_fwd": bs.num_warps_short_fwd, "ssd_short_bwd": bs.num_warps_short_bwd}
         try:
             rec[name] = _ptxas_rows(lambda: jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(
-                *vals).lower(lowering_platforms=("cuda",)), warps, bs.num_stages)
+                *vals).lower(lowering_platforms=("cuda",)), warps, bs.num_stages_short)
         except Exception as e:
             rec[name] = repr(e)[:300]
 
@@ -756,7 +765,7 @@ def short_main(opts):
     var = [{"kind": "short_var", "name": n, "limit_s": 75} for n in names]
     # Priority: the new and old defaults and xla, the other variants, their combination,
     # then the chunked default at L and S (a regression check of the unchanged long path).
-    tasks = (var[:2] + [{"kind": "short_var", "name": "xla", "limit_s": 60}] + var[2:]
+    tasks = (var[:3] + [{"kind": "short_var", "name": "xla", "limit_s": 60}] + var[3:]
              + [{"kind": "short_combo", "limit_s": 75},
                 {"kind": "variant", "name": "default", "limit_s": 60}])
     # Precompile every task into the persistent cache in parallel (CPU-bound) with the ptxas

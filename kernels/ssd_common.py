@@ -101,7 +101,8 @@ class BlockSizes:
     chunk: the kernel's chunk length Q (a power of two >= 16). None: the caller's chunk_size
       rounded up to a power of two within [16, 128]. The result does not depend on the chunk
       (it only regroups exact arithmetic), so the kernel may use its own.
-    num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters.
+    num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters (num_stages: of the
+      chunked kernels; the one-chunk kernels take num_stages_short).
     bwd: "split3" (a sequential dL/dh pass; then one program per (batch, chunk, head) for
       dx, ddt, dz, dA, dD; then one per (batch, chunk, head block) for dB, dC), "split" (the
       last two fused into one program per (batch, chunk, head block)) or "fused" (one
@@ -136,6 +137,11 @@ class BlockSizes:
       heads per group); they share the loads of B, C and C B^T.
     short_unroll: unroll the one-chunk kernels' loops over heads (straight code the compiler
       may interleave) instead of a loop.
+    num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
+      head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
+      tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
+      bwd 0.519 ms in f32, 0.097 / 0.415 in bf16; run 6's padded layout 0.566 / 1.045 and
+      0.309 / 0.829 (benchmarks/NOTES_ssd.md).
     """
     chunk: int | None = None
     num_warps_fwd: int = 4
@@ -151,8 +157,9 @@ class BlockSizes:
     num_warps_short_bwd: int = 4
     short_pack: bool = True
     short_rows: int | None = None
-    short_fwd_heads: int = 1
+    short_fwd_heads: int = 4
     short_unroll: bool = False
+    num_stages_short: int = 1
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -167,6 +174,9 @@ class BlockSizes:
         if self.short_fwd_heads < 1:
             raise ValueError(f"BlockSizes.short_fwd_heads must be >= 1; "
                              f"got {self.short_fwd_heads=}")
+        if self.num_stages_short < 1:
+            raise ValueError(f"BlockSizes.num_stages_short must be >= 1; "
+                             f"got {self.num_stages_short=}")
         sr = self.short_rows
         if sr is not None and (sr < 16 or sr & (sr - 1)):
             raise ValueError(f"BlockSizes.short_rows must be a power of two >= 16 or None; "

@@ -281,7 +281,7 @@ def _short_fwd_call(x, dt, A, B, C, D, z, h0, *, seq, nseq, rows, want_hT, bs, i
 
     args = [x, dt, A, B, C, D] + ([z] if has_z else []) + ([h0] if has_h0 else [])
     res = _pallas_call(kernel, out_shape, (-(-nb // nseq), h // hf), bs.num_warps_short_fwd,
-                       bs.num_stages, interpret, "ssd_short_fwd")(*args)
+                       bs.num_stages_short, interpret, "ssd_short_fwd")(*args)
     return tuple(res) if want_hT else res[0]
 
 
@@ -322,7 +322,7 @@ def _short_bwd_call(x, dt, A, B, C, D, z, h0, dy, dhT, *, seq, nseq, rows, bs, i
     args = ([x, dt, A, B, C, D] + ([z] if has_z else []) + ([h0] if has_h0 else []) + [dy]
             + ([dhT] if has_dhT else []))
     res = list(_pallas_call(kernel, out_shape, (nprog, h // hb), bs.num_warps_short_bwd,
-                            bs.num_stages, interpret, "ssd_short_bwd")(*args))
+                            bs.num_stages_short, interpret, "ssd_short_bwd")(*args))
     dh0 = res.pop() if has_h0 else None
     dz = res.pop(4) if has_z else None
     dx, ddt, dbp, dcp, da, dd = res

@@ -315,10 +315,12 @@ def test_pallas_short_padded_layout_matches_reference(l, chunk, b, g, keep, shor
                 f"short padded l={l}")
 
 
-# Packed-layout options, rotated over the lengths: 32-row tiles (the default), 16 and 64
-# rows, and the head loops unrolled with all heads of a group in one forward program.
-PACKED_OPTIONS = (dict(), dict(short_rows=16), dict(short_rows=64),
-                  dict(short_fwd_heads=4, short_unroll=True))
+# Packed-layout options, rotated over the lengths: the default (32-row tiles, the heads of
+# a group in one forward program, 1 stage), 16 and 64 rows, one head per forward program,
+# the head loops unrolled, 2 stages.
+PACKED_OPTIONS = (dict(), dict(short_rows=16, short_fwd_heads=1),
+                  dict(short_rows=64, short_unroll=True),
+                  dict(short_fwd_heads=1, short_unroll=True, num_stages_short=2))
 
 
 @pytest.mark.parametrize("l", range(1, 21))
@@ -370,6 +372,8 @@ def test_pallas_short_initial_state_without_final():
     (True, False, ("ssd_short_fwd", "ssd_short_bwd"), dict(short_pack=False)),
     (True, True, ("ssd_short_fwd", "ssd_short_bwd"),
      dict(short_rows=64, short_fwd_heads=4, short_unroll=True)),
+    (True, False, ("ssd_short_fwd", "ssd_short_bwd"),
+     dict(short_fwd_heads=1, num_stages_short=2)),
     (False, False, ("ssd_fwd", "ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc"), {}),
 ])
 def test_pallas_short_lowers_to_triton(short, final, kernels, options):
@@ -436,3 +440,5 @@ def test_pallas_block_sizes_validated():
         BlockSizes(short_rows=24)
     with pytest.raises(ValueError, match="BlockSizes.short_fwd_heads"):
         BlockSizes(short_fwd_heads=0)
+    with pytest.raises(ValueError, match="BlockSizes.num_stages_short"):
+        BlockSizes(num_stages_short=0)
