@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.ssd_common import (BlockSizes, _check_args, _effective_dt, _finish,
-                                _kernel_chunk, _next_pow2, _pad_to)
+                                _kernel_chunk, _next_pow2, _pad_to, LONG_CHUNK)
 from kernels.ssd_long import _ssd_core
 from kernels.ssd_short import _ssd_short
 
@@ -245,6 +245,8 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
         raise ValueError(f"ssd_pallas supports float32/bfloat16/float16 x; got {x.dtype=}")
     q = _kernel_chunk(chunk_size, bs)
     short = bs.short and l <= q
+    if not short and bs.chunk is None:
+        q = min(q, LONG_CHUNK)
     if short:
         # One chunk: the smallest power-of-two chunk that holds the sequence. The one-chunk
         # path pads time itself, and only in its run-6 layout (BlockSizes.short_pack=False).

@@ -99,8 +99,11 @@ class BlockSizes:
     """Tiling of the Pallas kernels.
 
     chunk: the kernel's chunk length Q (a power of two >= 16). None: the caller's chunk_size
-      rounded up to a power of two within [16, 128]. The result does not depend on the chunk
-      (it only regroups exact arithmetic), so the kernel may use its own.
+      rounded up to a power of two within [16, 128] decides whether a sequence fits one chunk
+      (the one-chunk path); the chunked kernels then run at most LONG_CHUNK = 64, the fastest
+      measured on the H100 (at b8 L4096 h32 p64 n128 bf16, Q = 128 is 4x slower than 64:
+      benchmarks/results/kernels_h100.json). The result does not depend on the chunk (it only
+      regroups exact arithmetic), so the kernel may use its own.
     num_warps_fwd / num_warps_bwd / num_stages: Triton launch parameters (num_stages: of the
       chunked kernels; the one-chunk kernels take num_stages_short).
     bwd: "split3" (a sequential dL/dh pass; then one program per (batch, chunk, head) for
@@ -189,6 +192,9 @@ class BlockSizes:
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+LONG_CHUNK = 64
 
 
 def _kernel_chunk(chunk_size: int, block_sizes: BlockSizes) -> int:

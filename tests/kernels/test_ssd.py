@@ -174,6 +174,7 @@ def test_bad_impl_and_chunk_raise():
     (1, 16, 1, 8, 8, None),       # a single step, no optional args; P and N padded to 16
     (37, 8, 2, 8, 8, "D(H,P)"),   # odd length, groups; chunk 8 runs as the minimum chunk 16
     (65, 32, 4, 16, 32, "D(H)"),  # one head per group
+    (131, 256, 1, 8, 8, "D(H)"),  # caller chunk 256: one-chunk test at 128, chunked at 64
 ])
 def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     key = jax.random.PRNGKey(10 + l)
