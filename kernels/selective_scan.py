@@ -860,7 +860,7 @@ def _on_gpu() -> bool:
         return False
 
 
-MOSAIC_MAX_STATE = 16   # _mosaic_applies: d_state range of the Mosaic backward (measured)
+MOSAIC_MAX_STATE = 16   # _mosaic_applies: the d_state measured (16) and below
 
 
 def _mosaic_applies(l, di, g, n) -> bool:
@@ -869,8 +869,10 @@ def _mosaic_applies(l, di, g, n) -> bool:
     Triton), a jax with the Pallas Mosaic GPU API (>= 0.11.2), sequences longer than
     SHORT_LEN (short ones keep the measured short-sequence Triton default), at least 128
     channels per group (one 128-channel block per warpgroup; narrower groups are padded) and
-    d_state <= MOSAIC_MAX_STATE (the Mosaic backward's range). H100, b8 L4096 d2048 n16 and
-    b64 L1024 d256 n16: benchmarks/NOTES_selective_scan.md, "Mosaic GPU"."""
+    d_state <= MOSAIC_MAX_STATE. There the Mosaic forward runs with this module's Triton
+    backward (`MgpuBlockSizes()`); H100, b8 L4096 d2048 n16 / b64 L1024 d256 n16: forward
+    0.452 / 0.127 ms against v5's 0.920 / 0.245, forward+backward 4.06 / 1.05 against 4.60 /
+    1.19 (benchmarks/NOTES_selective_scan.md, "Mosaic GPU")."""
     if not _on_gpu() or l <= SHORT_LEN or di // g < 128 or n > MOSAIC_MAX_STATE:
         return False
     # Imported here: kernels/selective_scan_mgpu.py imports this module.

@@ -19,13 +19,14 @@ is the only synchronisation of the forward. The kernels read the caller's arrays
 (no XLA pass before or after them) when the length is a multiple of the tile, each group's
 width a multiple of 128 and d_state a power of 2 >= 8.
 
-Backward (`jax.custom_vjp`): the forward saves the state entering every `bwd_chunk` (8) steps;
+Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "triton" (default, measured): the
+forward saves the state entering every 16 steps in the layout of kernels/selective_scan.py and
+its Triton backward (v5) runs on the same padded layout. "mosaic" (d_state <= 16; checked on
+the H100, not yet timed): the forward saves the state entering every `bwd_chunk` (8) steps;
 the Mosaic backward walks tiles and chunks in reverse, recomputes a chunk's states into shared
 memory from the saved one, then runs the adjoint recurrence one channel per thread. The sums
 over channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
-writes its terms as rows, and after 64 / Np steps thread r sums row r. For d_state > 16 (or
-`backward="triton"`) the forward saves every 16 steps in the layout of kernels/selective_scan.py
-and its Triton backward (v5) runs instead.
+writes its terms as rows, and after 64 / Np steps thread r sums row r.
 
 Contract: everything `kernels.selective_scan` accepts. The wrapper pads time to a multiple of
 the tiles (padded steps get delta = 0 after softplus: identity steps), each group's channels to
@@ -76,7 +77,11 @@ class MgpuBlockSizes:
     tile: int = 32          # forward: steps per TMA tile (multiple of 16)
     stages: int = 3         # forward: tiles in flight (shared-memory ring)
     unroll: int = 4         # forward: steps per loop iteration (divides bwd_chunk and 16)
-    backward: str = "mosaic"  # "mosaic" (d_state <= 16, else Triton) or "triton"
+    # "triton": the Triton backward (v5) of kernels/selective_scan.py, the measured default
+    # (H100 run 1: fwd+bwd 4.06 / 1.05 ms at L / S against v5's 4.60 / 1.19). "mosaic": the
+    # Mosaic backward below (d_state <= 16, else Triton): correct on the H100 (run 2, the
+    # compiled tests), not yet timed; ptxas reports 255 registers and 1.4 KB of spills.
+    backward: str = "triton"
     bwd_chunk: int = 8      # Mosaic backward: steps between saved states (recompute depth)
     bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
     bwd_stages: int = 2
