@@ -219,6 +219,11 @@ def test_registry_errors_and_names():
     bad.mamba.d_inner = 7
     with pytest.raises(ValueError, match=r"\['d_inner'\] that MambaStack does not take"):
         make_stack(bad)
+    per_level = tiny_level("mamba2")
+    per_level.mamba2.dtype = "bfloat16"
+    with pytest.raises(ValueError, match=r"level.mamba2.dtype='bfloat16' is a model-wide "
+                                         r"setting: set config.model.dtype instead"):
+        make_stack(per_level)
     with pytest.raises(ValueError, match="unknown model.type 'deep'"):
         build_model(tiny_model_cfg("deep"), input_dim=1, output_dim=1)
     assert set(STACKS) == set(FAMILIES)
