@@ -20,11 +20,12 @@ is the only synchronisation of the forward. The kernels read the caller's arrays
 width a multiple of 128 and d_state a power of 2 >= 8.
 
 Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "triton" (default, measured): the
-forward saves the state entering every 16 steps in the layout of kernels/selective_scan.py and
-its Triton backward (v5) runs on the same padded layout. "mosaic" (d_state <= 16; checked on
-the H100, not yet timed): the forward saves the state entering every `bwd_chunk` (8) steps;
-the Mosaic backward walks tiles and chunks in reverse, recomputes a chunk's states into shared
-memory from the saved one, then runs the adjoint recurrence one channel per thread. The sums
+forward saves the state entering every 16 steps in the layout of
+kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
+"mosaic" (d_state <= 16; correct on the H100, 2.2x slower than "triton": run mgpu3): the
+forward saves the state entering every `bwd_chunk` (8) steps; the Mosaic backward walks tiles
+and chunks in reverse, recomputes a chunk's states into shared memory from the saved one,
+then runs the adjoint recurrence one channel per thread. The sums
 over channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
 writes its terms as rows, and after 64 / Np steps thread r sums row r.
 
@@ -42,15 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# The module, not the function `kernels.selective_scan` that kernels/__init__.py exports.
-_ss = importlib.import_module("kernels.selective_scan")
+from kernels import selective_scan_common as _common
+from kernels import selective_scan_triton as _triton
 
 try:  # jax 0.10.2 has plgpu, but not every piece used here (Lane semantics, interpret params).
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -77,7 +77,7 @@ class MgpuBlockSizes:
     tile: int = 32          # forward: steps per TMA tile (multiple of 16)
     stages: int = 3         # forward: tiles in flight (shared-memory ring)
     unroll: int = 4         # forward: steps per loop iteration (divides bwd_chunk and 16)
-    # "triton": the Triton backward (v5) of kernels/selective_scan.py, the measured default
+    # "triton": the Triton backward (v5) of kernels/selective_scan_triton.py, the measured default
     # (H100 run 1: fwd+bwd 4.06 / 1.05 ms at L / S against v5's 4.60 / 1.19). "mosaic": the
     # Mosaic backward below (d_state <= 16, else Triton): correct on the H100 (run 2, the
     # compiled tests), not yet timed; ptxas reports 255 registers and 1.4 KB of spills.
@@ -126,12 +126,12 @@ class _Cfg:
     bwd_tile: int
     bwd_stages: int
     bwd_unroll: int
-    tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan.py) or None
+    tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
 def _softplus(x):
     """log1p(exp(x)) from ex2 / lg2 (MUFU with approx_math): a 4-term series below e = 1/32
-    (relative error < 2e-7), x itself above 20 (as kernels/selective_scan.py's fast path)."""
+    (relative error < 2e-7), x itself above 20 (as kernels/selective_scan_triton.py's fast path)."""
     e = jnp.exp2(jnp.minimum(x, 20.0) * _LOG2E)
     series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * 0.25)))
     big = jnp.log2(1.0 + e) * (1.0 / _LOG2E)
@@ -568,12 +568,12 @@ def _scan_padded_bwd(cfg, res, cts):
     u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
     dy, dhl = cts
     if not cfg.mosaic_bwd:
-        # The Triton backward of kernels/selective_scan.py on the same padded layout.
+        # The Triton backward of kernels/selective_scan_triton.py on the same padded layout.
         f32 = jnp.float32
         zeros = jnp.zeros((A.shape[0],), f32)
         tres = (u, dt, z, Bm, Cm, A.T, zeros if D is None else D,
                 zeros if bias is None else bias, hs)
-        du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _ss._scan_padded_bwd(cfg.tcfg, tres, cts)
+        du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
     else:
         outs = _bwd_call(cfg, res, dy, dhl)
         du, ddt = outs[0], outs[1]
@@ -622,10 +622,10 @@ def _round_up(x, m):
 def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         delta_softplus=False, initial_state=None, return_final_state=False,
                         block_sizes: MgpuBlockSizes | None = None,
-                        bwd_block_sizes: "_ss.BlockSizes | None" = None,
+                        bwd_block_sizes: "_triton.BlockSizes | None" = None,
                         interpret: bool | None = None):
     """Selective scan on Mosaic GPU: forward and backward kernels under `jax.custom_vjp`
-    (the Triton backward of kernels/selective_scan.py for d_state > 16 or when asked for).
+    (the Triton backward of kernels/selective_scan_triton.py for d_state > 16 or when asked for).
 
     u, delta, z: (B, L, Di)  A: (Di, N)  B, C: (B, L, N) or (B, L, G, N)  D, delta_bias: (Di,)
     initial_state: (B, Di, N).  Returns y (B, L, Di) [, h_L (B, Di, N) float32]; eq. 2a-2b.
@@ -635,15 +635,15 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         raise NotImplementedError(
             f"selective_scan_mgpu needs the Pallas Mosaic GPU API of jax >= 0.11.2 "
             f"(jax {jax.__version__} lacks part of it); use kernels.selective_scan")
-    b, l, di, g, n = _ss._check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, l, di, g, n = _common._check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     bs = block_sizes or MgpuBlockSizes()
     if interpret is None:
-        interpret = not _ss._on_gpu()
+        interpret = not _common._on_gpu()
     f32 = jnp.float32
     cg = di // g
     cgp = _round_up(cg, WIDTH)
     # Mosaic backward: 2 Np rows per step fill the 128-row dB/dC tile, Np in {8, 16}.
-    np_ = max(_ss._next_pow2(n), 8)     # 8: a bf16 B/C row is one 16-byte TMA unit
+    np_ = max(_common._next_pow2(n), 8)     # 8: a bf16 B/C row is one 16-byte TMA unit
     # The backward's shared memory (dominated by the recomputed states and the dB/dC tile)
     # must fit: halve its tile for 4-byte inputs; else the Triton backward.
     bwd_tile = bs.bwd_tile
@@ -666,10 +666,10 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     tcfg = None
     if not mosaic_bwd:
         # The Triton backward on this layout: chunks of TRITON_CHUNK steps.
-        tbs = bwd_block_sizes or _ss.BlockSizes.get_default(l)
+        tbs = bwd_block_sizes or _triton.BlockSizes.get_default(l)
         bdb = tbs.bwd_block_d or tbs.block_d
-        bdb = max(min(bdb, _ss._next_pow2(cg)), min(bdb, 16))
-        tcfg = _ss._Cfg(length=l, n_chunks=lp // TRITON_CHUNK, chunk=TRITON_CHUNK,
+        bdb = max(min(bdb, _common._next_pow2(cg)), min(bdb, 16))
+        tcfg = _triton._Cfg(length=l, n_chunks=lp // TRITON_CHUNK, chunk=TRITON_CHUNK,
                         n_groups=g, blocks_per_group=cgp // bdb, block_d=bdb,
                         bwd_blocks_per_group=cgp // bdb, bwd_block_d=bdb, d_state=np_,
                         softplus=bool(delta_softplus), has_z=z is not None,
@@ -699,7 +699,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
 
     def bc(x):
         # B / C as (B, Lp, G, Np) in their own dtype (bf16 tiles are converted in-kernel).
-        x = _ss._as_groups(x)
+        x = _common._as_groups(x)
         if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
             x = x.astype(f32)
         if lp != l or np_ != n:
