@@ -95,6 +95,7 @@ if MGPU:
         "mgpu": MgpuBlockSizes(),                                   # Mosaic fwd + Triton bwd
         "mgpu_mbwd": MgpuBlockSizes(backward="mosaic"),             # Mosaic fwd + Mosaic bwd
         "mgpu_u8": MgpuBlockSizes(unroll=8),
+        "mgpu_bcf32": MgpuBlockSizes(bc_f32=True),                 # B/C to f32 in XLA first
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -80,12 +80,18 @@ class MgpuBlockSizes:
     # "triton": the Triton backward (v5) of kernels/selective_scan_triton.py, the measured default
     # (H100 run 1: fwd+bwd 4.06 / 1.05 ms at L / S against v5's 4.60 / 1.19). "mosaic": the
     # Mosaic backward below (d_state <= 16, else Triton): correct on the H100 (run 2, the
-    # compiled tests), not yet timed; ptxas reports 255 registers and 1.4 KB of spills.
+    # compiled tests) but 2.2x slower (run 3: 8.83 / 2.77 ms): ptxas reports 255 registers
+    # and 1.4 KB of spills.
     backward: str = "triton"
     bwd_chunk: int = 8      # Mosaic backward: steps between saved states (recompute depth)
     bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
     bwd_stages: int = 2
     bwd_unroll: int = 4     # Mosaic backward: steps per loop iteration (divides 4)
+    # True: B and C are converted to float32 by XLA before the kernel, which then stages f32
+    # tiles (the form timed in run mgpu1: 0.452 ms forward at L); False (default): bf16 B/C
+    # tiles are staged and converted per tile in the kernel, no XLA pass (run mgpu3: 0.51 ms).
+    # Which is faster is unsettled until both are timed in one call.
+    bc_f32: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -700,7 +706,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     def bc(x):
         # B / C as (B, Lp, G, Np) in their own dtype (bf16 tiles are converted in-kernel).
         x = _common._as_groups(x)
-        if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        if bs.bc_f32 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
             x = x.astype(f32)
         if lp != l or np_ != n:
             x = jnp.pad(x, [(0, 0), (0, lp - l), (0, 0), (0, np_ - n)])

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 # (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus, MgpuBlockSizes)
 # The Mosaic backward (backward="mosaic", d_state <= 16, padded to 8 or 16) in the first five
-# cases; the Triton backward (the default) in the last two (d_state 24 > 16 falls back to it).
+# cases; the Triton backward (the default) in the last three (d_state 24 > 16 falls back to it;
+# bc_f32: B/C converted to float32 before the kernel).
 MOSAIC = dict(backward="mosaic")
 CASES = [
     (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**MOSAIC)),
@@ -35,6 +36,7 @@ CASES = [
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True, MgpuBlockSizes(stages=2)),
+    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
 ]
 
