@@ -187,6 +187,19 @@ def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False):
     return jax.lax.fori_loop(0, n_tiles, it, carry)
 
 
+def _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, steps):
+    """`issue(k, slot)` for `_ring`: TMA copies of tile k (`steps` rows) of the per-channel
+    sequences (all refs but the last two: this block's `cols`) and of B, C (the last two: the
+    block's group `grp`) into the slot's shared-memory buffers, arriving on bar[slot]."""
+    def issue(k, slot):
+        rows = pl.ds(k * steps, steps)
+        for r, s_ in zip(seq_refs[:-2], seq_smem[:-2]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s_.at[slot], bar.at[slot])
+        for r, s_ in zip(seq_refs[-2:], seq_smem[-2:]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, grp, :], s_.at[slot], bar.at[slot])
+    return issue
+
+
 def _zeros():
     return plgpu.layout_cast(jnp.zeros((WIDTH,), jnp.float32),
                              plgpu.Layout.WG_STRIDED((WIDTH,), vec_size=1))
@@ -265,12 +278,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     cols = pl.ds(j * WIDTH, WIDTH)
     T, N, CH = cfg.tile, cfg.n_state, cfg.save_every
 
-    def issue(k, slot):
-        rows = pl.ds(k * T, T)
-        for r, s_ in zip(seq_refs[:-2], seq_smem[:-2]):
-            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s_.at[slot], bar.at[slot])
-        for r, s_ in zip(seq_refs[-2:], seq_smem[-2:]):
-            plgpu.copy_gmem_to_smem(r.at[bi, rows, grp, :], s_.at[slot], bar.at[slot])
+    issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
     if ins.h0:
         plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
@@ -363,12 +371,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     f32 = jnp.float32
     masked = cfg.lp != cfg.length
 
-    def issue(k, slot):
-        rows = pl.ds(k * T, T)
-        for r, s_ in zip(seq_refs[:-2], seq_smem[:-2]):
-            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s_.at[slot], bar.at[slot])
-        for r, s_ in zip(seq_refs[-2:], seq_smem[-2:]):
-            plgpu.copy_gmem_to_smem(r.at[bi, rows, grp, :], s_.at[slot], bar.at[slot])
+    issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
     a2, dskip, bias = _load_params(cfg, ins, par_refs, par_smem, pbar, cols)
     zero = _zeros()
