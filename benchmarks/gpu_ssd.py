@@ -748,7 +748,10 @@ def short_table(recs):
     print("\n" + "\n".join(lines))
 
 
-def short_main(opts):
+def _start_run(opts, known):
+    """Common start of a GPU run: the time limits, no preallocation (worker processes share the
+    GPU), fresh result files under OUT, and the chosen variant names (checked against `known`).
+    Returns (start, deadline, hard_end, results_path, pre_path, names)."""
     start = time.time()
     deadline, hard_end = start + opts.budget, start + opts.hard_limit
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -758,10 +761,15 @@ def short_main(opts):
     for path in (results_path, pre_path):
         if os.path.exists(path):
             os.remove(path)
-    names = [v for v in opts.variants.split(",") if v] or list(SHORT_VARIANTS)
-    unknown = [v for v in names if v not in SHORT_VARIANTS]
+    names = [v for v in opts.variants.split(",") if v] or list(known)
+    unknown = [v for v in names if v not in known]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(SHORT_VARIANTS)}")
+        raise SystemExit(f"unknown variants {unknown}; known: {list(known)}")
+    return start, deadline, hard_end, results_path, pre_path, names
+
+
+def short_main(opts):
+    start, deadline, hard_end, results_path, pre_path, names = _start_run(opts, SHORT_VARIANTS)
     var = [{"kind": "short_var", "name": n, "limit_s": 75} for n in names]
     # Priority: the new and old defaults and xla, the other variants, their combination,
     # then the chunked default at L and S (a regression check of the unchanged long path).
@@ -909,20 +917,7 @@ def main():
         with open(os.path.join(OUT, "ssd_ptxas.json"), "w") as f:
             json.dump({"variant": opts.ptxas_report, "kernels": rows}, f, indent=1)
         return
-    start = time.time()
-    deadline = start + opts.budget
-    hard_end = start + opts.hard_limit
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    os.makedirs(OUT, exist_ok=True)
-    results_path = os.path.join(OUT, "ssd_gpu_tasks.jsonl")
-    pre_path = os.path.join(OUT, "ssd_gpu_precompile.jsonl")
-    for path in (results_path, pre_path):
-        if os.path.exists(path):
-            os.remove(path)
-    names = [v for v in opts.variants.split(",") if v] or list(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    start, deadline, hard_end, results_path, pre_path, names = _start_run(opts, VARIANTS)
     breakdown = [v for v in opts.breakdown.split(",") if v]
     # Priority: the two main variants, their breakdowns, then the rest.
     tasks = [{"kind": "variant", "name": v, "limit_s": opts.variant_limit} for v in names]
