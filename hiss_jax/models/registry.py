@@ -70,7 +70,9 @@ def make_stack(level_cfg, scan_impl: str = "auto", dtype: str = "float32") -> nn
     # Model-wide settings reach every Stack from one place each; a per-level copy would be
     # silently overridden.
     model_wide = {"dtype": "config.model.dtype", "scan_impl": "config.kernels.impl"}
-    for key in sorted(set(sub) & set(model_wide)):
+    clash = sorted(set(sub) & set(model_wide))
+    if clash:
+        key = clash[0]
         raise ValueError(f"level.{kind}.{key}={sub[key]!r} is a model-wide setting: set "
                          f"{model_wide[key]} instead and remove level.{kind}.{key}")
     kwargs = dict(d_model=int(level_cfg["d_model"]), n_layers=int(level_cfg["n_layers"]),
