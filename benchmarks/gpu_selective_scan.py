@@ -92,15 +92,17 @@ if MGPU:
     # compile budget: keep few Mosaic-backward variants per call.
     VARIANTS = {
         "v5": BlockSizes(block_d=16, bwd_block_d=16),              # the Triton default
-        "mgpu": MgpuBlockSizes(),                                   # Mosaic fwd + Triton bwd
-        "mgpu_mbwd": MgpuBlockSizes(backward="mosaic"),             # Mosaic fwd + Mosaic bwd
+        "mgpu": MgpuBlockSizes(),                                   # the Mosaic default
+        "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),
+        "mgpu_bt16": MgpuBlockSizes(bwd_tile=16),
+        "mgpu_tbwd": MgpuBlockSizes(backward="triton"),             # Mosaic fwd + Triton bwd
+        "mgpu_bcbf16": MgpuBlockSizes(bc_f32=False),               # bf16 B/C tiles in-kernel
         "mgpu_u8": MgpuBlockSizes(unroll=8),
-        "mgpu_bcf32": MgpuBlockSizes(bc_f32=True),                 # B/C to f32 in XLA first
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_mbwd")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_u2", "mgpu_tbwd")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}
@@ -246,11 +248,13 @@ def dump_sass(key, path):
             os.environ.pop(k, None)
 
 
-if MGPU and os.environ.get("BENCH_SASS") == "1" and ("mgpu_mbwd", "L/grad") in JOBS:
-    # (The GPU machine has no nvdisasm: ptxas's register / spill report only.)
-    os.makedirs(OUT, exist_ok=True)
-    dump_sass(("mgpu_mbwd", "L/grad"), os.path.join(OUT, "sass_mgpu.txt"))
-    log("SASS / ptxas report of mgpu_mbwd L/grad dumped")
+# BENCH_SASS=v1,v2: the ptxas report of those variants' L/grad (the GPU machine has no
+# nvdisasm: ptxas's register / spill report only), one file per variant under $OUT.
+for _v in [v for v in os.environ.get("BENCH_SASS", "").split(",") if v] if MGPU else []:
+    if (_v, "L/grad") in JOBS:
+        os.makedirs(OUT, exist_ok=True)
+        dump_sass((_v, "L/grad"), os.path.join(OUT, f"sass_{_v}.txt"))
+        log(f"SASS / ptxas report of {_v} L/grad dumped")
 
 
 def build(key):
