@@ -23,8 +23,8 @@ BENCH_SMALL=1 runs the whole script on CPU in interpret mode at tiny shapes (a d
 
     python3 benchmarks/gpu_selective_scan.py --mgpu   # writes $OUT/selective_scan_h100_mgpu.json
 
---mgpu (or BENCH_MGPU=1) swaps the variant list for the Mosaic GPU forward
-(kernels/selective_scan_mgpu.py, `MgpuBlockSizes` variants, Triton backward) against v5, impl="xla"
+--mgpu (or BENCH_MGPU=1) swaps the variant list for the Mosaic GPU kernels
+(kernels/selective_scan_mgpu.py, `MgpuBlockSizes` variants) against v5, impl="xla"
 and the peer jax-linear-attention 0.1.0 (`jla.ops.mosaic_gpu.mamba1.mamba1`; install its wheel
 first, e.g. `pip install --no-deps --target /tmp/site .whl/jax_linear_attention-0.1.0-*.whl`
 and put /tmp/site on PYTHONPATH; without it the peer is reported as a compile failure).
@@ -94,7 +94,6 @@ if MGPU:
         "v5": BlockSizes(block_d=16, bwd_block_d=16),              # the Triton default
         "mgpu": MgpuBlockSizes(),                                   # the Mosaic default
         "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),
-        "mgpu_bt16": MgpuBlockSizes(bwd_tile=16),
         "mgpu_tbwd": MgpuBlockSizes(backward="triton"),             # Mosaic fwd + Triton bwd
         "mgpu_bcbf16": MgpuBlockSizes(bc_f32=False),               # bf16 B/C tiles in-kernel
         "mgpu_u8": MgpuBlockSizes(unroll=8),
@@ -102,7 +101,7 @@ if MGPU:
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_u2", "mgpu_tbwd")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

@@ -19,15 +19,16 @@ is the only synchronisation of the forward. The kernels read the caller's arrays
 (no XLA pass before or after them) when the length is a multiple of the tile, each group's
 width a multiple of 128 and d_state a power of 2 >= 8.
 
-Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "triton" (default, measured): the
-forward saves the state entering every 16 steps in the layout of
-kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
-"mosaic" (d_state <= 16; correct on the H100, 2.2x slower than "triton": run mgpu3): the
-forward saves the state entering every `bwd_chunk` (8) steps; the Mosaic backward walks tiles
-and chunks in reverse, recomputes a chunk's states into shared memory from the saved one,
-then runs the adjoint recurrence one channel per thread. The sums
-over channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
-writes its terms as rows, and after 64 / Np steps thread r sums row r.
+Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "mosaic" (default, d_state <= 16;
+H100 run mgpu4: 24% faster than "triton"): the forward saves the state entering every
+`bwd_chunk` (8) steps; the Mosaic backward walks tiles and chunks in reverse, recomputes a
+chunk's states into shared memory from the saved one, then runs the adjoint recurrence one
+channel per thread. The sums over channels (dB_t, dC_t: 2N per step) go through a padded
+(128, 129) shared tile: each thread writes its terms as rows, and after 64 / Np steps thread r
+sums row r. Its limit is shared-memory traffic (~150 warp-wide accesses per channel and step:
+benchmarks/NOTES_selective_scan.md, run mgpu5). "triton" (and d_state > 16): the forward
+saves the state entering every 16 steps in the layout of kernels/selective_scan_triton.py and
+its Triton backward (v5) runs on the same padded layout.
 
 Contract: everything `kernels.selective_scan` accepts. The wrapper pads time to a multiple of
 the tiles (padded steps get delta = 0 after softplus: identity steps), each group's channels to
@@ -77,11 +78,10 @@ class MgpuBlockSizes:
     tile: int = 32          # forward: steps per TMA tile (multiple of 16)
     stages: int = 3         # forward: tiles in flight (shared-memory ring)
     unroll: int = 4         # forward: steps per loop iteration (divides bwd_chunk and 16)
-    # "mosaic" (default, d_state <= 16, else Triton): the Mosaic backward below, its states
-    # split over d_state / 8 warpgroups (H100 run mgpu4, its one-warpgroup form with
-    # bwd_unroll=1: fwd+bwd 3.13 / 0.81 ms at L / S, no spills; with bwd_unroll=4 it spilled:
-    # 8.83 / 2.77). "triton": the Triton backward (v5) of kernels/selective_scan_triton.py
-    # (run mgpu4: 4.11 / 1.06 ms).
+    # "mosaic" (default; d_state <= 16, else Triton): the Mosaic backward below (H100 run
+    # mgpu4: fwd+bwd 3.13 / 0.81 ms at L / S with bwd_unroll=1, 191 registers; bwd_unroll=4
+    # spilled: 8.83 / 2.77). "triton": the Triton backward (v5) of
+    # kernels/selective_scan_triton.py (run mgpu4: 4.11 / 1.06 ms).
     backward: str = "mosaic"
     bwd_chunk: int = 8      # Mosaic backward: steps between saved states (recompute depth)
     bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
@@ -131,8 +131,6 @@ class _Cfg:
     bwd_tile: int
     bwd_stages: int
     bwd_unroll: int
-    nw: int                # Mosaic backward: warpgroups per block (the states split over them)
-    spw: int               # Mosaic backward: padded states per warpgroup (np_ = nw * spw)
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -162,33 +160,23 @@ def _params():
         unsafe_no_auto_barriers=True)
 
 
-def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False, sync=None, issuer=None):
+def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False):
     """Tiles 0..n_tiles-1 (or reversed) through a `stages`-deep ring of shared-memory slots
     filled by TMA: `issue(tile, slot)` starts the copies of a tile (arriving on bar[slot]),
-    `body(tile, slot, carry)` consumes it. One barrier per tile (`sync`, default the
-    warpgroup's) orders the reads of tile i - 1 before the copy that refills its slot; with
-    several warpgroups `sync` is block-wide and only `issuer` (a traced bool) issues."""
-    sync = sync or _barrier
-
+    `body(tile, slot, carry)` consumes it. One warpgroup barrier per tile orders the reads of
+    tile i - 1 before the copy that refills its slot."""
     def tile_of(i):
         return n_tiles - 1 - i if reverse else i
 
-    def first():
-        for i in range(min(stages - 1, n_tiles)):
-            issue(tile_of(i), i)
-
-    if issuer is None:
-        first()
-    else:
-        pl.when(issuer)(first)
+    for i in range(min(stages - 1, n_tiles)):
+        issue(tile_of(i), i)
 
     def it(i, carry):
         slot = jax.lax.rem(i, stages)
-        sync()
+        _barrier()
         nxt = i + stages - 1
-        pred = nxt < n_tiles if issuer is None else jnp.logical_and(nxt < n_tiles, issuer)
 
-        @pl.when(pred)
+        @pl.when(nxt < n_tiles)
         def _():
             issue(tile_of(nxt), jax.lax.rem(nxt, stages))
 
@@ -257,7 +245,7 @@ def _bc_reader(ins, b_s, c_s, stage):
 
 
 def _tree_sum(xs):
-    while len(xs) > 1:      # a tree: short dependent chain
+    while len(xs) > 1:      # a tree: short dependent chains
         xs = [xs[i] + xs[i + 1] if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
     return xs[0]
 
@@ -330,6 +318,11 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         y_ref[bi, t0 + t, cols] = y.astype(y_ref.dtype)
         return tuple(out)
 
+    # Saving states: loops of CH steps, the state stored before each; else one loop per tile
+    # (run mgpu5: 8-step loops cost the primal 9% at L).
+    if not save_states:
+        CH = T
+
     def tile_body(k, slot, h):
         if convert is not None:
             convert(slot)
@@ -349,245 +342,157 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
 
 
 def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
-    """Backward of one (batch, 128-channel block): tiles and chunks in reverse, each chunk's
-    states recomputed from the state saved at its entry, one channel per thread and the
-    states split over `cfg.nw` warpgroups (`cfg.spw` each: the adjoint's per-state registers
-    halve, and two warps per scheduler hide each other's latency).
+    """Backward of one (batch, 128-channel block), one channel per thread: tiles and chunks
+    in reverse, each chunk's states recomputed from the state saved at its entry.
 
     Per step (adjoint g = dLoss/dh_t, accumulated backwards; a_t = exp(dt_t A)):
         g += C_t dy_t ;  dC_t = sum_d dy_t h_t ;  dB_t = sum_d g dt_t u_t
         du_t = D dy_t + dt_t sum_n g B_t ;  ddt_t = sum_n g (B_t u_t + A a_t h_{t-1})
         dA += g a_t h_{t-1} dt_t ;  g *= a_t
-    Every UQ = 64 / Np steps (a reduction group), between two block-wide barriers:
-    - the sums over states (g B, g A a h_{t-1} and, with z, y) are per-warpgroup partials in
-      shared memory; warpgroup w finishes the steps q = w mod nw of the group (du, ddt, dz
-      and the dD, dbias sums);
-    - dB_t, dC_t are sums over the block's channels (threads): each thread writes its terms
-      as rows of a shared (128, 129) tile (2 Np rows per step, the warpgroups' states side
-      by side), and thread r of warpgroup w sums row r over the columns w * 128 / nw .. +128
-      / nw (the padding column keeps both phases free of bank conflicts); XLA adds the nw
-      partial sums and the blocks (deterministic, no atomics).
-    GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A^T: (Np, Dp)  [D, bias]
+    dB_t, dC_t are sums over the block's channels (threads): each thread writes its terms as
+    one row per (step, state) of a (128, 129) shared tile, 64 / Np steps fill it, and then
+    thread r sums row r (the padding column keeps both phases free of bank conflicts).
+    GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np)  [D, bias]
     hs: (B, Lp / chunk, Np, Dp)  dhL: (B, Np, Dp)
-    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, nw, Lp * 2 Np) column-part sums
-    dA^T: (B, Np, Dp)  dD, dbias: (B, 2 nw, Dp)  dh0: (B, Np, Dp)
+    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, Lp * 2 Np) per-block partials (dC | dB)
+    dA^T: (B, Np, Dp)  dD, dbias: (B, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
     nseq = 5 + int(ins.z)
     seq_refs = [next(it) for _ in range(nseq)]       # u, dt, [z], dout, B, C
-    at_ref = next(it)
-    d_ref = next(it) if ins.d else None
-    bias_ref = next(it) if ins.bias else None
+    par_refs = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     hs_ref, dhl_ref = next(it), next(it)
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if ins.z else None
     dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
-    at_s = next(it)
-    d_s = next(it) if ins.d else None
-    bias_s = next(it) if ins.bias else None
-    h_s, st_s, pt_s, part_s, bar, pbar = (next(it) for _ in range(6))
-    bbar = next(it) if cfg.nw > 1 else None
+    par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
+    h_s, pt_s, bar, pbar = next(it), next(it), next(it), next(it)
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
-    w = jax.lax.axis_index("wg") if cfg.nw > 1 else 0
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * WIDTH, WIDTH)
-    T, NW, SPW, CH = cfg.bwd_tile, cfg.nw, cfg.spw, cfg.save_every
-    NP = cfg.np_                              # = NW * SPW
-    NK = SPW if NW > 1 else cfg.n_state      # states this warpgroup runs (padded ones are 0)
-    UQ = WIDTH // (2 * NP)                    # steps per reduction group
-    CW = WIDTH // NW                          # channels each warpgroup sums in dB / dC
+    T, N, NP, CH = cfg.bwd_tile, cfg.n_state, cfg.np_, cfg.save_every
+    UQ = WIDTH // (2 * NP)           # steps per dB/dC reduction: 2 NP rows each
     f32 = jnp.float32
     masked = cfg.lp != cfg.length
 
-    def sync():
-        # Block-wide: every thread of the nw warpgroups arrives (Lane semantics counts threads).
-        if NW == 1:
-            _barrier()
-        else:
-            plgpu.barrier_arrive(bbar)
-            plgpu.barrier_wait(bbar)
-
     issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
-    issuer = (w == 0) if NW > 1 else None
 
-    def load_params():
-        plgpu.copy_gmem_to_smem(at_ref.at[:, cols], at_s, pbar)
-        if ins.d:
-            plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
-        if ins.bias:
-            plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
-
-    if issuer is None:
-        load_params()
-    else:
-        pl.when(issuer)(load_params)
-    plgpu.barrier_wait(pbar)
-
-    def state(k):
-        return w * SPW + k
-    a2 = [at_s[state(k), :] * _LOG2E for k in range(NK)]
-    dskip = d_s[...] if ins.d else None
-    bias = bias_s[...] if ins.bias else None
+    a2, dskip, bias = _load_params(cfg, ins, par_refs, par_smem, pbar, cols)
     zero = _zeros()
     u_s, dt_s = seq_smem[0], seq_smem[1]
     z_s = seq_smem[2] if ins.z else None
     do_s = seq_smem[-3]
-    if stage is not None:
-        stage = (stage[0].at[w], stage[1].at[w])
     bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
-    h_w, st_w, part_w = h_s.at[w], st_s.at[w], part_s.at[w]
     n_chunks = cfg.lp // CH
 
-    def pt_row(s_, k):
-        # The tile row of step s_ of the group, state k of this warpgroup (dC; + SPW: dB).
-        return s_ * 2 * NP + w * 2 * SPW + k
-
-    for s_ in range(UQ):         # rows of padded states stay zero
-        for k in range(NK, SPW):
-            pt_s[pt_row(s_, k), pl.ds(0, WIDTH)] = zero
-            pt_s[pt_row(s_, SPW + k), pl.ds(0, WIDTH)] = zero
-
-    def recompute(t0, slot, base, i, h):
-        # Stash dt (and softplus' derivative), store h_{t-1} (what step t's gradient needs),
-        # then advance to h_t.
-        tl = base + i
+    def step_size(slot, tl, tg):
         x = dt_s[slot, tl, :].astype(f32)
         if ins.bias:
             x = x + bias
         dt = _softplus(x) if cfg.softplus else x
         if masked:
-            dt = jnp.where(t0 + tl < cfg.length, dt, 0.0)
-        st_w[i, 0, :] = dt
-        if cfg.softplus:
-            st_w[i, 1, :] = _sigmoid(x)
-        dtu = dt * u_s[slot, tl, :].astype(f32)
-        for k in range(NK):
-            h_w[i, k, :] = h[k]
-        return tuple(jnp.exp2(dt * a2[k]) * h[k] + dtu * bval(slot, tl, state(k))
-                     for k in range(NK))
+            dt = jnp.where(tg < cfg.length, dt, 0.0)
+        return x, dt
 
-    def dy_of(slot, tl):
-        dout = do_s[slot, tl, :].astype(f32)
-        if not ins.z:
-            return dout, None
-        zt = z_s[slot, tl, :].astype(f32)
-        sig = _sigmoid(zt)
-        return dout * zt * sig, (dout, zt, sig)
-
-    def adjoint(slot, base, gbase, i, g_dat):
-        # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
-        g, dat = g_dat
+    def recompute(t0, slot, base, i, h):
+        # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
         tl = base + i
-        dt = st_w[i, 0, :]
-        u = u_s[slot, tl, :].astype(f32)
-        dy, _ = dy_of(slot, tl)
-        dtu = dt * u
-        q = tl - gbase
-        gn, datn, gb, sa, ys = [], [], [], [], []
-        for k in range(NK):
-            bk, ck = bval(slot, tl, state(k)), cval(slot, tl, state(k))
-            hp = h_w[i, k, :]
-            a = jnp.exp2(dt * a2[k])
-            h = a * hp + dtu * bk
-            gk = g[k] + ck * dy
-            pt_s[pt_row(q, k), pl.ds(0, WIDTH)] = dy * h             # dC_t terms
-            pt_s[pt_row(q, SPW + k), pl.ds(0, WIDTH)] = gk * dtu     # dB_t terms
-            gah = gk * a * hp
-            gb.append(gk * bk)
-            sa.append(gah * a2[k])
-            if ins.z:
-                ys.append(h * ck)
-            datn.append(dat[k] + gah * dt)
-            gn.append(gk * a)
-        part_w[q, 0, :] = _tree_sum(gb)
-        part_w[q, 1, :] = _tree_sum(sa)
-        if ins.z:
-            part_w[q, 2, :] = _tree_sum(ys)
-        return tuple(gn), tuple(datn)
+        _, dt = step_size(slot, tl, t0 + tl)
+        dtu = dt * u_s[slot, tl, :].astype(f32)
+        for n in range(N):
+            h_s[i, n, :] = h[n]
+        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, tl, n) for n in range(N))
 
-    def finish(t0, slot, base, gbase, q, acc):
-        # Step gbase + q: the state sums of every warpgroup -> du, ddt, [dz]; dD, dbias.
-        dd, dbias = acc
-        tl = gbase + q
-        tg = t0 + tl
-        i = tl - base
-        gb = _tree_sum([part_s[v, q, 0, :] for v in range(NW)])
-        sa = _tree_sum([part_s[v, q, 1, :] for v in range(NW)])
-        dt = st_w[i, 0, :]
+    def adjoint(t0, slot, base, gbase, i, carry):
+        # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
+        g, dat, dd, dbias = carry
+        tl, tg = base + i, t0 + base + i
+        x, dt = step_size(slot, tl, tg)
         u = u_s[slot, tl, :].astype(f32)
-        dy, zs = dy_of(slot, tl)
+        dout = do_s[slot, tl, :].astype(f32)
+        dtu = dt * u
+        bs = [bval(slot, tl, n) for n in range(N)]
+        cs = [cval(slot, tl, n) for n in range(N)]
+        hp = [h_s[i, n, :] for n in range(N)]
+        a = [jnp.exp2(dt * a2[n]) for n in range(N)]
+        h = [a[n] * hp[n] + dtu * bs[n] for n in range(N)]
         if ins.z:
-            dout, zt, sig = zs
-            y = _tree_sum([part_s[v, q, 2, :] for v in range(NW)])
-            if ins.d:
-                y = y + dskip * u
+            zt = z_s[slot, tl, :].astype(f32)
+            sig = _sigmoid(zt)
+            y = _tree_sum([h[n] * cs[n] for n in range(N)] + ([dskip * u] if ins.d else []))
             dz_ref[bi, tg, cols] = (dout * y * sig * (1.0 + zt * (1.0 - sig))).astype(
                 dz_ref.dtype)
+            dy = dout * zt * sig
+        else:
+            dy = dout
+        row = (base + i - gbase) * (2 * NP)
+        g = [g[n] + cs[n] * dy for n in range(N)]
+        for n in range(N):
+            pt_s[row + n, pl.ds(0, WIDTH)] = dy * h[n]              # dC_t terms
+            pt_s[row + NP + n, pl.ds(0, WIDTH)] = g[n] * dtu        # dB_t terms
+        gah = [g[n] * a[n] * hp[n] for n in range(N)]
+        gb = [g[n] * bs[n] for n in range(N)]
+        gb = _tree_sum(gb)
+        sa = _tree_sum([gah[n] * a2[n] for n in range(N)])
         du = dt * gb
         if ins.d:
             du = du + dskip * dy
         ddt = gb * u + sa * (1.0 / _LOG2E)          # a2 = A log2(e)
         if cfg.softplus:
-            ddt = ddt * st_w[i, 1, :]
+            ddt = ddt * _sigmoid(x)
         if masked:
             ddt = jnp.where(tg < cfg.length, ddt, 0.0)
         du_ref[bi, tg, cols] = du.astype(du_ref.dtype)
         ddt_ref[bi, tg, cols] = ddt.astype(ddt_ref.dtype)
-        return dd + dy * u, dbias + ddt
+        return (tuple(g[n] * a[n] for n in range(N)),
+                tuple(dat[n] + gah[n] * dt for n in range(N)), dd + dy * u, dbias + ddt)
 
     def reduce_rows(tg0):
-        # Row r of the tile: step tg0 + r // (2 Np), dC | dB of state r % (2 Np) (warpgroup w's
-        # states at columns 2 w spw .. of the step's 2 Np); thread r sums row r over this
-        # warpgroup's share of the channels.
-        c0 = w * CW
-        acc = [pt_s[pl.ds(0, WIDTH), c0 + c] for c in range(4)]
-        for c in range(4, CW):
-            acc[c % 4] = acc[c % 4] + pt_s[pl.ds(0, WIDTH), c0 + c]
-        dbc_ref[bi, j, w, pl.ds(tg0 * 2 * NP, WIDTH)] = (acc[0] + acc[1]) + (acc[2] + acc[3])
+        # Row r of the tile holds (step tg0 + r // (2 Np), dC | dB state r % (2 Np)).
+        _barrier()
+        acc = [pt_s[pl.ds(0, WIDTH), k] for k in range(4)]
+        for k in range(4, WIDTH):
+            acc[k % 4] = acc[k % 4] + pt_s[pl.ds(0, WIDTH), k]
+        dbc_ref[bi, j, pl.ds(tg0 * 2 * NP, WIDTH)] = (acc[0] + acc[1]) + (acc[2] + acc[3])
+        _barrier()
 
     def tile_body(k, slot, carry):
-        g, dat, acc, h_next = carry
+        carry, h_next = carry[:4], carry[4]
         if convert is not None:
             convert(slot)
         t0 = k * T
-        for qc in reversed(range(T // CH)):
-            base = qc * CH
-            c = k * (T // CH) + qc
+        for q in reversed(range(T // CH)):
+            base = q * CH
+            c = k * (T // CH) + q
             h_entry = h_next
             # The next chunk's entry state, loaded one chunk ahead (global-memory latency).
             c_prev = jnp.maximum(c - 1, 0)
-            h_next = tuple(hs_ref[bi, c_prev, state(n), cols] for n in range(NK))
+            h_next = tuple(hs_ref[bi, c_prev, n, cols] for n in range(N))
             jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
                               unroll=min(cfg.bwd_unroll, CH))
             for gq in reversed(range(CH // UQ)):
                 gbase = base + gq * UQ
-                g, dat = jax.lax.fori_loop(
-                    0, UQ, lambda ii, gd: adjoint(slot, base, gbase,
-                                                  gbase - base + UQ - 1 - ii, gd),
-                    (g, dat), unroll=min(cfg.bwd_unroll, UQ))
-                sync()          # every warpgroup's tile rows and partials are written
+                carry = jax.lax.fori_loop(
+                    0, UQ, lambda ii, cr: adjoint(t0, slot, base, gbase,
+                                                  gbase - base + UQ - 1 - ii, cr),
+                    carry, unroll=min(cfg.bwd_unroll, UQ))
                 reduce_rows(t0 + gbase)
-                acc = jax.lax.fori_loop(
-                    0, UQ // NW,
-                    lambda ii, a: finish(t0, slot, base, gbase, ii * NW + w, a), acc)
-                sync()          # read before the next group rewrites them (and, after a
-                #                 tile's last group, before its ring slot is refilled)
-        return g, dat, acc, h_next
+        return carry + (h_next,)
 
-    g0 = tuple(dhl_ref[bi, state(n), cols] for n in range(NK))
-    init = (g0, tuple(zero for _ in range(NK)), (zero, zero),
-            tuple(hs_ref[bi, n_chunks - 1, state(n), cols] for n in range(NK)))
-    g, dat, (dd, dbias), _ = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body, init,
-                                   reverse=True, sync=lambda: None, issuer=issuer)
-    for k in range(SPW):
-        dat_ref[bi, state(k), cols] = dat[k] if k < NK else zero
-        dh0_ref[bi, state(k), cols] = g[k] if k < NK else zero
-    ddb_ref[bi, 2 * w, cols] = dd
-    ddb_ref[bi, 2 * w + 1, cols] = dbias
+    g0 = tuple(dhl_ref[bi, n, cols] for n in range(N))
+    init = (g0, tuple(zero for _ in range(N)), zero, zero,
+            tuple(hs_ref[bi, n_chunks - 1, n, cols] for n in range(N)))
+    g, dat, dd, dbias, _ = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body, init,
+                                 reverse=True)
+    for n in range(NP):
+        dat_ref[bi, n, cols] = dat[n] if n < N else zero
+        dh0_ref[bi, n, cols] = g[n] if n < N else zero
+    ddb_ref[bi, 0, cols] = dd
+    ddb_ref[bi, 1, cols] = dbias
 
 
 def _interpret(cfg):
@@ -636,38 +541,26 @@ def _bwd_call(cfg, res, dout, dhl):
     u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
     ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
-    np_, T, S, NW = cfg.np_, cfg.bwd_tile, cfg.bwd_stages, cfg.nw
+    np_, T, S = cfg.np_, cfg.bwd_tile, cfg.bwd_stages
     n_blocks = dp // WIDTH
-    uq = WIDTH // (2 * np_)
     f32 = jnp.float32
     seq = [u, dt] + ([z] if ins.z else []) + [dout.astype(u.dtype), Bm, Cm]
-    pars = [A.T] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
+    pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
-                + [jax.ShapeDtypeStruct((b, n_blocks, NW, lp * 2 * np_), f32),
+                + [jax.ShapeDtypeStruct((b, n_blocks, lp * 2 * np_), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
-                   jax.ShapeDtypeStruct((b, 2 * NW, dp), f32),
+                   jax.ShapeDtypeStruct((b, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
-    scratch = [plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-2]]
-    scratch += [plgpu.SMEM((S, T, np_), Bm.dtype), plgpu.SMEM((S, T, np_), Bm.dtype)]
-    if not ins.bc_f32:      # per-warpgroup f32 staging of the B, C tiles
-        scratch += [plgpu.SMEM((NW, T, np_), f32), plgpu.SMEM((NW, T, np_), f32)]
-    scratch.append(plgpu.SMEM((np_, WIDTH), f32))                           # A^T
-    scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
-    scratch += [plgpu.SMEM((NW, cfg.save_every, cfg.spw, WIDTH), f32),     # h_{t-1}
-                plgpu.SMEM((NW, cfg.save_every, 2, WIDTH), f32),           # dt, softplus'
+    scratch = _common_scratch(ins, seq, T, S, np_, Bm)
+    scratch += [plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # h_{t-1}
                 plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
-                plgpu.SMEM((NW, uq, 2 + int(ins.z), WIDTH), f32),          # state-sum partials
                 plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins))]
-    if NW > 1:
-        scratch.append(plgpu.Barrier(num_arrivals=NW))                    # block-wide sync
     kern = plgpu.kernel(
         functools.partial(_bwd_kernel, cfg=cfg, ins=ins),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
-        grid=(b, n_blocks), grid_names=("b", "d"),
-        num_threads=NW if NW > 1 else None, thread_name="wg" if NW > 1 else None,
-        interpret=_interpret(cfg))
+        grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg))
     return kern(*seq, *pars, hs, dhl.astype(f32))
 
 
@@ -698,15 +591,12 @@ def _scan_padded_bwd(cfg, res, cts):
         dz = outs[2] if z is not None else None
         dbc, dat, ddb, dh0 = outs[-4:]
         b, lp, _ = u.shape
-        g, nw, spw = Bm.shape[2], cfg.nw, cfg.spw
-        # Partial sums of dC | dB (per block and per warpgroup's share of the channels)
-        # reduced here (deterministic, no atomics). Per step: [dC | dB] of each warpgroup's
-        # states, the warpgroups side by side.
-        dbc = dbc.reshape(b, g, cfg.blocks_per_group * nw, lp, nw, 2, spw).sum(2)
-        dC = dbc[..., 0, :].reshape(b, g, lp, nw * spw).swapaxes(1, 2).astype(Cm.dtype)
-        dB = dbc[..., 1, :].reshape(b, g, lp, nw * spw).swapaxes(1, 2).astype(Bm.dtype)
-        ddb = ddb.reshape(b, nw, 2, -1).sum((0, 1))
-        dAT, dD, dbias = dat.sum(0), ddb[0], ddb[1]
+        g, np_ = Bm.shape[2], cfg.np_
+        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics).
+        dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp, 2 * np_).sum(2)
+        dC = jnp.swapaxes(dbc[..., :np_], 1, 2).astype(Cm.dtype)
+        dB = jnp.swapaxes(dbc[..., np_:], 1, 2).astype(Bm.dtype)
+        dAT, dD, dbias = dat.sum(0), ddb[:, 0].sum(0), ddb[:, 1].sum(0)
     return (du, ddt, dz, dB, dC, dAT.T,
             None if D is None else dD, None if bias is None else dbias,
             None if h0 is None else dh0)
@@ -726,18 +616,14 @@ def _fwd_smem_bytes(stages, tile, np_, u, z, B):
     return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
 
 
-def _bwd_smem_bytes(bs, tile, np_, u, z, B):
+def _bwd_smem_bytes(bs, tile, n, np_, u, z, B):
     """Shared memory of the Mosaic backward (scratch of _bwd_call) in bytes."""
     isz = jnp.dtype(u.dtype).itemsize
     seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
-    nw = np_ // 8
-    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else nw * tile * np_ * 4 * 2
-    ch = bs.bwd_chunk
+    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
-            + 2 * WIDTH * 4 + ch * np_ * WIDTH * 4 + nw * ch * 2 * WIDTH * 4
-            + WIDTH * (WIDTH + 1) * 4
-            + nw * (WIDTH // (2 * np_)) * (3 if z is not None else 2) * WIDTH * 4)
+            + 2 * WIDTH * 4 + bs.bwd_chunk * n * WIDTH * 4 + WIDTH * (WIDTH + 1) * 4)
 
 
 def _round_up(x, m):
@@ -772,11 +658,11 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     # The backward's shared memory (dominated by the recomputed states and the dB/dC tile)
     # must fit: halve its tile for 4-byte inputs; else the Triton backward.
     bwd_tile = bs.bwd_tile
-    while (_bwd_smem_bytes(bs, bwd_tile, np_, u, z, B) > SMEM_LIMIT
+    while (_bwd_smem_bytes(bs, bwd_tile, n, np_, u, z, B) > SMEM_LIMIT
            and bwd_tile > bs.bwd_chunk):
         bwd_tile //= 2
     mosaic_bwd = (bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
-                  and _bwd_smem_bytes(bs, bwd_tile, np_, u, z, B) <= SMEM_LIMIT)
+                  and _bwd_smem_bytes(bs, bwd_tile, n, np_, u, z, B) <= SMEM_LIMIT)
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
     # Likewise the forward's ring (f32 inputs, long tiles): fewer stages, then shorter tiles.
     stages, tile = bs.stages, bs.tile
@@ -807,8 +693,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                save_every=save_every, n_state=n, np_=np_, blocks_per_group=cgp // WIDTH,
                softplus=bool(delta_softplus), has_z=z is not None,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
-               bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
-               nw=np_ // 8 if mosaic_bwd else 1, spw=8 if mosaic_bwd else np_, tcfg=tcfg)
+               bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

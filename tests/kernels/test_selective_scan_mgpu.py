@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(
                           f"(plgpu.kernel with Lane semantics, InterpretGPUParams): jax >= 0.11.2")
 
 # (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus, MgpuBlockSizes)
-# The Mosaic backward (backward="mosaic", d_state <= 16, padded to 8 or 16) in the first five
-# cases; the Triton backward (the default) in the last three (d_state 24 > 16 falls back to it;
-# bc_f32: B/C converted to float32 before the kernel).
+# The Mosaic backward (the default; d_state <= 16, padded to 8 or 16) in the first five
+# cases and the seventh (bf16 B/C tiles converted in the kernel, bc_f32=False); the Triton
+# backward in the sixth (asked for) and the last (d_state 24 > 16 falls back to it).
 MOSAIC = dict(backward="mosaic")
 CASES = [
     (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**MOSAIC)),
@@ -35,8 +35,9 @@ CASES = [
      MgpuBlockSizes(bwd_stages=3, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, **MOSAIC)),
-    (64, 128, 16, None, jnp.float32, dict(z=False), True, MgpuBlockSizes(stages=2)),
-    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
+    (64, 128, 16, None, jnp.float32, dict(z=False), True,
+     MgpuBlockSizes(stages=2, backward="triton")),
+    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=False)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
 ]
 
