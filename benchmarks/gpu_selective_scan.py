@@ -234,7 +234,7 @@ def dump_sass(key, path):
     sys.stdout.flush()
     saved, fd = os.dup(1), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
-    os.environ.update(MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1")
+    os.environ.update(MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1")
     try:
         jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001
@@ -243,7 +243,7 @@ def dump_sass(key, path):
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(fd)
-        for k in ("MOSAIC_GPU_DUMP_SASS", "MOSAIC_GPU_DUMP_PTXAS"):
+        for k in ("MOSAIC_GPU_DUMP_SASS", "MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_PTX"):
             os.environ.pop(k, None)
 
 
