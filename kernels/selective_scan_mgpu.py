@@ -244,10 +244,13 @@ def _bc_reader(ins, b_s, c_s, stage):
     return (lambda slot, t, n: bf_s[t, n]), (lambda slot, t, n: cf_s[t, n]), convert
 
 
-def _tree_sum(xs):
-    while len(xs) > 1:      # a tree: short dependent chains
-        xs = [xs[i] + xs[i + 1] if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
-    return xs[0]
+def _dot(xs, ys, extra=None):
+    """sum_i xs[i] ys[i] (+ extra) as two interleaved multiply-add chains: one FMA per term
+    (a tree of products costs a multiply and an add per term) and half the dependent chain."""
+    acc = [extra, None]
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        acc[i % 2] = x * y if acc[i % 2] is None else acc[i % 2] + x * y
+    return acc[0] if acc[1] is None else acc[0] + acc[1]
 
 
 def _par_count(ins):
@@ -304,14 +307,8 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
             dt = jnp.where(t0 + t < cfg.length, dt, 0.0)
         u = u_s[slot, t, :].astype(jnp.float32)
         dtu = dt * u
-        out, ys = [], []
-        for n in range(N):
-            hn = jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n)
-            out.append(hn)
-            ys.append(hn * cval(slot, t, n))
-        if ins.d:
-            ys.append(dskip * u)
-        y = _tree_sum(ys)
+        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
+        y = _dot(out, [cval(slot, t, n) for n in range(N)], dskip * u if ins.d else None)
         if ins.z:
             zt = z_s[slot, t, :].astype(jnp.float32)
             y = y * zt * _sigmoid(zt)
@@ -403,9 +400,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         tl = base + i
         _, dt = step_size(slot, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
+        bs = [bval(slot, tl, n) for n in range(N)]     # before the stores: vector loads
         for n in range(N):
             h_s[i, n, :] = h[n]
-        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, tl, n) for n in range(N))
+        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bs[n] for n in range(N))
 
     def adjoint(t0, slot, base, gbase, i, carry):
         # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
@@ -423,7 +421,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         if ins.z:
             zt = z_s[slot, tl, :].astype(f32)
             sig = _sigmoid(zt)
-            y = _tree_sum([h[n] * cs[n] for n in range(N)] + ([dskip * u] if ins.d else []))
+            y = _dot(h, cs, dskip * u if ins.d else None)
             dz_ref[bi, tg, cols] = (dout * y * sig * (1.0 + zt * (1.0 - sig))).astype(
                 dz_ref.dtype)
             dy = dout * zt * sig
@@ -435,9 +433,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             pt_s[row + n, pl.ds(0, WIDTH)] = dy * h[n]              # dC_t terms
             pt_s[row + NP + n, pl.ds(0, WIDTH)] = g[n] * dtu        # dB_t terms
         gah = [g[n] * a[n] * hp[n] for n in range(N)]
-        gb = [g[n] * bs[n] for n in range(N)]
-        gb = _tree_sum(gb)
-        sa = _tree_sum([gah[n] * a2[n] for n in range(N)])
+        gb = _dot(g, bs)
+        sa = _dot(gah, a2)
         du = dt * gb
         if ins.d:
             du = du + dskip * dy
