@@ -307,8 +307,10 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
             dt = jnp.where(t0 + t < cfg.length, dt, 0.0)
         u = u_s[slot, t, :].astype(jnp.float32)
         dtu = dt * u
-        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
-        y = _dot(out, [cval(slot, t, n) for n in range(N)], dskip * u if ins.d else None)
+        bs = [bval(slot, t, n) for n in range(N)]      # rows first: vector loads (run mgpu7)
+        cs = [cval(slot, t, n) for n in range(N)]
+        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bs[n] for n in range(N)]
+        y = _dot(out, cs, dskip * u if ins.d else None)
         if ins.z:
             zt = z_s[slot, t, :].astype(jnp.float32)
             y = y * zt * _sigmoid(zt)
@@ -400,7 +402,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         tl = base + i
         _, dt = step_size(slot, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
-        bs = [bval(slot, tl, n) for n in range(N)]     # before the stores: vector loads
+        bs = [bval(slot, tl, n) for n in range(N)]     # before the stores: vector loads (mgpu7)
         for n in range(N):
             h_s[i, n, :] = h[n]
         return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bs[n] for n in range(N))
