@@ -307,10 +307,10 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
             dt = jnp.where(t0 + t < cfg.length, dt, 0.0)
         u = u_s[slot, t, :].astype(jnp.float32)
         dtu = dt * u
-        bs = [bval(slot, t, n) for n in range(N)]      # rows first: vector loads (run mgpu7)
-        cs = [cval(slot, t, n) for n in range(N)]
-        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bs[n] for n in range(N)]
-        y = _dot(out, cs, dskip * u if ins.d else None)
+        # B read inline (16 scalar loads): loading the B and C rows first (8 vector loads, 12
+        # fewer instructions per step) measured 3-4% slower (run mgpu8).
+        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
+        y = _dot(out, [cval(slot, t, n) for n in range(N)], dskip * u if ins.d else None)
         if ins.z:
             zt = z_s[slot, t, :].astype(jnp.float32)
             y = y * zt * _sigmoid(zt)
