@@ -94,6 +94,9 @@ if MGPU:
         "v5": BlockSizes(block_d=16, bwd_block_d=16),              # the Triton default
         "mgpu": MgpuBlockSizes(),                                   # the Mosaic default
         "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),
+        "mgpu_c16": MgpuBlockSizes(bwd_chunk=16, bwd_tile=16, bwd_stages=1),  # half the states
+        "mgpu_fu2": MgpuBlockSizes(unroll=2),
+        "mgpu_s4": MgpuBlockSizes(stages=4),
         "mgpu_tbwd": MgpuBlockSizes(backward="triton"),             # Mosaic fwd + Triton bwd
         "mgpu_bcbf16": MgpuBlockSizes(bc_f32=False),               # bf16 B/C tiles in-kernel
         "mgpu_u8": MgpuBlockSizes(unroll=8),

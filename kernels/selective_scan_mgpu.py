@@ -22,13 +22,13 @@ width a multiple of 128 and d_state a power of 2 >= 8.
 Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "mosaic" (default, d_state <= 16;
 H100 run mgpu4: 24% faster than "triton"): the forward saves the state entering every
 `bwd_chunk` (8) steps; the Mosaic backward walks tiles and chunks in reverse, recomputes a
-chunk's states into shared memory from the saved one, then runs the adjoint recurrence one
-channel per thread. The sums over channels (dB_t, dC_t: 2N per step) go through a padded
-(128, 129) shared tile: each thread writes its terms as rows, and after 64 / Np steps thread r
-sums row r. Its limit is shared-memory traffic (~150 warp-wide accesses per channel and step:
-benchmarks/NOTES_selective_scan.md, run mgpu5). "triton" (and d_state > 16): the forward
-saves the state entering every 16 steps in the layout of kernels/selective_scan_triton.py and
-its Triton backward (v5) runs on the same padded layout.
+chunk's states (as a_t h_{t-1}) into shared memory from the saved one, then runs the adjoint
+recurrence one channel per thread. The sums over channels (dB_t, dC_t: 2N per step) go
+through a padded (128, 129) shared tile: each thread writes its terms as rows, and after
+64 / Np steps thread r sums row r. Its limit is instruction issue (~480 per step and block,
+one warp per scheduler: benchmarks/NOTES_selective_scan.md, runs mgpu5-7). "triton" (and
+d_state > 16): the forward saves the state entering every 16 steps in the layout of
+kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
 
 Contract: everything `kernels.selective_scan` accepts. The wrapper pads time to a multiple of
 the tiles (padded steps get delta = 0 after softplus: identity steps), each group's channels to
@@ -398,14 +398,16 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         return x, dt
 
     def recompute(t0, slot, base, i, h):
-        # Store h_{t-1} (what step t's gradient needs), then advance to h_t.
+        # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
+        # g a_t h_{t-1} = g p_t), then advance to h_t.
         tl = base + i
         _, dt = step_size(slot, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
         bs = [bval(slot, tl, n) for n in range(N)]     # before the stores: vector loads (mgpu7)
+        p = [jnp.exp2(dt * a2[n]) * h[n] for n in range(N)]
         for n in range(N):
-            h_s[i, n, :] = h[n]
-        return tuple(jnp.exp2(dt * a2[n]) * h[n] + dtu * bs[n] for n in range(N))
+            h_s[i, n, :] = p[n]
+        return tuple(p[n] + dtu * bs[n] for n in range(N))
 
     def adjoint(t0, slot, base, gbase, i, carry):
         # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
@@ -417,9 +419,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         dtu = dt * u
         bs = [bval(slot, tl, n) for n in range(N)]
         cs = [cval(slot, tl, n) for n in range(N)]
-        hp = [h_s[i, n, :] for n in range(N)]
+        p = [h_s[i, n, :] for n in range(N)]             # a_t h_{t-1}
         a = [jnp.exp2(dt * a2[n]) for n in range(N)]
-        h = [a[n] * hp[n] + dtu * bs[n] for n in range(N)]
+        h = [p[n] + dtu * bs[n] for n in range(N)]
         if ins.z:
             zt = z_s[slot, tl, :].astype(f32)
             sig = _sigmoid(zt)
@@ -434,7 +436,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         for n in range(N):
             pt_s[row + n, pl.ds(0, WIDTH)] = dy * h[n]              # dC_t terms
             pt_s[row + NP + n, pl.ds(0, WIDTH)] = g[n] * dtu        # dB_t terms
-        gah = [g[n] * a[n] * hp[n] for n in range(N)]
+        gah = [g[n] * p[n] for n in range(N)]
         gb = _dot(g, bs)
         sa = _dot(gah, a2)
         du = dt * gb
@@ -552,7 +554,7 @@ def _bwd_call(cfg, res, dout, dhl):
                    jax.ShapeDtypeStruct((b, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm)
-    scratch += [plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # h_{t-1}
+    scratch += [plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # a_t h_{t-1}
                 plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
                 plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins))]
