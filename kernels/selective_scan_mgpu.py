@@ -25,8 +25,8 @@ H100 run mgpu4: 24% faster than "triton"): the forward saves the state entering 
 chunk's states (as a_t h_{t-1}) into shared memory from the saved one, then runs the adjoint
 recurrence one channel per thread. The sums over channels (dB_t, dC_t: 2N per step) go
 through a padded (128, 129) shared tile: each thread writes its terms as rows, and after
-64 / Np steps thread r sums row r. Its limit is instruction issue (~480 per step and block,
-one warp per scheduler: benchmarks/NOTES_selective_scan.md, runs mgpu5-7). "triton" (and
+64 / Np steps thread r sums row r. Its limit is instruction issue (~465 per step and block,
+one warp per scheduler: benchmarks/NOTES_selective_scan.md, runs mgpu5-9). "triton" (and
 d_state > 16): the forward saves the state entering every 16 steps in the layout of
 kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
 
