@@ -1,7 +1,7 @@
-"""Selective scan, Mosaic GPU forward (kernels/selective_scan_mgpu.py) against the reference.
+"""Selective scan, Mosaic GPU kernels (kernels/selective_scan_mgpu.py) against the reference.
 
-The kernel runs in Mosaic GPU interpret mode on CPU (the Triton backward in Triton interpret
-mode). Lengths, widths and d_state are odd on purpose (time, channel and state padding), with
+The kernels run in Mosaic GPU interpret mode on CPU (the Triton backward, where a case asks
+for it, in Triton interpret mode). Lengths, widths and d_state are odd on purpose (time, channel and state padding), with
 groups, every optional argument on and off, bf16, and pipelines of 1 to 3 stages. Skipped on
 jax versions without the Pallas Mosaic GPU API used here (jax < 0.11.2).
 """
