@@ -40,7 +40,7 @@ def _chunk_common(dt, a, C, B, q):
 
 
 def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
-                    y_ref, hT_ref, st_ref, *, q, nc, rep):
+                    y_ref, hT_ref, st_ref, *, q, nc, rep, store_at_exit=False):
     """One program per (batch, head): a sequential pass over the chunks (Mamba-2 sec. 6).
 
     x, z, y: (B, Lp, H, P)  dt: (B, Lp, H) f32  B, C: (B, Lp, G, N)  D: (H, P) f32
@@ -71,13 +71,22 @@ def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
             zf = z_ref[bi, t, hi, :].astype(jnp.float32)
             y = y * (zf * jax.nn.sigmoid(zf))
         y_ref[bi, t, hi, :] = y.astype(y_ref.dtype)
-        if st_ref is not None:
+        if st_ref is not None and not store_at_exit:
             st_ref[bi, c, hi, :, :] = h.astype(st_ref.dtype)
         w = jnp.exp(total - cs)
-        return jnp.exp(total) * h + _dot((xdt * w[:, None]).astype(dot_dtype), Bc,
-                                         ((0,), (0,)))
+        h_next = jnp.exp(total) * h + _dot((xdt * w[:, None]).astype(dot_dtype), Bc,
+                                           ((0,), (0,)))
+        if st_ref is not None and store_at_exit:
+            # The entry state of chunk c + 1, stored after this chunk's dots.
+            @pl.when(c + 1 < nc)
+            def _():
+                st_ref[bi, c + 1, hi, :, :] = h_next.astype(st_ref.dtype)
+        return h_next
 
-    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0_ref[bi, hi, :, :])
+    h0 = h0_ref[bi, hi, :, :]
+    if st_ref is not None and store_at_exit:
+        st_ref[bi, 0, hi, :, :] = h0.astype(st_ref.dtype)
+    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0)
 
 
 def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy_ref, dhT_ref,
@@ -410,7 +419,8 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
     def kernel(*refs):
         ins = list(refs[:6]) + [refs[6] if has_z else None, refs[n_in - 1]]
         outs = list(refs[n_in:]) + ([] if save_states else [None])
-        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
+        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g,
+                        store_at_exit=bs.state_store_at_exit)
 
     args = [x, dt, A, B, C, D] + ([z] if z is not None else []) + [h0]
     return _pallas_call(kernel, out_shape, (b, h), bs.num_warps_fwd, bs.num_stages, interpret,

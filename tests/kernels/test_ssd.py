@@ -185,16 +185,17 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     compare(got, ref, jnp.float32, f"pallas l={l} chunk={chunk} g={g} p={p} n={n}")
 
 
-@pytest.mark.parametrize("bwd,bwd_heads", [
-    ("split3", 1),   # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
-    ("split", 1),
-    ("fused", 32),
+@pytest.mark.parametrize("bwd,bwd_heads,at_exit", [
+    ("split3", 1, False),   # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
+    ("split3", 32, True),   # the forward stores the residual states at the previous chunk's end
+    ("split", 1, False),
+    ("fused", 32, False),
 ])
-def test_pallas_backward_variants_match_reference(bwd, bwd_heads):
+def test_pallas_backward_variants_match_reference(bwd, bwd_heads, at_exit):
     key = jax.random.PRNGKey(15)
     args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
     ref = vjp_all(ssd_reference, args, key)
-    bs = BlockSizes(bwd=bwd, bwd_heads=bwd_heads)
+    bs = BlockSizes(bwd=bwd, bwd_heads=bwd_heads, state_store_at_exit=at_exit)
     fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=bs)
     compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward")
 
@@ -209,12 +210,13 @@ def test_pallas_bfloat16():
     compare((y, h, grads), (y0, h0, grads0), jnp.bfloat16, "pallas bf16")
 
 
-@pytest.mark.parametrize("bwd,kernels", [
-    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")),
-    ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk")),
-    ("fused", ("ssd_bwd",)),
+@pytest.mark.parametrize("bwd,kernels,at_exit", [
+    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc"), False),
+    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc"), True),
+    ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk"), False),
+    ("fused", ("ssd_bwd",), False),
 ])
-def test_pallas_lowers_to_triton(bwd, kernels):
+def test_pallas_lowers_to_triton(bwd, kernels, at_exit):
     """Forward and backward cross-lower to Triton IR without a GPU (catches lowering errors)."""
     args = make_inputs(jax.random.PRNGKey(13), b=1, l=70, h=2, p=32, n=64, g=1,
                        dtype=jnp.bfloat16)
@@ -224,7 +226,8 @@ def test_pallas_lowers_to_triton(bwd, kernels):
         kw = dict(zip(names, vals))
         y, h = ssd_pallas(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
                           chunk_size=64, dt_softplus=True, return_final_state=True,
-                          interpret=False, block_sizes=BlockSizes(bwd=bwd), **kw)
+                          interpret=False,
+                          block_sizes=BlockSizes(bwd=bwd, state_store_at_exit=at_exit), **kw)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     vals = [args[k] for k in names]
