@@ -141,9 +141,9 @@ class BlockSizes:
     short_unroll: unroll the one-chunk kernels' loops over heads (straight code the compiler
       may interleave) instead of a loop.
     state_store_at_exit: the chunked forward stores each chunk-entry state (the residual of
-      the backward) at the end of the previous chunk's iteration, after its dots, instead of
-      at the start of the chunk's own (an experiment on the +0.47 ms the stores cost at
-      b8 L4096 h32 p64 n128: benchmarks/NOTES_ssd.md, run 8).
+      the backward) at the end of the previous chunk's iteration, after its dots; False: at
+      the start of the chunk's own. H100 run 9 at b8 L4096 h32 p64 n128 bf16, fwd+bwd: 2.074
+      vs 2.110 ms (benchmarks/NOTES_ssd.md).
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -167,7 +167,7 @@ class BlockSizes:
     short_fwd_heads: int = 4
     short_unroll: bool = False
     num_stages_short: int = 1
-    state_store_at_exit: bool = False
+    state_store_at_exit: bool = True
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
