@@ -222,10 +222,24 @@ def _dot(a, b, dims=((1,), (0,))):
     return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _pallas_call(kernel, out_shape, grid, num_warps, num_stages, interpret, name):
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name,
-        compiler_params=None if interpret else _compiler_params(num_warps, num_stages))
+def _pallas_call(kernel, ins, out_shape, grid, num_warps, num_stages, interpret, name):
+    """Runs `kernel(*in_refs, *out_refs)` over `grid`. `ins` (arrays) and `out_shape`
+    (ShapeDtypeStructs) list every ref slot of the kernel's signature in order, None where an
+    optional operand or output is absent: only the present ones reach `pl.pallas_call`, the
+    kernel gets None in the other slots, and the returned list has None there."""
+    present = [a is not None for a in list(ins) + list(out_shape)]
+
+    def body(*refs):
+        it = iter(refs)
+        kernel(*[next(it) if ok else None for ok in present])
+
+    res = pl.pallas_call(
+        body, out_shape=[s for s in out_shape if s is not None], grid=grid,
+        interpret=interpret, name=name,
+        compiler_params=None if interpret else _compiler_params(num_warps, num_stages))(
+        *[a for a in ins if a is not None])
+    it = iter(res)
+    return [next(it) if s is not None else None for s in out_shape]
 
 
 def _largest_divisor_at_most(v: int, cap: int) -> int:

@@ -406,25 +406,16 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
+    # Chunk-entry states stored in the input dtype: bf16 states halve the largest residual and
+    # stay within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]
-    if save_states:
-        # Stored in the input dtype: bf16 entry states halve the largest residual and stay
-        # within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
-        out_shape.append(jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype))
-
-    has_z = z is not None
-    n_in = 7 + has_z
-
-    def kernel(*refs):
-        ins = list(refs[:6]) + [refs[6] if has_z else None, refs[n_in - 1]]
-        outs = list(refs[n_in:]) + ([] if save_states else [None])
-        _ssd_fwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g,
-                        store_at_exit=bs.state_store_at_exit)
-
-    args = [x, dt, A, B, C, D] + ([z] if z is not None else []) + [h0]
-    return _pallas_call(kernel, out_shape, (b, h), bs.num_warps_fwd, bs.num_stages, interpret,
-                        "ssd_fwd")(*args)
+                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32),
+                 jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype) if save_states else None]
+    kernel = functools.partial(_ssd_fwd_kernel, q=q, nc=nc, rep=h // g,
+                               store_at_exit=bs.state_store_at_exit)
+    res = _pallas_call(kernel, [x, dt, A, B, C, D, z, h0], out_shape, (b, h), bs.num_warps_fwd,
+                       bs.num_stages, interpret, "ssd_fwd")
+    return tuple(res if save_states else res[:2])
 
 
 def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
@@ -436,28 +427,15 @@ def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
                  jax.ShapeDtypeStruct((b, lp, h), jnp.float32),          # ddt
                  jax.ShapeDtypeStruct((b, lp, h, n), part),              # dB partials
-                 jax.ShapeDtypeStruct((b, lp, h, n), part)]              # dC partials
-    if z is not None:
-        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
-    out_shape += [jax.ShapeDtypeStruct((b, h, 16), jnp.float32),         # dA (16 copies)
-                  jax.ShapeDtypeStruct((b, h, p), jnp.float32),          # dD
-                  jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]       # dh0
-    has_z = z is not None
-
-    def kernel(*refs):
-        refs = list(refs)
-        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
-        outs = refs[9:]
-        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
-        _ssd_bwd_kernel(*ins, *outs, q=q, nc=nc, rep=h // g)
-
-    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dy, dhT]
-    res = _pallas_call(kernel, out_shape, (b, h), bs.num_warps_bwd, bs.num_stages, interpret,
-                       "ssd_bwd")(*args)
-    res = list(res)
-    dz = res.pop(4) if has_z else None
-    dx, ddt, dbp, dcp, da, dd, dh0 = res
-    return dx, ddt, dbp, dcp, dz, da, dd, dh0
+                 jax.ShapeDtypeStruct((b, lp, h, n), part),              # dC partials
+                 None if z is None else jax.ShapeDtypeStruct(z.shape, z.dtype),   # dz
+                 jax.ShapeDtypeStruct((b, h, 16), jnp.float32),          # dA (16 copies)
+                 jax.ShapeDtypeStruct((b, h, p), jnp.float32),           # dD
+                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)]        # dh0
+    return tuple(_pallas_call(
+        functools.partial(_ssd_bwd_kernel, q=q, nc=nc, rep=h // g),
+        [x, dt, A, B, C, D, z, states, dy, dhT], out_shape, (b, h), bs.num_warps_bwd,
+        bs.num_stages, interpret, "ssd_bwd"))
 
 
 def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
@@ -466,20 +444,13 @@ def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
     b, lp, h, p = dy.shape
     g, n = C.shape[2:]
     nc = lp // q
-    has_z = z is not None
-
-    def kernel(*refs):
-        refs = list(refs)
-        ins = refs[:3] + ([refs.pop(3)] if has_z else [None]) + refs[3:5]
-        _ssd_bwd_dstate_kernel(*ins, *refs[5:], q=q, nc=nc, rep=h // g)
-
-    args = [dt, A, C] + ([z] if has_z else []) + [dy, dhT]
     return _pallas_call(
-        kernel,
+        functools.partial(_ssd_bwd_dstate_kernel, q=q, nc=nc, rep=h // g),
+        [dt, A, C, z, dy, dhT],
         [jax.ShapeDtypeStruct((b, nc, h, p, n), states_dtype),
          jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
         (b, h), bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
-        "ssd_bwd_dstate")(*args)
+        "ssd_bwd_dstate")
 
 
 def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
@@ -489,7 +460,6 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     nc = lp // q
     rep = h // g
     hb = _largest_divisor_at_most(rep, bs.bwd_heads)
-    has_z = z is not None
     f32 = jnp.float32
 
     dstates, dh0 = _dstate_call(dt, A, C, z, dy, dhT, states_dtype=states.dtype, q=q, bs=bs,
@@ -501,24 +471,14 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
                  jax.ShapeDtypeStruct((b, lp, h), f32),                  # ddt
                  jax.ShapeDtypeStruct((b, lp, h // hb, n), f32),         # dB partials
-                 jax.ShapeDtypeStruct((b, lp, h // hb, n), f32)]         # dC partials
-    if has_z:
-        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
-    out_shape += [jax.ShapeDtypeStruct((b, nc, h, 16), f32),             # dA (16 copies)
-                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]              # dD
-
-    def chunk_kernel(*refs):
-        refs = list(refs)
-        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
-        outs = refs[9:]
-        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:]
-        _ssd_bwd_chunk_kernel(*ins, *outs, q=q, hb=hb, rep=rep)
-
-    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
-    res = list(_pallas_call(chunk_kernel, out_shape, (b, nc, h // hb), bs.num_warps_bwd,
-                            bs.num_stages, interpret, "ssd_bwd_chunk")(*args))
-    dz = res.pop(4) if has_z else None
-    dx, ddt, dbp, dcp, da, dd = res
+                 jax.ShapeDtypeStruct((b, lp, h // hb, n), f32),         # dC partials
+                 None if z is None else jax.ShapeDtypeStruct(z.shape, z.dtype),   # dz
+                 jax.ShapeDtypeStruct((b, nc, h, 16), f32),              # dA (16 copies)
+                 jax.ShapeDtypeStruct((b, nc, h, p), f32)]               # dD
+    dx, ddt, dbp, dcp, dz, da, dd = _pallas_call(
+        functools.partial(_ssd_bwd_chunk_kernel, q=q, hb=hb, rep=rep),
+        [x, dt, A, B, C, D, z, states, dstates, dy], out_shape, (b, nc, h // hb),
+        bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_chunk")
     return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
 
 
@@ -537,29 +497,16 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
-    rep = h // g
-    has_z = z is not None
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
-                 jax.ShapeDtypeStruct((b, lp, h), f32)]                  # ddt
-    if has_z:
-        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
-    out_shape += [jax.ShapeDtypeStruct((b, nc, h, 16), f32),             # dA (16 copies)
-                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]              # dD
-
-    def dx_kernel(*refs):
-        refs = list(refs)
-        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + refs[6:9]
-        outs = refs[9:]
-        outs = outs[:2] + ([outs.pop(2)] if has_z else [None]) + outs[2:]
-        _ssd_bwd_dx_kernel(*ins, *outs, q=q, rep=rep)
-
-    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + [states, dstates, dy]
-    res = list(_pallas_call(dx_kernel, out_shape, (b, nc, h), bs.num_warps_dx or bs.num_warps_fwd,
-                            bs.num_stages, interpret, "ssd_bwd_dx")(*args))
-    dz = res.pop(2) if has_z else None
-    dx, ddt, da, dd = res
-    return dx, ddt, dz, da, dd
+                 jax.ShapeDtypeStruct((b, lp, h), f32),                  # ddt
+                 None if z is None else jax.ShapeDtypeStruct(z.shape, z.dtype),   # dz
+                 jax.ShapeDtypeStruct((b, nc, h, 16), f32),              # dA (16 copies)
+                 jax.ShapeDtypeStruct((b, nc, h, p), f32)]               # dD
+    return tuple(_pallas_call(
+        functools.partial(_ssd_bwd_dx_kernel, q=q, rep=h // g),
+        [x, dt, A, B, C, D, z, states, dstates, dy], out_shape, (b, nc, h),
+        bs.num_warps_dx or bs.num_warps_fwd, bs.num_stages, interpret, "ssd_bwd_dx"))
 
 
 def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
@@ -567,17 +514,11 @@ def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
-    has_z = z is not None
-
-    def dbc_kernel(*refs):
-        refs = list(refs)
-        ins = refs[:5] + ([refs.pop(5)] if has_z else [None]) + refs[5:8]
-        _ssd_bwd_dbc_kernel(*ins, *refs[8:], q=q, hb=hb, rep=h // g)
-
-    args = [x, dt, A, B, C] + ([z] if has_z else []) + [states, dstates, dy]
     return _pallas_call(
-        dbc_kernel, [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2,
-        (b, nc, h // hb), bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")(*args)
+        functools.partial(_ssd_bwd_dbc_kernel, q=q, hb=hb, rep=h // g),
+        [x, dt, A, B, C, z, states, dstates, dy],
+        [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2,
+        (b, nc, h // hb), bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))

@@ -266,22 +266,12 @@ def _short_fwd_call(x, dt, A, B, C, D, z, h0, *, seq, nseq, rows, want_hT, bs, i
     g, n = B.shape[1:]
     nb = n_rows // seq
     hf = _largest_divisor_at_most(h // g, bs.short_fwd_heads)
-    has_z, has_h0 = z is not None, h0 is not None
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
-    if want_hT:
-        out_shape.append(jax.ShapeDtypeStruct((nb, h, p, n), jnp.float32))
-
-    def kernel(*refs):
-        refs = list(refs)
-        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + (
-            [refs.pop(6)] if has_h0 else [None])
-        outs = refs[6:] + ([] if want_hT else [None])
-        _ssd_short_fwd_kernel(*ins, *outs, seq=seq, nseq=nseq, rows=rows, hf=hf, rep=h // g,
-                              unroll=bs.short_unroll)
-
-    args = [x, dt, A, B, C, D] + ([z] if has_z else []) + ([h0] if has_h0 else [])
-    res = _pallas_call(kernel, out_shape, (-(-nb // nseq), h // hf), bs.num_warps_short_fwd,
-                       bs.num_stages_short, interpret, "ssd_short_fwd")(*args)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct((nb, h, p, n), jnp.float32) if want_hT else None]
+    kernel = functools.partial(_ssd_short_fwd_kernel, seq=seq, nseq=nseq, rows=rows, hf=hf,
+                               rep=h // g, unroll=bs.short_unroll)
+    res = _pallas_call(kernel, [x, dt, A, B, C, D, z, h0], out_shape, (-(-nb // nseq), h // hf),
+                       bs.num_warps_short_fwd, bs.num_stages_short, interpret, "ssd_short_fwd")
     return tuple(res) if want_hT else res[0]
 
 
@@ -292,7 +282,6 @@ def _short_bwd_call(x, dt, A, B, C, D, z, h0, dy, dhT, *, seq, nseq, rows, bs, i
     rep = h // g
     hb = _largest_divisor_at_most(rep, bs.bwd_heads)
     nprog = -(-(n_rows // seq) // nseq)
-    has_z, has_h0, has_dhT = z is not None, h0 is not None, dhT is not None
     f32 = jnp.float32
     # Partials that are summed over head blocks in XLA stay f32; a single one per group is
     # the final dB / dC and takes the input dtype.
@@ -300,33 +289,16 @@ def _short_bwd_call(x, dt, A, B, C, D, z, h0, dy, dhT, *, seq, nseq, rows, bs, i
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
                  jax.ShapeDtypeStruct((n_rows, h), f32),                 # ddt
                  jax.ShapeDtypeStruct((n_rows, h // hb, n), part),       # dB partials
-                 jax.ShapeDtypeStruct((n_rows, h // hb, n), part)]       # dC partials
-    if has_z:
-        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))        # dz
-    out_shape += [jax.ShapeDtypeStruct((nprog, h, 16), f32),             # dA (16 copies)
-                  jax.ShapeDtypeStruct((nprog, h, p), f32)]              # dD
-    if has_h0:
-        out_shape.append(jax.ShapeDtypeStruct(h0.shape, f32))           # dh0
-
-    def kernel(*refs):
-        refs = list(refs)
-        ins = refs[:6] + ([refs.pop(6)] if has_z else [None]) + (
-            [refs.pop(6)] if has_h0 else [None]) + [refs.pop(6)] + (
-            [refs.pop(6)] if has_dhT else [None])
-        outs = refs[6:]
-        outs = outs[:4] + ([outs.pop(4)] if has_z else [None]) + outs[4:6] + (
-            [outs[6]] if has_h0 else [None])
-        _ssd_short_bwd_kernel(*ins, *outs, seq=seq, nseq=nseq, rows=rows, hb=hb, rep=rep,
-                              unroll=bs.short_unroll)
-
-    args = ([x, dt, A, B, C, D] + ([z] if has_z else []) + ([h0] if has_h0 else []) + [dy]
-            + ([dhT] if has_dhT else []))
-    res = list(_pallas_call(kernel, out_shape, (nprog, h // hb), bs.num_warps_short_bwd,
-                            bs.num_stages_short, interpret, "ssd_short_bwd")(*args))
-    dh0 = res.pop() if has_h0 else None
-    dz = res.pop(4) if has_z else None
-    dx, ddt, dbp, dcp, da, dd = res
-    return dx, ddt, dbp, dcp, dz, da, dd, dh0
+                 jax.ShapeDtypeStruct((n_rows, h // hb, n), part),       # dC partials
+                 None if z is None else jax.ShapeDtypeStruct(z.shape, z.dtype),   # dz
+                 jax.ShapeDtypeStruct((nprog, h, 16), f32),              # dA (16 copies)
+                 jax.ShapeDtypeStruct((nprog, h, p), f32),               # dD
+                 None if h0 is None else jax.ShapeDtypeStruct(h0.shape, f32)]     # dh0
+    kernel = functools.partial(_ssd_short_bwd_kernel, seq=seq, nseq=nseq, rows=rows, hb=hb,
+                               rep=rep, unroll=bs.short_unroll)
+    return tuple(_pallas_call(kernel, [x, dt, A, B, C, D, z, h0, dy, dhT], out_shape,
+                              (nprog, h // hb), bs.num_warps_short_bwd, bs.num_stages_short,
+                              interpret, "ssd_short_bwd"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12, 13))
