@@ -534,7 +534,8 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
     kern = plgpu.kernel(
         functools.partial(_fwd_kernel, cfg=cfg, ins=ins, save_states=save_states),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
-        grid=(b, dp // WIDTH), grid_names=("b", "d"), interpret=_interpret(cfg))
+        grid=(b, dp // WIDTH), grid_names=("b", "d"), interpret=_interpret(cfg),
+        kernel_name="selective_scan_mgpu_fwd")
     return kern(*seq, *pars, *([h0] if ins.h0 else []))
 
 
@@ -561,7 +562,8 @@ def _bwd_call(cfg, res, dout, dhl):
     kern = plgpu.kernel(
         functools.partial(_bwd_kernel, cfg=cfg, ins=ins),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
-        grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg))
+        grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg),
+        kernel_name="selective_scan_mgpu_bwd")
     return kern(*seq, *pars, hs, dhl.astype(f32))
 
 

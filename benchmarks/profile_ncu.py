@@ -1,0 +1,273 @@
+"""Hardware counters (Nsight Compute) of the scan kernels at the issues' shape L, one device call.
+
+    python3 benchmarks/profile_ncu.py --ops ss,ss_peer,ssd,ssd_peer      # on the GPU machine
+
+runs itself under `ncu --clock-control none` (child mode), each op's forward (y) and
+forward+backward (jax.grad of sum(y), bf16 inputs, every float input) exactly once, so every
+kernel of those programs is profiled once; writes the raw CSV to $OUT/ncu_<ops>.csv and prints,
+per kernel: time, registers, achieved occupancy, issue-slot use, instructions, the busiest
+pipes, shared-memory wavefronts and bank conflicts, DRAM use and the largest warp-stall
+reasons (cycles per issued instruction). `--summarize FILE.csv` re-prints a saved CSV.
+
+Ops: ss = kernels.selective_scan(impl="pallas") (Mosaic GPU on the H100), ss_peer = the peer
+jax-linear-attention 0.1.0 mamba1, ssd = kernels.ssd(impl="pallas") at chunk 64, ssd_peer =
+the peer's mamba2_ssd (benchmarks/gpu_selective_scan.py and gpu_ssd.py time the same calls).
+Needs the peer wheel importable for the *_peer ops (benchmarks/NOTES_*.md: how to carry it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Wanted metrics; those this ncu does not know are dropped (an unknown name aborts ncu).
+METRICS = [
+    "gpu__time_duration.sum",
+    "launch__registers_per_thread",
+    "launch__grid_size",
+    "launch__block_size",
+    "launch__occupancy_limit_registers",
+    "launch__occupancy_limit_shared_mem",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "smsp__inst_executed.sum",
+    "sm__cycles_elapsed.avg",
+    "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_xu_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active",
+    "sm__inst_executed_pipe_uniform.avg.pct_of_peak_sustained_active",
+    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
+    "l1tex__throughput.avg.pct_of_peak_sustained_active",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram__bytes.sum",
+]
+STALLS = ["barrier", "branch_resolving", "dispatch_stall", "drain", "imc_miss", "lg_throttle",
+          "long_scoreboard", "math_pipe_throttle", "membar", "mio_throttle", "misc",
+          "no_instruction", "not_selected", "selected", "short_scoreboard", "sleeping",
+          "tex_throttle", "wait"]
+METRICS += [f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio" for s in STALLS]
+
+SHORT = {  # column title -> metric
+    "us": "gpu__time_duration.sum",
+    "regs": "launch__registers_per_thread",
+    "grid": "launch__grid_size",
+    "occ%": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "issue%": "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "Minst": "smsp__inst_executed.sum",
+    "fma%": "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+    "alu%": "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
+    "xu%": "sm__pipe_xu_cycles_active.avg.pct_of_peak_sustained_active",
+    "shm%": "sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active",
+    "lsu%": "sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active",
+    "gmma%": "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "hmma%": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "Mwf_shm": "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum",
+    "Mconfl": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
+    "dram%": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+}
+
+
+def _ncu():
+    exe = shutil.which("ncu")
+    if exe is None:
+        import glob
+        found = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+        exe = found[-1] if found else None
+    if exe is None:
+        raise SystemExit("ncu (Nsight Compute) not found on PATH or under /opt/nvidia/nsight-compute")
+    return exe
+
+
+def _known(ncu):
+    out = subprocess.run([ncu, "--query-metrics", "--devices", "0"], capture_output=True,
+                         text=True).stdout
+    bases = {line.split()[0] for line in out.splitlines() if line.strip()}
+    keep = [m for m in METRICS if m.split(".")[0] in bases or m.startswith("launch__")]
+    dropped = sorted(set(METRICS) - set(keep))
+    return keep, dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Child: the programs to profile.
+# ---------------------------------------------------------------------------------------------
+def _ss_inputs(b, l, d, n):
+    """Shape L of issue #4 at Mamba-1 init (as benchmarks/gpu_selective_scan.py's inputs):
+    A = -(1..N), delta_bias = softplus^-1(dt0) with dt0 log-uniform in [1e-3, 0.1]."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    ks = jax.random.split(jax.random.PRNGKey(0), 6)
+    dt0 = jnp.exp(jax.random.uniform(ks[5], (d,)) * (np.log(0.1) - np.log(1e-3)) + np.log(1e-3))
+    bf = jnp.bfloat16
+    return dict(u=jax.random.normal(ks[0], (b, l, d)).astype(bf),
+                delta=(0.1 * jax.random.normal(ks[1], (b, l, d))).astype(bf),
+                A=-jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)),
+                B=jax.random.normal(ks[2], (b, l, n)).astype(bf),
+                C=jax.random.normal(ks[3], (b, l, n)).astype(bf),
+                D=jnp.ones((d,), jnp.float32),
+                delta_bias=dt0 + jnp.log(-jnp.expm1(-dt0)))
+
+
+TINY = os.environ.get("PROFILE_TINY") == "1"   # CPU dry run of the child (interpret mode)
+SS_L = (2, 128, 128, 16) if TINY else (8, 4096, 2048, 16)
+
+
+def _child(ops):
+    import jax
+    import jax.numpy as jnp
+    from benchmarks import gpu_ssd as gssd
+
+    def run_once(fn, args, tag):
+        names = list(args)
+        vals = [args[k] for k in names]
+
+        def fwd(*v):
+            return fn(**dict(zip(names, v)))[0]
+
+        def loss(*v):
+            return jnp.sum(fwd(*v).astype(jnp.float32))
+
+        grad = jax.grad(loss, argnums=tuple(range(len(names))))
+        for what, f in (("fwd", fwd), ("fwd+bwd", grad)):
+            exe = jax.jit(f).lower(*vals).compile()
+            t0 = time.time()
+            jax.block_until_ready(exe(*vals))
+            print(f"# {tag} {what}: ran once ({time.time() - t0:.2f} s under ncu)",
+                  file=sys.stderr, flush=True)
+
+    for op in ops:
+        if op == "ss":
+            from kernels import selective_scan
+
+            def fn(**kw):
+                return selective_scan(**kw, delta_softplus=True, return_final_state=True,
+                                      impl="pallas")
+            run_once(fn, _ss_inputs(*SS_L), op)
+        elif op == "ss_peer":
+            from jla.ops.mosaic_gpu.mamba1 import mamba1
+
+            def fn(u, delta, A, B, C, D, delta_bias):
+                return mamba1(C, B, u, delta, A, d=D, dt_bias=delta_bias, dt_softplus=True,
+                              output_final_state=True)
+            run_once(fn, _ss_inputs(*SS_L), op)
+        elif op == "ssd":
+            from kernels import ssd
+
+            def fn(**kw):
+                return gssd.call(ssd, kw, chunk_size=64, impl="pallas", return_final_state=True)
+            run_once(fn, gssd.inputs(jax.random.PRNGKey(0), **(
+                dict(b=1, l=128, h=2, p=16, n=16, g=1) if TINY else gssd.SHAPES["L"])), op)
+        elif op == "ssd_peer":
+            from jla.layers.ssm import mamba2_ssd
+
+            def fn(x, dt, A, B, C, D):
+                return mamba2_ssd(x, dt, A, B, C, d=D, chunk_size=64, output_final_state=True)
+            run_once(fn, gssd.inputs(jax.random.PRNGKey(0), **(
+                dict(b=1, l=128, h=2, p=16, n=16, g=1) if TINY else gssd.SHAPES["L"])), op)
+        else:
+            raise SystemExit(f"--ops: unknown op {op!r}; choose from ss, ss_peer, ssd, ssd_peer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: run ncu, summarise.
+# ---------------------------------------------------------------------------------------------
+def _num(s):
+    try:
+        return float(str(s).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def summarize(path):
+    with open(path) as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    rows = list(csv.reader(lines))
+    if len(rows) < 3:
+        print(f"{path}: no kernel rows")
+        return []
+    head, _units, data = rows[0], rows[1], rows[2:]
+    idx = {h: i for i, h in enumerate(head)}
+    name_col = idx.get("Kernel Name", idx.get("Function Name"))
+    out = []
+    for r in data:
+        rec = {"kernel": r[name_col]}
+        for m in METRICS:
+            if m in idx:
+                rec[m] = _num(r[idx[m]])
+        out.append(rec)
+    cols = [c for c, m in SHORT.items() if any(rec.get(m) is not None for rec in out)]
+    print("| kernel | " + " | ".join(cols) + " | top stalls (cycles/issue) |")
+    print("|---" * (len(cols) + 2) + "|")
+    for rec in out:
+        vals = []
+        for c in cols:
+            v = rec.get(SHORT[c])
+            if v is None:
+                vals.append("")
+            elif c == "us":
+                vals.append(f"{v / 1e3:.1f}")
+            elif c in ("Minst", "Mwf_shm", "Mconfl"):
+                vals.append(f"{v / 1e6:.1f}")
+            elif c in ("regs", "grid"):
+                vals.append(f"{v:.0f}")
+            else:
+                vals.append(f"{v:.0f}")
+        st = sorted(((rec.get(f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio")
+                      or 0.0, s) for s in STALLS), reverse=True)[:5]
+        stall = ", ".join(f"{s} {v:.1f}" for v, s in st if v > 0.05)
+        print(f"| {rec['kernel'][:48]} | " + " | ".join(vals) + f" | {stall} |")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="ss,ss_peer,ssd,ssd_peer")
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--summarize")
+    p.add_argument("--kernel-regex", default="",
+                   help="ncu -k regex (default: every kernel of the programs)")
+    a = p.parse_args()
+    ops = [o for o in a.ops.split(",") if o]
+    if a.summarize:
+        summarize(a.summarize)
+        return
+    if a.child:
+        _child(ops)
+        return
+    ncu = _ncu()
+    metrics, dropped = _known(ncu)
+    if dropped:
+        print("# metrics this ncu does not know (dropped):", ", ".join(dropped), flush=True)
+    out_dir = os.environ.get("OUT", "/tmp")
+    path = os.path.join(out_dir, f"ncu_{'_'.join(ops)}.csv")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
+               " --xla_gpu_enable_command_buffer=")
+    cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv", "--page",
+           "raw", "--metrics", ",".join(metrics)]
+    if a.kernel_regex:
+        cmd += ["-k", f"regex:{a.kernel_regex}"]
+    cmd += [sys.executable, os.path.abspath(__file__), "--child", "--ops", ",".join(ops)]
+    t0 = time.time()
+    with open(path, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, env=env).returncode
+    print(f"# ncu rc={rc} in {time.time() - t0:.0f} s -> {path}", flush=True)
+    summarize(path)
+    if rc:
+        raise SystemExit(rc)
+
+
+if __name__ == "__main__":
+    main()
