@@ -70,6 +70,7 @@ VARIANTS = {
     "hb8 dbc w4": dict(bwd_heads=8, num_warps_bwd=4),
     "stages1": dict(num_stages=1),     # run 8: 10% slower at L (helped the one-chunk kernels)
     "st_entry": dict(state_store_at_exit=False),  # run 9: 2.110 vs the default's 2.074 at L
+    "dx_bch": dict(dx_heads_fastest=False),  # the dx grid's order before run 10 (batch first)
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)

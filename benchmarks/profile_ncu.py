@@ -9,6 +9,12 @@ per kernel: time, registers, achieved occupancy, issue-slot use, instructions, t
 pipes, shared-memory wavefronts and bank conflicts, DRAM use and the largest warp-stall
 reasons (cycles per issued instruction). `--summarize FILE.csv` re-prints a saved CSV.
 
+    python3 benchmarks/profile_ncu.py --ops ss --source 'selective_scan_mgpu'
+
+instead samples warp stalls per SASS instruction (ncu's source page) of the kernels whose
+name matches the regex, writes $OUT/ncu_source_<ops>.csv and prints each kernel's hottest
+instructions (`--summarize-source FILE.csv` re-prints).
+
 Ops: ss = kernels.selective_scan(impl="pallas") (Mosaic GPU on the H100), ss_peer = the peer
 jax-linear-attention 0.1.0 mamba1, ssd = kernels.ssd(impl="pallas") at chunk 64, ssd_peer =
 the peer's mamba2_ssd (benchmarks/gpu_selective_scan.py and gpu_ssd.py time the same calls).
@@ -231,6 +237,80 @@ def summarize(path):
     return out
 
 
+def _env():
+    return dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
+                " --xla_gpu_enable_command_buffer=")
+
+
+def source(ncu, ops, regex, top):
+    out_dir = os.environ.get("OUT", "/tmp")
+    path = os.path.join(out_dir, f"ncu_source_{'_'.join(ops)}.csv")
+    cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "-k", f"regex:{regex}",
+           "--section", "SourceCounters", "--section", "WarpStateStats", "--import-source",
+           "no", "--page", "source", "--print-source", "sass", "--csv",
+           sys.executable, os.path.abspath(__file__), "--child", "--ops", ",".join(ops)]
+    t0 = time.time()
+    with open(path, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, env=_env()).returncode
+    print(f"# ncu source rc={rc} in {time.time() - t0:.0f} s -> {path}", flush=True)
+    summarize_source(path, top)
+
+
+def summarize_source(path, top):
+    """Per kernel in the file: total sampled stalls by reason, then the `top` instructions
+    with the most samples (address, SASS, samples, leading reasons)."""
+    with open(path) as f:
+        text = f.read()
+    blocks, cur = [], None
+    for line in text.splitlines():
+        if not line.startswith('"'):
+            if line.strip():
+                cur = {"title": line.strip(), "rows": []}
+                blocks.append(cur)
+            continue
+        if cur is None:
+            cur = {"title": "?", "rows": []}
+            blocks.append(cur)
+        cur["rows"].append(next(csv.reader([line])))
+    for b in blocks:
+        rows = b["rows"]
+        if len(rows) < 2:
+            continue
+        head = rows[0]
+        idx = {h: i for i, h in enumerate(head)}
+        samp = next((h for h in head if h.startswith("Warp Stall Sampling (All")), None)
+        src = next((h for h in head if h in ("Source", "SASS")), head[1])
+        if samp is None:
+            print(b["title"], "- no sampling column; columns:", head[:12])
+            continue
+        reasons = [h for h in head if h.startswith("stall_") or h.endswith("(All Samples)")
+                   and h != samp]
+        data = [r for r in rows[1:] if len(r) == len(head)]
+        total = sum(_num(r[idx[samp]]) or 0 for r in data)
+        print(f"\n## {b['title'][:100]}: {len(data)} instructions, {total:.0f} samples")
+        by_reason = {h: sum(_num(r[idx[h]]) or 0 for r in data) for h in reasons}
+        print("reasons:", ", ".join(f"{k} {v / max(total, 1):.0%}" for k, v in sorted(
+            by_reason.items(), key=lambda kv: -kv[1])[:10] if v))
+        ops = {}
+        for r in data:
+            op = r[idx[src]].split()[0] if r[idx[src]].split() else "?"
+            if op.startswith("@"):
+                op = r[idx[src]].split()[1]
+            op = op.split(".")[0]
+            c = ops.setdefault(op, [0, 0.0])
+            c[0] += 1
+            c[1] += _num(r[idx[samp]]) or 0
+        print("opcodes (count, share of samples):", ", ".join(
+            f"{k} {c[0]}/{c[1] / max(total, 1):.0%}" for k, c in sorted(
+                ops.items(), key=lambda kv: -kv[1][1])[:16]))
+        hot = sorted(data, key=lambda r: -(_num(r[idx[samp]]) or 0))[:top]
+        for r in hot:
+            rs = sorted(((_num(r[idx[h]]) or 0, h) for h in reasons), reverse=True)[:3]
+            print(f"  {r[0]:>6s} {r[idx[src]][:60]:60s} {_num(r[idx[samp]]) or 0:7.0f}  "
+                  + ", ".join(f"{h.replace('stall_', '')[:24]} {v:.0f}" for v, h in rs if v))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="ss,ss_peer,ssd,ssd_peer")
@@ -238,23 +318,30 @@ def main():
     p.add_argument("--summarize")
     p.add_argument("--kernel-regex", default="",
                    help="ncu -k regex (default: every kernel of the programs)")
+    p.add_argument("--source", help="kernel-name regex: per-instruction stall sampling")
+    p.add_argument("--summarize-source")
+    p.add_argument("--top", type=int, default=40)
     a = p.parse_args()
     ops = [o for o in a.ops.split(",") if o]
     if a.summarize:
         summarize(a.summarize)
         return
+    if a.summarize_source:
+        summarize_source(a.summarize_source, a.top)
+        return
     if a.child:
         _child(ops)
         return
     ncu = _ncu()
+    if a.source:
+        source(ncu, ops, a.source, a.top)
+        return
     metrics, dropped = _known(ncu)
     if dropped:
         print("# metrics this ncu does not know (dropped):", ", ".join(dropped), flush=True)
     out_dir = os.environ.get("OUT", "/tmp")
     path = os.path.join(out_dir, f"ncu_{'_'.join(ops)}.csv")
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
-               " --xla_gpu_enable_command_buffer=")
+    env = _env()
     cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv", "--page",
            "raw", "--metrics", ",".join(metrics)]
     if a.kernel_regex:

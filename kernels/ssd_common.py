@@ -144,6 +144,11 @@ class BlockSizes:
       the backward) at the end of the previous chunk's iteration, after its dots; False: at
       the start of the chunk's own. H100 run 9 at b8 L4096 h32 p64 n128 bf16, fwd+bwd: 2.074
       vs 2.110 ms (benchmarks/NOTES_ssd.md).
+    dx_heads_fastest: launch the split3 dx pass (one program per batch, chunk and head) with
+      the heads as the grid's fastest axis, so the programs that read one chunk's B and C
+      run side by side and share them through L2; False: batch fastest (the order before
+      session 5: Nsight Compute counted 1.9 GB of DRAM traffic for the pass's 0.9 GB of
+      distinct data at b8 L4096 h32 p64 n128, benchmarks/results/ncu_run1.csv).
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -168,6 +173,7 @@ class BlockSizes:
     short_unroll: bool = False
     num_stages_short: int = 1
     state_store_at_exit: bool = True
+    dx_heads_fastest: bool = True
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):

@@ -300,15 +300,20 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
 
 
 def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
-                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep):
+                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep,
+                       heads_fastest):
     """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
 
     Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
     (B, nc, H, P). The (Q, N) products of the head-block kernel are replaced by (Q, P) ones
     (t_inter from C h_prev^T), which keeps the live set small enough not to spill at P=64,
-    N=128; dB and dC come from `_ssd_bwd_dbc_kernel`.
+    N=128; dB and dC come from `_ssd_bwd_dbc_kernel`. Grid (H, nc, B) with heads_fastest
+    (axis 0 is the hardware's fastest: one chunk's heads run together and share B, C in
+    L2), else (B, nc, H).
     """
     bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if heads_fastest:
+        bi, hi = hi, bi
     gi = hi // rep
     f32 = jnp.float32
     dot_dtype = x_ref.dtype
@@ -504,8 +509,10 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
                  jax.ShapeDtypeStruct((b, nc, h, 16), f32),              # dA (16 copies)
                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]               # dD
     return tuple(_pallas_call(
-        functools.partial(_ssd_bwd_dx_kernel, q=q, rep=h // g),
-        [x, dt, A, B, C, D, z, states, dstates, dy], out_shape, (b, nc, h),
+        functools.partial(_ssd_bwd_dx_kernel, q=q, rep=h // g,
+                          heads_fastest=bs.dx_heads_fastest),
+        [x, dt, A, B, C, D, z, states, dstates, dy], out_shape,
+        (h, nc, b) if bs.dx_heads_fastest else (b, nc, h),
         bs.num_warps_dx or bs.num_warps_fwd, bs.num_stages, interpret, "ssd_bwd_dx"))
 
 

@@ -185,19 +185,21 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     compare(got, ref, jnp.float32, f"pallas l={l} chunk={chunk} g={g} p={p} n={n}")
 
 
-@pytest.mark.parametrize("bwd,bwd_heads,at_exit", [
-    ("split3", 1, False),   # one head per dB/dC program: 4 partials over 2 groups, summed in XLA
-    ("split3", 32, True),   # the forward stores the residual states at the previous chunk's end
-    ("split", 1, False),
-    ("fused", 32, False),
+@pytest.mark.parametrize("bwd,kw", [
+    # one head per dB/dC program (4 partials over 2 groups, summed in XLA); dx grid batch first
+    ("split3", dict(bwd_heads=1, state_store_at_exit=False, dx_heads_fastest=False)),
+    # the defaults: states stored at the previous chunk's end, dx grid heads first
+    ("split3", dict(bwd_heads=32)),
+    ("split", dict(bwd_heads=1, state_store_at_exit=False)),
+    ("fused", dict(state_store_at_exit=False)),
 ])
-def test_pallas_backward_variants_match_reference(bwd, bwd_heads, at_exit):
+def test_pallas_backward_variants_match_reference(bwd, kw):
     key = jax.random.PRNGKey(15)
     args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
     ref = vjp_all(ssd_reference, args, key)
-    bs = BlockSizes(bwd=bwd, bwd_heads=bwd_heads, state_store_at_exit=at_exit)
+    bs = BlockSizes(bwd=bwd, **kw)
     fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=bs)
-    compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward")
+    compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward {kw}")
 
 
 def test_pallas_bfloat16():
