@@ -100,6 +100,14 @@ if MGPU:
         "mgpu_tbwd": MgpuBlockSizes(backward="triton"),             # Mosaic fwd + Triton bwd
         "mgpu_bcbf16": MgpuBlockSizes(bc_f32=False),               # bf16 B/C tiles in-kernel
         "mgpu_u8": MgpuBlockSizes(unroll=8),
+        # Session 5 (Nsight Compute): the backward's chunk-entry state by TMA, its step
+        # sizes staged per tile; the forward's decays partly on the FMA pipe.
+        "mgpu_prev": MgpuBlockSizes(bwd_state_tma=False, bwd_dt_stage=False),   # session 4
+        "mgpu_prev_t16": MgpuBlockSizes(bwd_state_tma=False, bwd_dt_stage=False, bwd_tile=16),
+        "mgpu_sttma": MgpuBlockSizes(bwd_dt_stage=False),
+        "mgpu_dtst": MgpuBlockSizes(bwd_state_tma=False),
+        "mgpu_fx2": MgpuBlockSizes(fwd_fma_exp=2),
+        "mgpu_fx4": MgpuBlockSizes(fwd_fma_exp=4),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

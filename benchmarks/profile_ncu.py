@@ -262,17 +262,15 @@ def summarize_source(path, top):
     with the most samples (address, SASS, samples, leading reasons)."""
     with open(path) as f:
         text = f.read()
-    blocks, cur = [], None
+    blocks = []
     for line in text.splitlines():
         if not line.startswith('"'):
-            if line.strip():
-                cur = {"title": line.strip(), "rows": []}
-                blocks.append(cur)
-            continue
-        if cur is None:
-            cur = {"title": "?", "rows": []}
-            blocks.append(cur)
-        cur["rows"].append(next(csv.reader([line])))
+            continue                      # ncu's ==PROF== / ==WARNING== lines
+        row = next(csv.reader([line]))
+        if row[0] == "Kernel Name":       # each kernel: a name row, a header row, the SASS
+            blocks.append({"title": row[1], "rows": []})
+        elif blocks:
+            blocks[-1]["rows"].append(row)
     for b in blocks:
         rows = b["rows"]
         if len(rows) < 2:
@@ -284,8 +282,7 @@ def summarize_source(path, top):
         if samp is None:
             print(b["title"], "- no sampling column; columns:", head[:12])
             continue
-        reasons = [h for h in head if h.startswith("stall_") or h.endswith("(All Samples)")
-                   and h != samp]
+        reasons = [h for h in head if h.startswith("stall_") and "(Not Issued)" not in h]
         data = [r for r in rows[1:] if len(r) == len(head)]
         total = sum(_num(r[idx[samp]]) or 0 for r in data)
         print(f"\n## {b['title'][:100]}: {len(data)} instructions, {total:.0f} samples")
