@@ -71,6 +71,13 @@ VARIANTS = {
     "stages1": dict(num_stages=1),     # run 8: 10% slower at L (helped the one-chunk kernels)
     "st_entry": dict(state_store_at_exit=False),  # run 9: 2.110 vs the default's 2.074 at L
     "dx_bch": dict(dx_heads_fastest=False),  # the dx grid's order before run 10 (batch first)
+    # Run 11: instruction cuts in the dx pass (NOTES_ssd.md, run 10's per-instruction profile).
+    "fexp": dict(fast_exp=True),
+    "sp_dbc": dict(s_prev="dbc"),
+    "sp_dot": dict(s_prev="dot"),
+    "ddadot": dict(dda_dot=True),
+    "fexp sp_dbc": dict(fast_exp=True, s_prev="dbc"),
+    "all3": dict(fast_exp=True, dda_dot=True, s_prev="dbc"),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
@@ -277,6 +284,12 @@ def task_breakdown(rec, name, precompile=False):
                                                           **kw))(x, dt, A, B, C, D)
             dstates, _ = jax.jit(lambda *a: K._dstate_call(*a, states_dtype=x.dtype, **kw))(
                 dt, A, C, None, dy, dhT)
+        # s_prev "dbc": the dx pass reads s_prev written by the dB/dC pass.
+        sp = None
+        if bs.s_prev == "dbc":
+            sp = (jnp.zeros((b, l // q, h, 16), jnp.float32) if precompile else
+                  jax.jit(lambda *a: K._dbc_call(*a, hb=hb, **kw))(
+                      x, dt, A, B, C, None, states, dstates, dy)[2])
         jobs = {
             "fwd": (lambda *a: K._fwd_call(*a, None, h0, save_states=False, **kw),
                     (x, dt, A, B, C, D)),
@@ -285,7 +298,7 @@ def task_breakdown(rec, name, precompile=False):
             "dstate": (lambda *a: K._dstate_call(*a, states_dtype=x.dtype, **kw),
                        (dt, A, C, None, dy, dhT)),
             "dx": (lambda *a: K._dx_call(*a, **kw),
-                   (x, dt, A, B, C, D, None, states, dstates, dy)),
+                   (x, dt, A, B, C, D, None, states, dstates, dy, sp)),
             "dbc": (lambda *a: K._dbc_call(*a, hb=hb, **kw),
                     (x, dt, A, B, C, None, states, dstates, dy)),
         }

@@ -149,6 +149,17 @@ class BlockSizes:
       run side by side and share them through L2; False: batch fastest (the order before
       session 5: Nsight Compute counted 1.9 GB of DRAM traffic for the pass's 0.9 GB of
       distinct data at b8 L4096 h32 p64 n128, benchmarks/results/ncu_run1.csv).
+    fast_exp: the chunked kernels (forward, dx, dB/dC passes) form the (Q, Q) decay
+      exp(cs_i - cs_j) as exp2 of log2(e)-scaled exponents (one MUFU.EX2 per element; expf
+      costs ~8 instructions with its range reduction).
+    dda_dot: the dx pass sums the pair terms of d(dA) as a 0/1-matrix product on the tensor
+      cores (e split into two 16-bit parts) and a row sum, instead of a row cumsum of the
+      (Q, Q) tile, two layout conversions and a cross-warp column sum; 16-bit inputs only
+      (f32 inputs keep the cumsum: an f32 dot would run as TF32).
+    s_prev: where the dx pass gets exp(cs_Q) <dL/dh_c, h_prev> of d(dA): "dx" (an elementwise
+      product of the two (P, N) tiles, live in registers), "dot" (the trace of dh h_prev^T on
+      the tensor cores, in the dx pass) or "dbc" (the same trace in the dB/dC pass, which
+      then runs first and writes it per (batch, chunk, head)).
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -174,11 +185,17 @@ class BlockSizes:
     num_stages_short: int = 1
     state_store_at_exit: bool = True
     dx_heads_fastest: bool = True
+    fast_exp: bool = False
+    dda_dot: bool = False
+    s_prev: str = "dx"
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
             raise ValueError(f"BlockSizes.bwd must be 'split3', 'split' or 'fused'; "
                              f"got {self.bwd=}")
+        if self.s_prev not in ("dx", "dot", "dbc"):
+            raise ValueError(f"BlockSizes.s_prev must be 'dx', 'dot' or 'dbc'; "
+                             f"got {self.s_prev=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
         sb = self.short_batch

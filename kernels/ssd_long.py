@@ -20,7 +20,21 @@ from jax.experimental import pallas as pl
 from kernels.ssd_common import _dot, _largest_divisor_at_most, _pallas_call
 
 
-def _chunk_common(dt, a, C, B, q):
+LOG2E = 1.4426950408889634
+
+
+def _decay(cs, causal, exp2=False):
+    """(Q, Q) exp(cs_i - cs_j) where causal, else 0. The exponent is masked, never the product:
+    exp(cs_i) * exp(-cs_j) overflows within a chunk. exp2: as exp2((cs_i - cs_j) log2 e) with
+    cs scaled first (`BlockSizes.fast_exp`): one MUFU.EX2 per element instead of expf's
+    range reduction (~8 instructions), on the largest elementwise op of the chunk kernels."""
+    if exp2:
+        cs2 = cs * LOG2E
+        return jnp.exp2(jnp.where(causal, cs2[:, None] - cs2[None, :], -jnp.inf))
+    return jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+
+
+def _chunk_common(dt, a, C, B, q, exp2=False):
     """Per-chunk quantities shared by the forward and backward kernels.
 
     dt: (Q,) f32  C, B: (Q, N)  ->  cs (Q,) inclusive cumsum of dt*A, total = cs_Q,
@@ -33,14 +47,36 @@ def _chunk_common(dt, a, C, B, q):
     idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
     jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
     causal = idx >= jdx
-    # Mask the exponent, never the product: exp(cs_i) * exp(-cs_j) overflows within a chunk.
-    decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+    decay = _decay(cs, causal, exp2)
     cb = _dot(C, B, ((1,), (1,)))
     return cs, total, causal, decay, cb
 
 
+def _pair_dda(e, t_inter, causal, dot_dtype, by_dot):
+    """sum_{i >= k} (sum_{j < k} e_ij + t_inter_i) for every k: the pair and inter-chunk parts
+    of d(dA_k) (cs_i - cs_j depends on dA_k for j < k <= i, cs_i for k <= i). e: (Q, Q) f32,
+    zero above the diagonal; t_inter: (Q,) f32.
+    Default: an exclusive row cumsum under the causal mask and a column sum (a layout
+    conversion of the tile each way and a cross-warp reduction). by_dot (16-bit dot_dtype
+    only, `BlockSizes.dda_dot`): g = L^T e on the tensor cores with the 0/1 matrix
+    L_ik = [i >= k] and e split into two 16-bit parts (hi + lo = e to ~2^-16 relative), then
+    one row sum over c of g_kc (c < k) or t_inter_c (c >= k), within each warp. Both sum the
+    same terms (never the cancelling out * dout - ddt * dt identity)."""
+    if not by_dot:
+        excl = jnp.cumsum(e, axis=1) - e                                     # sum_{j<k} e_ik
+        return jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
+    q = e.shape[0]
+    kdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    cdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    lt = (cdx >= kdx).astype(dot_dtype)                                      # [k, i] = [i >= k]
+    e_hi = e.astype(dot_dtype)
+    e_lo = (e - e_hi.astype(jnp.float32)).astype(dot_dtype)
+    g = _dot(lt, e_hi) + _dot(lt, e_lo)                                      # [k, j]
+    return jnp.sum(jnp.where(cdx < kdx, g, t_inter[None, :]), axis=1)
+
+
 def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
-                    y_ref, hT_ref, st_ref, *, q, nc, rep, store_at_exit=False):
+                    y_ref, hT_ref, st_ref, *, q, nc, rep, store_at_exit=False, exp2=False):
     """One program per (batch, head): a sequential pass over the chunks (Mamba-2 sec. 6).
 
     x, z, y: (B, Lp, H, P)  dt: (B, Lp, H) f32  B, C: (B, Lp, G, N)  D: (H, P) f32
@@ -61,7 +97,7 @@ def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
         dt = dt_ref[bi, t, hi]
         Bc = b_ref[bi, t, gi, :]
         Cc = c_ref[bi, t, gi, :]
-        cs, total, _, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+        cs, total, _, decay, cb = _chunk_common(dt, a, Cc, Bc, q, exp2)
         xf = x.astype(jnp.float32)
         xdt = xf * dt[:, None]
         y = _dot((cb * decay).astype(dot_dtype), xdt.astype(dot_dtype))
@@ -300,8 +336,8 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
 
 
 def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
-                       dy_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep,
-                       heads_fastest):
+                       dy_ref, sp_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep,
+                       heads_fastest, exp2=False, dda_dot=False, s_prev="dx"):
     """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
 
     Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
@@ -310,6 +346,11 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
     N=128; dB and dC come from `_ssd_bwd_dbc_kernel`. Grid (H, nc, B) with heads_fastest
     (axis 0 is the hardware's fastest: one chunk's heads run together and share B, C in
     L2), else (B, nc, H).
+    s_prev = exp(cs_Q) <dL/dh_c, h_prev> (the state-decay part of d(dA)): "dx" as an
+    elementwise (P, N) product here (both tiles stay live in registers), "dot" as the trace
+    of dh h_prev^T on the tensor cores (operands already in shared memory), "dbc" read from
+    sp (B, nc, H, 16), written by `_ssd_bwd_dbc_kernel` (which then runs first).
+    exp2, dda_dot: `_decay`, `_pair_dda` (`BlockSizes.fast_exp`, `BlockSizes.dda_dot`).
     """
     bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     if heads_fastest:
@@ -327,7 +368,7 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
     h_prev = st_ref[bi, c, hi, :, :]
     dh = dst_ref[bi, c, hi, :, :]
     dout = dy_ref[bi, t, hi, :].astype(f32)
-    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q)
+    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q, exp2)
     ecs = jnp.exp(cs)
     xf = x.astype(f32)
     xdt = xf * dt[:, None]
@@ -349,24 +390,39 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
     bdh = _dot(Bc, dh, ((1,), (1,)))                                         # (Q, P)
     dxdt = dxdt + w[:, None] * bdh
     f_write = w * jnp.sum(xdt * bdh, axis=1)
-    s_prev = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
-    e = dm * m
-    excl = jnp.cumsum(e, axis=1) - e                                         # sum_{j<k} e_ik
-    dda = jnp.sum(jnp.where(causal, excl + t_inter[:, None], 0.0), axis=0)
-    dda = dda + (jnp.cumsum(f_write) - f_write) + s_prev
+    if s_prev == "dbc":
+        sp = sp_ref[bi, c, hi, pl.ds(0, 16)]
+        sp = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (16,), 0) == 0, sp, 0.0))
+    elif s_prev == "dot":
+        sp = jnp.exp(total) * _trace_dot(dh, h_prev)
+    else:
+        sp = jnp.exp(total) * jnp.sum(dh.astype(f32) * h_prev.astype(f32))
+    dda = _pair_dda(dm * m, t_inter, causal, dot_dtype, dda_dot)
+    dda = dda + (jnp.cumsum(f_write) - f_write) + sp
     ddt_ref[bi, t, hi] = a * dda + jnp.sum(xf * dxdt, axis=1)
     dx_ref[bi, t, hi, :] = (dxdt * dt[:, None] + d[None, :] * dout).astype(dx_ref.dtype)
     da_ref[bi, c, hi, :] = jnp.full((16,), jnp.sum(dda * dt), f32)
 
 
+def _trace_dot(u, v):
+    """sum(u * v) of two (P, N) tiles as the trace of u v^T (one tensor-core dot, f32
+    accumulation of the exact products of 16-bit operands) and a diagonal mask."""
+    uv = _dot(u, v, ((1,), (1,)))
+    pdx = jax.lax.broadcasted_iota(jnp.int32, uv.shape, 0)
+    qdx = jax.lax.broadcasted_iota(jnp.int32, uv.shape, 1)
+    return jnp.sum(jnp.where(pdx == qdx, uv, 0.0))
+
+
 def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_ref, dy_ref,
-                        db_ref, dc_ref, *, q, hb, rep):
+                        db_ref, dc_ref, sp_ref, *, q, hb, rep, exp2=False):
     """Three-kernel backward, pass 3: dB, dC per (batch, chunk, block of hb heads of a group).
 
     dB = sum_h [ (d(C B^T)_h)^T C + (exp(cs_Q - cs) o dt x)_h dh_h ]
     dC = sum_h [ d(C B^T)_h B + (exp(cs) o dy_core)_h h_prev_h ]
     A matmul K-loop over the block's heads: only the three accumulators are carried.
-    Outputs dB, dC: (B, Lp, H // hb, N) f32 partials.
+    Outputs dB, dC: (B, Lp, H // hb, N) f32 partials; sp (optional, B, nc, H, 16): 16 copies
+    of s_prev = exp(cs_Q) <dh_h, h_prev_h> per head for the dx pass (`BlockSizes.s_prev`), as
+    the trace of dh h_prev^T: both tiles are in shared memory here already.
     """
     bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = (blk * hb) // rep
@@ -390,13 +446,17 @@ def _ssd_bwd_dbc_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, z_ref, st_ref, dst_r
         dA = dt * a
         cs = jnp.cumsum(dA)
         total = jnp.sum(dA)
-        decay = jnp.exp(jnp.where(causal, cs[:, None] - cs[None, :], -jnp.inf))
+        decay = _decay(cs, causal, exp2)
         dm = _dot(dout.astype(dot_dtype), xdt.astype(dot_dtype), ((1,), (1,)))
         u = (xdt * jnp.exp(total - cs)[:, None]).astype(dot_dtype)
         v = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
+        dh = dst_ref[bi, c, hi, :, :]
+        h_prev = st_ref[bi, c, hi, :, :]
+        if sp_ref is not None:
+            sp_ref[bi, c, hi, :] = jnp.full((16,), jnp.exp(total) * _trace_dot(dh, h_prev), f32)
         return (dcb_acc + dm * decay,
-                db_acc + _dot(u, dst_ref[bi, c, hi, :, :]),
-                dc_acc + _dot(v, st_ref[bi, c, hi, :, :]))
+                db_acc + _dot(u, dh),
+                dc_acc + _dot(v, h_prev))
 
     n = b_ref.shape[-1]
     init = (jnp.zeros((q, q), f32), jnp.zeros((q, n), f32), jnp.zeros((q, n), f32))
@@ -417,7 +477,7 @@ def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
                  jax.ShapeDtypeStruct((b, h, p, n), jnp.float32),
                  jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype) if save_states else None]
     kernel = functools.partial(_ssd_fwd_kernel, q=q, nc=nc, rep=h // g,
-                               store_at_exit=bs.state_store_at_exit)
+                               store_at_exit=bs.state_store_at_exit, exp2=bs.fast_exp)
     res = _pallas_call(kernel, [x, dt, A, B, C, D, z, h0], out_shape, (b, h), bs.num_warps_fwd,
                        bs.num_stages, interpret, "ssd_fwd")
     return tuple(res if save_states else res[:2])
@@ -490,14 +550,15 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
 def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, bs,
                      interpret):
     """Passes 2 and 3 of the three-kernel backward (after the dL/dh pass)."""
-    dx, ddt, dz, da, dd = _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, q=q, bs=bs,
+    # With s_prev "dbc" the dB/dC pass writes s_prev per (batch, chunk, head) for the dx pass.
+    dbp, dcp, sp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
+                             interpret=interpret)
+    dx, ddt, dz, da, dd = _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, sp, q=q, bs=bs,
                                    interpret=interpret)
-    dbp, dcp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
-                         interpret=interpret)
     return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
 
 
-def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
+def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, sp=None, *, q, bs, interpret):
     """Launches `_ssd_bwd_dx_kernel`: dx, ddt, dz, per-chunk dA (B, nc, H, 16), dD (B, nc, H, P)."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
@@ -510,21 +571,26 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, *, q, bs, interpret):
                  jax.ShapeDtypeStruct((b, nc, h, p), f32)]               # dD
     return tuple(_pallas_call(
         functools.partial(_ssd_bwd_dx_kernel, q=q, rep=h // g,
-                          heads_fastest=bs.dx_heads_fastest),
-        [x, dt, A, B, C, D, z, states, dstates, dy], out_shape,
+                          heads_fastest=bs.dx_heads_fastest, exp2=bs.fast_exp,
+                          dda_dot=bs.dda_dot and x.dtype != jnp.float32,
+                          s_prev="dbc" if sp is not None else bs.s_prev),
+        [x, dt, A, B, C, D, z, states, dstates, dy, sp], out_shape,
         (h, nc, b) if bs.dx_heads_fastest else (b, nc, h),
         bs.num_warps_dx or bs.num_warps_fwd, bs.num_stages, interpret, "ssd_bwd_dx"))
 
 
 def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
-    """Launches `_ssd_bwd_dbc_kernel`: dB, dC partials (B, Lp, H // hb, N) f32."""
+    """Launches `_ssd_bwd_dbc_kernel`: dB, dC partials (B, Lp, H // hb, N) f32, and with
+    `BlockSizes.s_prev` "dbc" s_prev (B, nc, H, 16) for the dx pass (else None)."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
+    sp = (jax.ShapeDtypeStruct((b, nc, h, 16), jnp.float32) if bs.s_prev == "dbc"
+          else None)
     return _pallas_call(
-        functools.partial(_ssd_bwd_dbc_kernel, q=q, hb=hb, rep=h // g),
+        functools.partial(_ssd_bwd_dbc_kernel, q=q, hb=hb, rep=h // g, exp2=bs.fast_exp),
         [x, dt, A, B, C, z, states, dstates, dy],
-        [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2,
+        [jax.ShapeDtypeStruct((b, lp, h // hb, n), jnp.float32)] * 2 + [sp],
         (b, nc, h // hb), bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")
 
 

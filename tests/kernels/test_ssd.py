@@ -190,6 +190,9 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     ("split3", dict(bwd_heads=1, state_store_at_exit=False, dx_heads_fastest=False)),
     # the defaults: states stored at the previous chunk's end, dx grid heads first
     ("split3", dict(bwd_heads=32)),
+    # exp2 decays; s_prev from the dB/dC pass (one head per program) or a trace dot in dx
+    ("split3", dict(bwd_heads=1, fast_exp=True, s_prev="dbc")),
+    ("split3", dict(s_prev="dot", dda_dot=True)),   # dda_dot: f32 inputs keep the cumsum
     ("split", dict(bwd_heads=1, state_store_at_exit=False)),
     ("fused", dict(state_store_at_exit=False)),
 ])
@@ -212,13 +215,38 @@ def test_pallas_bfloat16():
     compare((y, h, grads), (y0, h0, grads0), jnp.bfloat16, "pallas bf16")
 
 
-@pytest.mark.parametrize("bwd,kernels,at_exit", [
-    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc"), False),
-    ("split3", ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc"), True),
-    ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk"), False),
-    ("fused", ("ssd_bwd",), False),
+SPLIT3 = ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")
+
+
+@pytest.mark.parametrize("options", [
+    dict(dda_dot=True),
+    dict(fast_exp=True, dda_dot=True, s_prev="dbc", bwd_heads=2),
+    dict(s_prev="dot"),
 ])
-def test_pallas_lowers_to_triton(bwd, kernels, at_exit):
+def test_pallas_bfloat16_backward_options(options):
+    """The split3 backward options that act on 16-bit inputs: within the bf16 tolerance of the
+    f32 reference, and equal to the default kernels' bf16 result within the f32 tolerance
+    (they only regroup the same f32 sums: a wrong pair term would show here first)."""
+    key = jax.random.PRNGKey(17)
+    args = make_inputs(key, l=40, g=2, p=16, n=16, dtype=jnp.bfloat16)
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    fn = functools.partial(ssd_pallas, chunk_size=16)
+    got = vjp_all(functools.partial(fn, block_sizes=BlockSizes(**options)), args, key)
+    compare(got, vjp_all(ssd_reference, args32, key), jnp.bfloat16, f"pallas bf16 {options}")
+    base = vjp_all(fn, args, key)
+    for k in ("dt", "A", "dt_bias"):
+        assert_close(got[2][k], base[2][k], jnp.float32, "grad", f"{options}: d{k} vs default")
+
+
+@pytest.mark.parametrize("bwd,kernels,at_exit,options", [
+    ("split3", SPLIT3, False, {}),
+    ("split3", SPLIT3, True, {}),
+    ("split3", SPLIT3, True, dict(fast_exp=True, dda_dot=True, s_prev="dbc")),
+    ("split3", SPLIT3, True, dict(s_prev="dot")),
+    ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk"), False, {}),
+    ("fused", ("ssd_bwd",), False, {}),
+])
+def test_pallas_lowers_to_triton(bwd, kernels, at_exit, options):
     """Forward and backward cross-lower to Triton IR without a GPU (catches lowering errors)."""
     args = make_inputs(jax.random.PRNGKey(13), b=1, l=70, h=2, p=32, n=64, g=1,
                        dtype=jnp.bfloat16)
@@ -229,7 +257,8 @@ def test_pallas_lowers_to_triton(bwd, kernels, at_exit):
         y, h = ssd_pallas(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"),
                           chunk_size=64, dt_softplus=True, return_final_state=True,
                           interpret=False,
-                          block_sizes=BlockSizes(bwd=bwd, state_store_at_exit=at_exit), **kw)
+                          block_sizes=BlockSizes(bwd=bwd, state_store_at_exit=at_exit,
+                                                 **options), **kw)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     vals = [args[k] for k in names]
@@ -440,6 +469,8 @@ def test_pallas_block_sizes_validated():
         run(ssd_pallas, args, chunk_size=16, block_sizes=BlockSizes(chunk=24))
     with pytest.raises(ValueError, match="BlockSizes.bwd"):
         BlockSizes(bwd="reverse")
+    with pytest.raises(ValueError, match="BlockSizes.s_prev"):
+        BlockSizes(s_prev="fwd")
     with pytest.raises(ValueError, match="BlockSizes.short_batch"):
         BlockSizes(short_batch=3)
     with pytest.raises(ValueError, match="BlockSizes.short_rows"):
