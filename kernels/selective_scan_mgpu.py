@@ -22,11 +22,13 @@ width a multiple of 128 and d_state a power of 2 >= 8.
 Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "mosaic" (default, d_state <= 16;
 H100 run mgpu4: 24% faster than "triton"): the forward saves the state entering every
 `bwd_chunk` (8) steps; the Mosaic backward walks tiles and chunks in reverse, recomputes a
-chunk's states (as a_t h_{t-1}) into shared memory from the saved one, then runs the adjoint
-recurrence one channel per thread. The sums over channels (dB_t, dC_t: 2N per step) go
-through a padded (128, 129) shared tile: each thread writes its terms as rows, and after
-64 / Np steps thread r sums row r. Its limit is instruction issue (~465 per step and block,
-one warp per scheduler: benchmarks/NOTES_selective_scan.md, runs mgpu5-9). "triton" (and
+chunk's states (as a_t h_{t-1}) into shared memory from the saved one (brought by TMA a
+chunk ahead), then runs the adjoint recurrence one channel per thread. The sums over
+channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
+writes its terms as rows, and after 64 / Np steps thread r sums row r. Where its time goes
+(Nsight Compute, benchmarks/NOTES_selective_scan.md, session 5): the recompute ~36% (18
+MUFU ops per step), the adjoint ~47% (~290 instructions per step, issue-bound with one
+warp per scheduler), the dB/dC reductions ~15%. "triton" (and
 d_state > 16): the forward saves the state entering every 16 steps in the layout of
 kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
 
@@ -87,22 +89,13 @@ class MgpuBlockSizes:
     bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
     bwd_stages: int = 2
     bwd_unroll: int = 1     # Mosaic backward: steps per loop iteration (divides 4)
-    # Mosaic backward: the state entering each chunk comes by TMA into a 2-slot shared
-    # buffer one chunk ahead (True), or by register loads issued a chunk ahead, which the
-    # compiler sinks to their use (False: Nsight Compute, session 5, put 5.5% of the
-    # backward's stall samples on that load).
-    bwd_state_tma: bool = True
-    # Mosaic backward: each tile's step sizes dt = softplus(delta + bias) are computed once
-    # into a float32 shared tile before its chunks (independent steps: no dependent chain),
-    # instead of twice per step (recompute and adjoint) at the head of each step's chain.
-    bwd_dt_stage: bool = True
+    # Mosaic backward: steps per iteration of the chunk's recompute loop (divides bwd_chunk;
+    # the adjoint's is bwd_unroll).
+    bwd_recompute_unroll: int = 1
     # True (default): B and C are converted to float32 by XLA before the kernel, which then
     # stages f32 tiles (run mgpu4: forward 0.472 / 0.130 ms at L / S); False: bf16 B/C tiles
     # are staged and converted per tile in the kernel, no XLA pass (0.517 / 0.138).
     bc_f32: bool = True
-    # Forward: the decays exp2(dt A) of the first `fwd_fma_exp` states are computed on the
-    # FMA pipe (_exp2_fma) instead of MUFU, whose throughput bounds the forward.
-    fwd_fma_exp: int = 0
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -120,6 +113,9 @@ class MgpuBlockSizes:
                              f"must be multiples of bwd_chunk={self.bwd_chunk}")
         if self.bwd_unroll < 1 or 4 % self.bwd_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_unroll={self.bwd_unroll} must divide 4")
+        if self.bwd_recompute_unroll < 1 or self.bwd_chunk % self.bwd_recompute_unroll:
+            raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
+                             f" must divide bwd_chunk={self.bwd_chunk}")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MgpuBlockSizes.backward={self.backward!r}: 'mosaic' or 'triton'")
 
@@ -143,9 +139,7 @@ class _Cfg:
     bwd_tile: int
     bwd_stages: int
     bwd_unroll: int
-    bwd_state_tma: bool
-    bwd_dt_stage: bool
-    fwd_fma_exp: int
+    bwd_recompute_unroll: int
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -156,36 +150,6 @@ def _softplus(x):
     series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * 0.25)))
     big = jnp.log2(1.0 + e) * (1.0 / _LOG2E)
     return jnp.where(x > 20.0, x, jnp.where(e < 0.03125, series, big))
-
-
-# 2^f on [-1/2, 1/2]: degree-5 near-minimax polynomial (relative error 2.4e-7 in float32
-# Horner form, about that of MUFU's ex2.approx).
-_EXP2_POLY = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464,
-              0.05550713092088699, 0.009675540961325169, 0.001327647129073739)
-_ROUND_MAGIC = 12582912.0      # 1.5 * 2^23: x + M holds round(x) in its low mantissa bits
-
-
-def _exp2_fma(x, interpret=False):
-    """2^x for x <= 0 on the FMA/ALU pipes instead of MUFU (which the forward saturates:
-    Nsight Compute, session 5): x = j + f with j = round(x), 2^f by the polynomial above,
-    then j added to the exponent bits. Below -125 it returns 2^-125 (as good as 0 here).
-    round(x) comes from x + 1.5 * 2^23 (one add; its low bits hold it); XLA folds
-    (x + M) - M to x, so interpret mode (run by XLA) takes jnp.round instead, the same value."""
-    x = jnp.maximum(x, -125.0)
-    if interpret:
-        j = jnp.round(x)
-        scale = jax.lax.shift_left(j.astype(jnp.int32), jnp.int32(23))
-    else:
-        t = x + _ROUND_MAGIC
-        j = t - _ROUND_MAGIC
-        # (bits(t) << 23) == round(x) << 23 mod 2^32: the magic's own bits shift out.
-        scale = jax.lax.shift_left(jax.lax.bitcast_convert_type(t, jnp.int32), jnp.int32(23))
-    f = x - j
-    p = _EXP2_POLY[-1]
-    for c in reversed(_EXP2_POLY[:-1]):
-        p = p * f + c
-    return jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(p, jnp.int32) + scale, jnp.float32)
 
 
 def _sigmoid(x):
@@ -354,8 +318,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         dtu = dt * u
         # B read inline (16 scalar loads): loading the B and C rows first (8 vector loads, 12
         # fewer instructions per step) measured 3-4% slower (run mgpu8).
-        out = [(_exp2_fma(dt * a2[n], cfg.interpret) if n < cfg.fwd_fma_exp
-                else jnp.exp2(dt * a2[n])) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
+        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
         y = _dot(out, [cval(slot, t, n) for n in range(N)], dskip * u if ins.d else None)
         if ins.z:
             zt = z_s[slot, t, :].astype(jnp.float32)
@@ -413,11 +376,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
-    h_s, pt_s = next(it), next(it)
-    dtf_s = next(it) if cfg.bwd_dt_stage else None       # (T, 128) f32 step sizes
-    hst_s = next(it) if cfg.bwd_state_tma else None      # (2, Np, 128) chunk-entry states
-    bar, pbar = next(it), next(it)
-    hbar = next(it) if cfg.bwd_state_tma else None
+    h_s, pt_s, hst_s = next(it), next(it), next(it)
+    bar, pbar, hbar = next(it), next(it), next(it)
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -442,37 +402,22 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         x = dt_s[slot, tl, :].astype(f32)
         if ins.bias:
             x = x + bias
-        if cfg.bwd_dt_stage:
-            return x, dtf_s[tl, :]
         dt = _softplus(x) if cfg.softplus else x
         if masked:
             dt = jnp.where(tg < cfg.length, dt, 0.0)
         return x, dt
 
-    def stage_dt(t0, slot):
-        # Each thread writes and later reads only its own column: no barrier needed.
-        def body(tl, c):
-            x = dt_s[slot, tl, :].astype(f32)
-            if ins.bias:
-                x = x + bias
-            dt = _softplus(x) if cfg.softplus else x
-            if masked:
-                dt = jnp.where(t0 + tl < cfg.length, dt, 0.0)
-            dtf_s[tl, :] = dt
-            return c
-        jax.lax.fori_loop(0, T, body, 0, unroll=4)
-
     def issue_state(c):
+        # The state entering chunk c by TMA into slot c % 2, a chunk ahead of its use
+        # (register loads issued a chunk ahead were sunk by the compiler to their use:
+        # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
         plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols], hst_s.at[c % 2], hbar.at[c % 2])
 
     def recompute(t0, slot, base, i, h):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
         # g a_t h_{t-1} = g p_t), then advance to h_t.
         tl = base + i
-        if cfg.bwd_dt_stage:
-            dt = dtf_s[tl, :]
-        else:
-            _, dt = step_size(slot, tl, t0 + tl)
+        _, dt = step_size(slot, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
         bs = [bval(slot, tl, n) for n in range(N)]     # before the stores: vector loads (mgpu7)
         p = [jnp.exp2(dt * a2[n]) * h[n] for n in range(N)]
@@ -533,34 +478,23 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         _barrier()
 
     def tile_body(k, slot, carry):
-        if cfg.bwd_state_tma:
-            h_next = None
-        else:
-            carry, h_next = carry[:4], carry[4]
         if convert is not None:
             convert(slot)
         t0 = k * T
-        if cfg.bwd_dt_stage:
-            stage_dt(t0, slot)
         for q in reversed(range(T // CH)):
             base = q * CH
             c = k * (T // CH) + q
-            if cfg.bwd_state_tma:
-                plgpu.barrier_wait(hbar.at[c % 2])
-                h_entry = tuple(hst_s[c % 2, n, :] for n in range(N))
+            plgpu.barrier_wait(hbar.at[c % 2])
+            h_entry = tuple(hst_s[c % 2, n, :] for n in range(N))
 
-                # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's
-                # start; every thread has since passed the reduction barriers of chunk c + 1).
-                @pl.when(c > 0)
-                def _():
-                    issue_state(c - 1)
-            else:
-                h_entry = h_next
-                # The next chunk's entry state, loaded one chunk ahead (global-memory latency).
-                c_prev = jnp.maximum(c - 1, 0)
-                h_next = tuple(hs_ref[bi, c_prev, n, cols] for n in range(N))
+            # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's
+            # start; every thread has since passed the reduction barriers of chunk c + 1).
+            @pl.when(c > 0)
+            def _():
+                issue_state(c - 1)
+
             jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
-                              unroll=min(cfg.bwd_unroll, CH))
+                              unroll=cfg.bwd_recompute_unroll)
             for gq in reversed(range(CH // UQ)):
                 gbase = base + gq * UQ
                 carry = jax.lax.fori_loop(
@@ -568,16 +502,12 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
                                                   gbase - base + UQ - 1 - ii, cr),
                     carry, unroll=min(cfg.bwd_unroll, UQ))
                 reduce_rows(t0 + gbase)
-        return carry if cfg.bwd_state_tma else carry + (h_next,)
+        return carry
 
     g0 = tuple(dhl_ref[bi, n, cols] for n in range(N))
-    init = (g0, tuple(zero for _ in range(N)), zero, zero)
-    if cfg.bwd_state_tma:
-        issue_state(n_chunks - 1)
-    else:
-        init += (tuple(hs_ref[bi, n_chunks - 1, n, cols] for n in range(N)),)
-    g, dat, dd, dbias = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body, init,
-                              reverse=True)[:4]
+    issue_state(n_chunks - 1)
+    g, dat, dd, dbias = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body,
+                              (g0, tuple(zero for _ in range(N)), zero, zero), reverse=True)
     for n in range(NP):
         dat_ref[bi, n, cols] = dat[n] if n < N else zero
         dh0_ref[bi, n, cols] = g[n] if n < N else zero
@@ -645,12 +575,11 @@ def _bwd_call(cfg, res, dout, dhl):
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm)
     scratch += [plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # a_t h_{t-1}
-                plgpu.SMEM((WIDTH, WIDTH + 1), f32)]                       # dB/dC terms
-    scratch += [plgpu.SMEM((T, WIDTH), f32)] if cfg.bwd_dt_stage else []  # step sizes
-    scratch += [plgpu.SMEM((2, np_, WIDTH), f32)] if cfg.bwd_state_tma else []
-    scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
-                plgpu.Barrier(num_arrivals=_par_count(ins))]
-    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if cfg.bwd_state_tma else []
+                plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
+                plgpu.SMEM((2, np_, WIDTH), f32),                          # entry states
+                plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
+                plgpu.Barrier(num_arrivals=_par_count(ins)),
+                plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     kern = plgpu.kernel(
         functools.partial(_bwd_kernel, cfg=cfg, ins=ins),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
@@ -719,8 +648,7 @@ def _bwd_smem_bytes(bs, tile, n, np_, u, z, B):
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
             + 2 * WIDTH * 4 + bs.bwd_chunk * n * WIDTH * 4 + WIDTH * (WIDTH + 1) * 4
-            + (tile * WIDTH * 4 if bs.bwd_dt_stage else 0)
-            + (2 * np_ * WIDTH * 4 if bs.bwd_state_tma else 0))
+            + 2 * np_ * WIDTH * 4)
 
 
 def _round_up(x, m):
@@ -791,8 +719,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                softplus=bool(delta_softplus), has_z=z is not None,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
-               bwd_state_tma=bs.bwd_state_tma, bwd_dt_stage=bs.bwd_dt_stage,
-               fwd_fma_exp=bs.fwd_fma_exp, tcfg=tcfg)
+               bwd_recompute_unroll=bs.bwd_recompute_unroll, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

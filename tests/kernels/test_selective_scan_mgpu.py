@@ -31,11 +31,11 @@ CASES = [
      MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
-                    bwd_state_tma=False, bwd_dt_stage=False, **MOSAIC)),
+                    bwd_recompute_unroll=4, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
-     MgpuBlockSizes(bwd_stages=3, bwd_state_tma=False, **MOSAIC)),
+     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, fwd_fma_exp=3, **MOSAIC)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
     (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=False)),
@@ -64,7 +64,8 @@ def test_mgpu_lowers_to_mosaic_gpu_without_gpu():
         return selective_scan_mgpu(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
                                    kw["z"], kw["delta_bias"], delta_softplus=True,
                                    initial_state=kw["initial_state"], return_final_state=True,
-                                   block_sizes=MgpuBlockSizes(fwd_fma_exp=4, **MOSAIC),
+                                   block_sizes=MgpuBlockSizes(bwd_recompute_unroll=2,
+                                                              **MOSAIC),
                                    interpret=False)
 
     def loss(*vals):
@@ -89,6 +90,8 @@ def test_block_sizes_validate():
         MgpuBlockSizes(bwd_chunk=4)
     with pytest.raises(ValueError, match="backward"):
         MgpuBlockSizes(backward="cuda")
+    with pytest.raises(ValueError, match="bwd_recompute_unroll"):
+        MgpuBlockSizes(bwd_recompute_unroll=3)
 
 
 @pytest.mark.gpu
