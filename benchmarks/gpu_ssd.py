@@ -78,6 +78,10 @@ VARIANTS = {
     "ddadot": dict(dda_dot=True),
     "fexp sp_dbc": dict(fast_exp=True, s_prev="dbc"),
     "all3": dict(fast_exp=True, dda_dot=True, s_prev="dbc"),
+    # Run 12: s_prev as a trace dot in dx (no new dB/dC output) with the other two knobs.
+    "sp_dot ddadot": dict(s_prev="dot", dda_dot=True),
+    "sp_dot fexp": dict(s_prev="dot", fast_exp=True),
+    "sp_dot both": dict(s_prev="dot", fast_exp=True, dda_dot=True),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
