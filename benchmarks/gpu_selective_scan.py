@@ -93,7 +93,6 @@ if MGPU:
     VARIANTS = {
         "v5": BlockSizes(block_d=16, bwd_block_d=16),              # the Triton default
         "mgpu": MgpuBlockSizes(),                                   # the Mosaic default
-        "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),
         "mgpu_c16": MgpuBlockSizes(bwd_chunk=16, bwd_tile=16, bwd_stages=1),  # half the states
         "mgpu_fu2": MgpuBlockSizes(unroll=2),
         "mgpu_s4": MgpuBlockSizes(stages=4),
@@ -102,9 +101,11 @@ if MGPU:
         "mgpu_u8": MgpuBlockSizes(unroll=8),
         # Session 5 (run mgpu10: chunk-entry states by TMA, -4.5% fwd+bwd at L): the
         # recompute loop unrolled (two steps' chains interleave; the adjoint stays at 1).
-        "mgpu_ru2": MgpuBlockSizes(bwd_recompute_unroll=2),
+        "mgpu_ru1": MgpuBlockSizes(bwd_recompute_unroll=1),       # run mgpu10's default
         "mgpu_ru4": MgpuBlockSizes(bwd_recompute_unroll=4),
         "mgpu_ru8": MgpuBlockSizes(bwd_recompute_unroll=8),
+        "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),   # the adjoint unrolled (spilled at 191 regs)
+        "mgpu_t16": MgpuBlockSizes(bwd_tile=16),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
