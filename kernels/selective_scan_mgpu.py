@@ -93,6 +93,9 @@ class MgpuBlockSizes:
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
     # at L against 1; 4 and 8 no better than 1.
     bwd_recompute_unroll: int = 2
+    # Mosaic backward: the chunks of a tile as a loop (one copy of their code) instead of
+    # unrolled (bwd_tile / bwd_chunk copies: ~50 KB of loop code, "no instruction" stalls).
+    bwd_chunk_loop: bool = False
     # True (default): B and C are converted to float32 by XLA before the kernel, which then
     # stages f32 tiles (run mgpu4: forward 0.472 / 0.130 ms at L / S); False: bf16 B/C tiles
     # are staged and converted per tile in the kernel, no XLA pass (0.517 / 0.138).
@@ -141,6 +144,7 @@ class _Cfg:
     bwd_stages: int
     bwd_unroll: int
     bwd_recompute_unroll: int
+    bwd_chunk_loop: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -478,31 +482,39 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         dbc_ref[bi, j, pl.ds(tg0 * 2 * NP, WIDTH)] = (acc[0] + acc[1]) + (acc[2] + acc[3])
         _barrier()
 
+    def chunk(k, t0, slot, q, carry):
+        base = q * CH
+        c = k * (T // CH) + q
+        plgpu.barrier_wait(hbar.at[c % 2])
+        h_entry = tuple(hst_s[c % 2, n, :] for n in range(N))
+
+        # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's start;
+        # every thread has since passed the reduction barriers of chunk c + 1).
+        @pl.when(c > 0)
+        def _():
+            issue_state(c - 1)
+
+        jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
+                          unroll=cfg.bwd_recompute_unroll)
+        for gq in reversed(range(CH // UQ)):
+            gbase = base + gq * UQ
+            carry = jax.lax.fori_loop(
+                0, UQ, lambda ii, cr: adjoint(t0, slot, base, gbase,
+                                              gbase - base + UQ - 1 - ii, cr),
+                carry, unroll=min(cfg.bwd_unroll, UQ))
+            reduce_rows(t0 + gbase)
+        return carry
+
     def tile_body(k, slot, carry):
         if convert is not None:
             convert(slot)
         t0 = k * T
-        for q in reversed(range(T // CH)):
-            base = q * CH
-            c = k * (T // CH) + q
-            plgpu.barrier_wait(hbar.at[c % 2])
-            h_entry = tuple(hst_s[c % 2, n, :] for n in range(N))
-
-            # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's
-            # start; every thread has since passed the reduction barriers of chunk c + 1).
-            @pl.when(c > 0)
-            def _():
-                issue_state(c - 1)
-
-            jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
-                              unroll=cfg.bwd_recompute_unroll)
-            for gq in reversed(range(CH // UQ)):
-                gbase = base + gq * UQ
-                carry = jax.lax.fori_loop(
-                    0, UQ, lambda ii, cr: adjoint(t0, slot, base, gbase,
-                                                  gbase - base + UQ - 1 - ii, cr),
-                    carry, unroll=min(cfg.bwd_unroll, UQ))
-                reduce_rows(t0 + gbase)
+        nq = T // CH
+        if cfg.bwd_chunk_loop:       # one copy of the chunk's code (instruction cache)
+            return jax.lax.fori_loop(
+                0, nq, lambda i, cr: chunk(k, t0, slot, nq - 1 - i, cr), carry)
+        for q in reversed(range(nq)):
+            carry = chunk(k, t0, slot, q, carry)
         return carry
 
     g0 = tuple(dhl_ref[bi, n, cols] for n in range(N))
@@ -720,7 +732,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                softplus=bool(delta_softplus), has_z=z is not None,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
-               bwd_recompute_unroll=bs.bwd_recompute_unroll, tcfg=tcfg)
+               bwd_recompute_unroll=bs.bwd_recompute_unroll,
+               bwd_chunk_loop=bs.bwd_chunk_loop, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
