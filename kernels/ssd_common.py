@@ -159,7 +159,11 @@ class BlockSizes:
     s_prev: where the dx pass gets exp(cs_Q) <dL/dh_c, h_prev> of d(dA): "dx" (an elementwise
       product of the two (P, N) tiles, live in registers), "dot" (the trace of dh h_prev^T on
       the tensor cores, in the dx pass) or "dbc" (the same trace in the dB/dC pass, which
-      then runs first and writes it per (batch, chunk, head)).
+      then runs first and writes it per (batch, chunk, head)). f32 states (f32 inputs) keep
+      the elementwise product in either place (an f32 dot would run as TF32).
+      H100 runs 11-12 at b8 L4096 h32 p64 n128 bf16, fwd+bwd: the defaults (fast_exp,
+      dda_dot, s_prev "dot") 1.767-1.773 ms; s_prev "dot" alone 1.785-1.786; all three off
+      (the session-4 kernels) 1.913-1.920 (benchmarks/NOTES_ssd.md).
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -185,9 +189,9 @@ class BlockSizes:
     num_stages_short: int = 1
     state_store_at_exit: bool = True
     dx_heads_fastest: bool = True
-    fast_exp: bool = False
-    dda_dot: bool = False
-    s_prev: str = "dx"
+    fast_exp: bool = True
+    dda_dot: bool = True
+    s_prev: str = "dot"
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):

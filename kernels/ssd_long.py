@@ -348,7 +348,8 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
     L2), else (B, nc, H).
     s_prev = exp(cs_Q) <dL/dh_c, h_prev> (the state-decay part of d(dA)): "dx" as an
     elementwise (P, N) product here (both tiles stay live in registers), "dot" as the trace
-    of dh h_prev^T on the tensor cores (operands already in shared memory), "dbc" read from
+    of dh h_prev^T on the tensor cores (operands already in shared memory; 16-bit states
+    only, `_trace_dot`), "dbc" read from
     sp (B, nc, H, 16), written by `_ssd_bwd_dbc_kernel` (which then runs first).
     exp2, dda_dot: `_decay`, `_pair_dda` (`BlockSizes.fast_exp`, `BlockSizes.dda_dot`).
     """
@@ -406,7 +407,10 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
 
 def _trace_dot(u, v):
     """sum(u * v) of two (P, N) tiles as the trace of u v^T (one tensor-core dot, f32
-    accumulation of the exact products of 16-bit operands) and a diagonal mask."""
+    accumulation of the exact products of 16-bit operands) and a diagonal mask. f32 tiles
+    take the elementwise sum (an f32 dot would run as TF32 on the GPU)."""
+    if u.dtype == jnp.float32:
+        return jnp.sum(u * v.astype(jnp.float32))
     uv = _dot(u, v, ((1,), (1,)))
     pdx = jax.lax.broadcasted_iota(jnp.int32, uv.shape, 0)
     qdx = jax.lax.broadcasted_iota(jnp.int32, uv.shape, 1)

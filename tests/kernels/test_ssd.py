@@ -187,12 +187,14 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
 
 @pytest.mark.parametrize("bwd,kw", [
     # one head per dB/dC program (4 partials over 2 groups, summed in XLA); dx grid batch first
-    ("split3", dict(bwd_heads=1, state_store_at_exit=False, dx_heads_fastest=False)),
-    # the defaults: states stored at the previous chunk's end, dx grid heads first
+    # and the dx pass of session 4 (expf decays, s_prev as an elementwise product)
+    ("split3", dict(bwd_heads=1, state_store_at_exit=False, dx_heads_fastest=False,
+                    fast_exp=False, s_prev="dx")),
+    # the defaults: states stored at the previous chunk's end, dx grid heads first, exp2
+    # decays, s_prev as a trace dot in dx (dda_dot: f32 inputs keep the cumsum)
     ("split3", dict(bwd_heads=32)),
-    # exp2 decays; s_prev from the dB/dC pass (one head per program) or a trace dot in dx
-    ("split3", dict(bwd_heads=1, fast_exp=True, s_prev="dbc")),
-    ("split3", dict(s_prev="dot", dda_dot=True)),   # dda_dot: f32 inputs keep the cumsum
+    # s_prev from the dB/dC pass (one head per program)
+    ("split3", dict(bwd_heads=1, fast_exp=False, s_prev="dbc")),
     ("split", dict(bwd_heads=1, state_store_at_exit=False)),
     ("fused", dict(state_store_at_exit=False)),
 ])
@@ -218,22 +220,26 @@ def test_pallas_bfloat16():
 SPLIT3 = ("ssd_bwd_dstate", "ssd_bwd_dx", "ssd_bwd_dbc")
 
 
+OLD_DX = dict(fast_exp=False, dda_dot=False, s_prev="dx")   # the dx pass before run 12
+
+
 @pytest.mark.parametrize("options", [
-    dict(dda_dot=True),
-    dict(fast_exp=True, dda_dot=True, s_prev="dbc", bwd_heads=2),
-    dict(s_prev="dot"),
+    {},                                   # the defaults: fast_exp, dda_dot, s_prev "dot"
+    dict(OLD_DX, dda_dot=True),
+    dict(s_prev="dbc", bwd_heads=2),
+    dict(OLD_DX, s_prev="dot"),
 ])
 def test_pallas_bfloat16_backward_options(options):
     """The split3 backward options that act on 16-bit inputs: within the bf16 tolerance of the
-    f32 reference, and equal to the default kernels' bf16 result within the f32 tolerance
-    (they only regroup the same f32 sums: a wrong pair term would show here first)."""
+    f32 reference, and equal to the session-4 kernels' bf16 result (OLD_DX) within the f32
+    tolerance (they only regroup the same f32 sums: a wrong pair term would show here)."""
     key = jax.random.PRNGKey(17)
     args = make_inputs(key, l=40, g=2, p=16, n=16, dtype=jnp.bfloat16)
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
     fn = functools.partial(ssd_pallas, chunk_size=16)
     got = vjp_all(functools.partial(fn, block_sizes=BlockSizes(**options)), args, key)
     compare(got, vjp_all(ssd_reference, args32, key), jnp.bfloat16, f"pallas bf16 {options}")
-    base = vjp_all(fn, args, key)
+    base = vjp_all(functools.partial(fn, block_sizes=BlockSizes(**OLD_DX)), args, key)
     for k in ("dt", "A", "dt_bias"):
         assert_close(got[2][k], base[2][k], jnp.float32, "grad", f"{options}: d{k} vs default")
 
@@ -241,8 +247,8 @@ def test_pallas_bfloat16_backward_options(options):
 @pytest.mark.parametrize("bwd,kernels,at_exit,options", [
     ("split3", SPLIT3, False, {}),
     ("split3", SPLIT3, True, {}),
-    ("split3", SPLIT3, True, dict(fast_exp=True, dda_dot=True, s_prev="dbc")),
-    ("split3", SPLIT3, True, dict(s_prev="dot")),
+    ("split3", SPLIT3, True, dict(s_prev="dbc")),
+    ("split3", SPLIT3, True, dict(fast_exp=False, dda_dot=False, s_prev="dx")),
     ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk"), False, {}),
     ("fused", ("ssd_bwd",), False, {}),
 ])
