@@ -93,9 +93,10 @@ class MgpuBlockSizes:
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
     # at L against 1; 4 and 8 no better than 1.
     bwd_recompute_unroll: int = 2
-    # Mosaic backward: the chunks of a tile as a loop (one copy of their code) instead of
-    # unrolled (bwd_tile / bwd_chunk copies: ~50 KB of loop code, "no instruction" stalls).
-    bwd_chunk_loop: bool = False
+    # The chunks of a tile (the backward's, and the state-saving forward's) and the backward's
+    # reduction groups of a chunk as loops, one copy of their code, instead of unrolled
+    # (bwd_tile / bwd_chunk copies: ~50 KB of backward loop code, "no instruction" stalls).
+    chunk_loops: bool = False
     # True (default): B and C are converted to float32 by XLA before the kernel, which then
     # stages f32 tiles (run mgpu4: forward 0.472 / 0.130 ms at L / S); False: bf16 B/C tiles
     # are staged and converted per tile in the kernel, no XLA pass (0.517 / 0.138).
@@ -144,7 +145,7 @@ class _Cfg:
     bwd_stages: int
     bwd_unroll: int
     bwd_recompute_unroll: int
-    bwd_chunk_loop: bool
+    chunk_loops: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -340,13 +341,19 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         if convert is not None:
             convert(slot)
         t0 = k * T
-        for q in range(T // CH):
+
+        def chunk(q, h):
             if save_states:
                 c = k * (T // CH) + q
                 for n in range(cfg.np_):
                     hs_ref[bi, c, n, cols] = h[n] if n < N else zero
-            h = jax.lax.fori_loop(q * CH, (q + 1) * CH,
-                                  lambda t, h: step(t0, slot, t, h), h, unroll=cfg.unroll)
+            return jax.lax.fori_loop(0, CH, lambda i, h: step(t0, slot, q * CH + i, h), h,
+                                     unroll=cfg.unroll)
+
+        if cfg.chunk_loops and T // CH > 1:
+            return jax.lax.fori_loop(0, T // CH, chunk, h)
+        for q in range(T // CH):
+            h = chunk(q, h)
         return h
 
     h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
@@ -496,13 +503,20 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
 
         jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
                           unroll=cfg.bwd_recompute_unroll)
-        for gq in reversed(range(CH // UQ)):
+        def group(gq, carry):     # UQ steps, then their dB/dC reduction
             gbase = base + gq * UQ
             carry = jax.lax.fori_loop(
                 0, UQ, lambda ii, cr: adjoint(t0, slot, base, gbase,
                                               gbase - base + UQ - 1 - ii, cr),
                 carry, unroll=min(cfg.bwd_unroll, UQ))
             reduce_rows(t0 + gbase)
+            return carry
+
+        ng = CH // UQ
+        if cfg.chunk_loops:
+            return jax.lax.fori_loop(0, ng, lambda i, cr: group(ng - 1 - i, cr), carry)
+        for gq in reversed(range(ng)):
+            carry = group(gq, carry)
         return carry
 
     def tile_body(k, slot, carry):
@@ -510,7 +524,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             convert(slot)
         t0 = k * T
         nq = T // CH
-        if cfg.bwd_chunk_loop:       # one copy of the chunk's code (instruction cache)
+        if cfg.chunk_loops:          # one copy of the chunk's code (instruction cache)
             return jax.lax.fori_loop(
                 0, nq, lambda i, cr: chunk(k, t0, slot, nq - 1 - i, cr), carry)
         for q in reversed(range(nq)):
@@ -733,7 +747,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               bwd_chunk_loop=bs.bwd_chunk_loop, tcfg=tcfg)
+               chunk_loops=bs.chunk_loops, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
