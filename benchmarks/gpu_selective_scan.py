@@ -107,10 +107,9 @@ if MGPU:
         "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),   # the adjoint unrolled (spilled at 191 regs)
         "mgpu_t16": MgpuBlockSizes(bwd_tile=16),
         "mgpu_cl": MgpuBlockSizes(chunk_loops=True),           # one copy of the chunk code
-        "mgpu_cl_ru1": MgpuBlockSizes(chunk_loops=True, bwd_recompute_unroll=1),
-        "mgpu_cl_ru4": MgpuBlockSizes(chunk_loops=True, bwd_recompute_unroll=4),
-        "mgpu_cl_t16": MgpuBlockSizes(chunk_loops=True, bwd_tile=16),
         "mgpu_cl_fu8": MgpuBlockSizes(chunk_loops=True, unroll=8),
+        "mgpu_cl_fu16": MgpuBlockSizes(chunk_loops=True, unroll=16),
+        "mgpu_clg_fu8": MgpuBlockSizes(chunk_loops=True, group_loops=True, unroll=8),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -79,7 +79,7 @@ class MgpuBlockSizes:
     """Tiling of the Mosaic GPU kernels."""
     tile: int = 32          # forward: steps per TMA tile (multiple of 16)
     stages: int = 3         # forward: tiles in flight (shared-memory ring)
-    unroll: int = 4         # forward: steps per loop iteration (divides bwd_chunk and 16)
+    unroll: int = 4         # forward: steps per loop iteration (divides 16)
     # "mosaic" (default; d_state <= 16, else Triton): the Mosaic backward below (H100 run
     # mgpu4: fwd+bwd 3.13 / 0.81 ms at L / S with bwd_unroll=1, 191 registers; bwd_unroll=4
     # spilled: 8.83 / 2.77). "triton": the Triton backward (v5) of
@@ -93,10 +93,12 @@ class MgpuBlockSizes:
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
     # at L against 1; 4 and 8 no better than 1.
     bwd_recompute_unroll: int = 2
-    # The chunks of a tile (the backward's, and the state-saving forward's) and the backward's
-    # reduction groups of a chunk as loops, one copy of their code, instead of unrolled
-    # (bwd_tile / bwd_chunk copies: ~50 KB of backward loop code, "no instruction" stalls).
+    # The chunks of a tile (the backward's, and the state-saving forward's) as loops, one copy
+    # of their code, instead of unrolled (bwd_tile / bwd_chunk copies: ~50 KB of backward
+    # loop code, "no instruction" stalls); group_loops: also the backward's reduction groups
+    # of a chunk.
     chunk_loops: bool = False
+    group_loops: bool = False
     # True (default): B and C are converted to float32 by XLA before the kernel, which then
     # stages f32 tiles (run mgpu4: forward 0.472 / 0.130 ms at L / S); False: bf16 B/C tiles
     # are staged and converted per tile in the kernel, no XLA pass (0.517 / 0.138).
@@ -110,9 +112,8 @@ class MgpuBlockSizes:
                              f"{self.bwd_stages} must be >= 1")
         if self.bwd_chunk not in (8, 16):
             raise ValueError(f"MgpuBlockSizes.bwd_chunk={self.bwd_chunk} must be 8 or 16")
-        if self.unroll < 1 or self.bwd_chunk % self.unroll or 16 % self.unroll:
-            raise ValueError(f"MgpuBlockSizes.unroll={self.unroll} must divide "
-                             f"bwd_chunk={self.bwd_chunk} and 16")
+        if self.unroll < 1 or 16 % self.unroll:
+            raise ValueError(f"MgpuBlockSizes.unroll={self.unroll} must divide 16")
         if self.bwd_tile % self.bwd_chunk or self.tile % self.bwd_chunk:
             raise ValueError(f"MgpuBlockSizes.tile={self.tile} and bwd_tile={self.bwd_tile} "
                              f"must be multiples of bwd_chunk={self.bwd_chunk}")
@@ -146,6 +147,7 @@ class _Cfg:
     bwd_unroll: int
     bwd_recompute_unroll: int
     chunk_loops: bool
+    group_loops: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -348,7 +350,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
                 for n in range(cfg.np_):
                     hs_ref[bi, c, n, cols] = h[n] if n < N else zero
             return jax.lax.fori_loop(0, CH, lambda i, h: step(t0, slot, q * CH + i, h), h,
-                                     unroll=cfg.unroll)
+                                     unroll=min(cfg.unroll, CH))
 
         if cfg.chunk_loops and T // CH > 1:
             return jax.lax.fori_loop(0, T // CH, chunk, h)
@@ -513,7 +515,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             return carry
 
         ng = CH // UQ
-        if cfg.chunk_loops:
+        if cfg.group_loops:
             return jax.lax.fori_loop(0, ng, lambda i, cr: group(ng - 1 - i, cr), carry)
         for gq in reversed(range(ng)):
             carry = group(gq, carry)
@@ -747,7 +749,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               chunk_loops=bs.chunk_loops, tcfg=tcfg)
+               chunk_loops=bs.chunk_loops, group_loops=bs.group_loops, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -33,7 +33,8 @@ CASES = [
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
-     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, chunk_loops=True, **MOSAIC)),
+     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, chunk_loops=True,
+                    group_loops=True, unroll=16, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
@@ -83,6 +84,8 @@ def test_block_sizes_validate():
         MgpuBlockSizes(tile=24)
     with pytest.raises(ValueError, match="must divide"):
         MgpuBlockSizes(unroll=3)
+    with pytest.raises(ValueError, match="must divide 16"):
+        MgpuBlockSizes(unroll=32)
     with pytest.raises(ValueError, match="stages"):
         MgpuBlockSizes(stages=0)
     with pytest.raises(ValueError, match="bwd_chunk"):
