@@ -98,7 +98,6 @@ if MGPU:
         "mgpu_s4": MgpuBlockSizes(stages=4),
         "mgpu_tbwd": MgpuBlockSizes(backward="triton"),             # Mosaic fwd + Triton bwd
         "mgpu_bcbf16": MgpuBlockSizes(bc_f32=False),               # bf16 B/C tiles in-kernel
-        "mgpu_u8": MgpuBlockSizes(unroll=8),
         # Session 5 (run mgpu10: chunk-entry states by TMA, -4.5% fwd+bwd at L): the
         # recompute loop unrolled (two steps' chains interleave; the adjoint stays at 1).
         "mgpu_ru1": MgpuBlockSizes(bwd_recompute_unroll=1),       # run mgpu10's default
@@ -106,10 +105,8 @@ if MGPU:
         "mgpu_ru8": MgpuBlockSizes(bwd_recompute_unroll=8),
         "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),   # the adjoint unrolled (spilled at 191 regs)
         "mgpu_t16": MgpuBlockSizes(bwd_tile=16),
-        "mgpu_cl": MgpuBlockSizes(chunk_loops=True),           # one copy of the chunk code
-        "mgpu_cl_fu8": MgpuBlockSizes(chunk_loops=True, unroll=8),
-        "mgpu_cl_fu16": MgpuBlockSizes(chunk_loops=True, unroll=16),
-        "mgpu_clg_fu8": MgpuBlockSizes(chunk_loops=True, group_loops=True, unroll=8),
+        "mgpu_fu4": MgpuBlockSizes(unroll=4),                     # forward unroll 4 (mgpu13)
+        "mgpu_fu16": MgpuBlockSizes(unroll=16),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -79,7 +79,9 @@ class MgpuBlockSizes:
     """Tiling of the Mosaic GPU kernels."""
     tile: int = 32          # forward: steps per TMA tile (multiple of 16)
     stages: int = 3         # forward: tiles in flight (shared-memory ring)
-    unroll: int = 4         # forward: steps per loop iteration (divides 16)
+    # forward: steps per loop iteration (divides 16). Run mgpu14: 8 is 3% faster than 4
+    # (0.440 vs 0.454 ms at L) now that the state-saving forward loops over its chunks.
+    unroll: int = 8
     # "mosaic" (default; d_state <= 16, else Triton): the Mosaic backward below (H100 run
     # mgpu4: fwd+bwd 3.13 / 0.81 ms at L / S with bwd_unroll=1, 191 registers; bwd_unroll=4
     # spilled: 8.83 / 2.77). "triton": the Triton backward (v5) of
@@ -93,12 +95,6 @@ class MgpuBlockSizes:
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
     # at L against 1; 4 and 8 no better than 1.
     bwd_recompute_unroll: int = 2
-    # The chunks of a tile (the backward's, and the state-saving forward's) as loops, one copy
-    # of their code, instead of unrolled (bwd_tile / bwd_chunk copies: ~50 KB of backward
-    # loop code, "no instruction" stalls); group_loops: also the backward's reduction groups
-    # of a chunk.
-    chunk_loops: bool = False
-    group_loops: bool = False
     # True (default): B and C are converted to float32 by XLA before the kernel, which then
     # stages f32 tiles (run mgpu4: forward 0.472 / 0.130 ms at L / S); False: bf16 B/C tiles
     # are staged and converted per tile in the kernel, no XLA pass (0.517 / 0.138).
@@ -146,8 +142,6 @@ class _Cfg:
     bwd_stages: int
     bwd_unroll: int
     bwd_recompute_unroll: int
-    chunk_loops: bool
-    group_loops: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -352,11 +346,8 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
             return jax.lax.fori_loop(0, CH, lambda i, h: step(t0, slot, q * CH + i, h), h,
                                      unroll=min(cfg.unroll, CH))
 
-        if cfg.chunk_loops and T // CH > 1:
-            return jax.lax.fori_loop(0, T // CH, chunk, h)
-        for q in range(T // CH):
-            h = chunk(q, h)
-        return h
+        # The chunks as a loop (one copy of their code; run mgpu13).
+        return jax.lax.fori_loop(0, T // CH, chunk, h) if T // CH > 1 else chunk(0, h)
 
     h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
     for n in range(cfg.np_):
@@ -505,6 +496,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
 
         jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, base, i, h), h_entry,
                           unroll=cfg.bwd_recompute_unroll)
+
         def group(gq, carry):     # UQ steps, then their dB/dC reduction
             gbase = base + gq * UQ
             carry = jax.lax.fori_loop(
@@ -514,10 +506,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             reduce_rows(t0 + gbase)
             return carry
 
-        ng = CH // UQ
-        if cfg.group_loops:
-            return jax.lax.fori_loop(0, ng, lambda i, cr: group(ng - 1 - i, cr), carry)
-        for gq in reversed(range(ng)):
+        for gq in reversed(range(CH // UQ)):   # unrolled: as a loop 1-3% slower (mgpu13-14)
             carry = group(gq, carry)
         return carry
 
@@ -525,13 +514,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         if convert is not None:
             convert(slot)
         t0 = k * T
+        # The chunks as a loop: one copy of their code. Unrolled (bwd_tile / bwd_chunk copies,
+        # ~50 KB of loop code) it was 6% slower (run mgpu12: instruction-cache misses).
         nq = T // CH
-        if cfg.chunk_loops:          # one copy of the chunk's code (instruction cache)
-            return jax.lax.fori_loop(
-                0, nq, lambda i, cr: chunk(k, t0, slot, nq - 1 - i, cr), carry)
-        for q in reversed(range(nq)):
-            carry = chunk(k, t0, slot, q, carry)
-        return carry
+        return jax.lax.fori_loop(0, nq, lambda i, cr: chunk(k, t0, slot, nq - 1 - i, cr), carry)
 
     g0 = tuple(dhl_ref[bi, n, cols] for n in range(N))
     issue_state(n_chunks - 1)
@@ -749,7 +735,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               chunk_loops=bs.chunk_loops, group_loops=bs.group_loops, tcfg=tcfg)
+               tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -33,8 +33,7 @@ CASES = [
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
-     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, chunk_loops=True,
-                    group_loops=True, unroll=16, **MOSAIC)),
+     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
@@ -65,8 +64,7 @@ def test_mgpu_lowers_to_mosaic_gpu_without_gpu():
         return selective_scan_mgpu(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
                                    kw["z"], kw["delta_bias"], delta_softplus=True,
                                    initial_state=kw["initial_state"], return_final_state=True,
-                                   block_sizes=MgpuBlockSizes(chunk_loops=True, **MOSAIC),
-                                   interpret=False)
+                                   block_sizes=MgpuBlockSizes(**MOSAIC), interpret=False)
 
     def loss(*vals):
         y, h = f(*vals)
