@@ -80,6 +80,7 @@ VARIANTS = {
     "all3": dict(fast_exp=True, dda_dot=True, s_prev="dbc"),
     "sp_dot ddadot": dict(fast_exp=False, dda_dot=True, s_prev="dot"),
     "sp_dot fexp": dict(fast_exp=True, dda_dot=False, s_prev="dot"),
+    "session4": dict(fast_exp=False, dda_dot=False, s_prev="dx", dx_heads_fastest=False),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
@@ -110,7 +111,9 @@ def inputs(key, b, l, h, p, n, g, optional=False, dtype=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    dtype = dtype or jnp.bfloat16
+    # SSD_BENCH_DTYPE=float32: every check and timing with float32 x, B, C, z (the checks keep
+    # the bf16 tolerances; float32 dots run as TF32 on the GPU).
+    dtype = dtype or jnp.dtype(os.environ.get("SSD_BENCH_DTYPE", "bfloat16"))
     ks = jax.random.split(key, 9)
     args = dict(
         x=jax.random.normal(ks[0], (b, l, h, p), jnp.float32).astype(dtype),
