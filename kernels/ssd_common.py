@@ -151,7 +151,8 @@ class BlockSizes:
       distinct data at b8 L4096 h32 p64 n128, benchmarks/results/ncu_run1.csv).
     fast_exp: the chunked kernels (forward, dx, dB/dC passes) form the (Q, Q) decay
       exp(cs_i - cs_j) as exp2 of log2(e)-scaled exponents (one MUFU.EX2 per element; expf
-      costs ~8 instructions with its range reduction).
+      costs ~8 instructions with its range reduction); 16-bit inputs only (with float32
+      inputs it made the L backward 16% slower: run 14).
     dda_dot: the dx pass sums the pair terms of d(dA) as a 0/1-matrix product on the tensor
       cores (e split into two 16-bit parts) and a row sum, instead of a row cumsum of the
       (Q, Q) tile, two layout conversions and a cross-warp column sum; 16-bit inputs only
