@@ -107,8 +107,8 @@ if MGPU:
         "mgpu_t16": MgpuBlockSizes(bwd_tile=16),
         "mgpu_fu4": MgpuBlockSizes(unroll=4),                     # forward unroll 4 (mgpu13)
         "mgpu_fu16": MgpuBlockSizes(unroll=16),
-        "mgpu_ft64": MgpuBlockSizes(tile=64),                     # half the forward's tiles
-        "mgpu_ft64s2": MgpuBlockSizes(tile=64, stages=2),
+        "mgpu_ft32s3": MgpuBlockSizes(tile=32, stages=3),          # run mgpu14's forward
+        "mgpu_ft64s3": MgpuBlockSizes(tile=64, stages=3),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
