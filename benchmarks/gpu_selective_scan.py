@@ -97,7 +97,7 @@ if MGPU:
         "mgpu_fu2": MgpuBlockSizes(unroll=2),
         "mgpu_s4": MgpuBlockSizes(stages=4),
         "mgpu_tbwd": MgpuBlockSizes(backward="triton"),             # Mosaic fwd + Triton bwd
-        "mgpu_bcbf16": MgpuBlockSizes(bc_f32=False),               # bf16 B/C tiles in-kernel
+        "mgpu_bcf32": MgpuBlockSizes(bc_f32=True),                 # f32 B/C converted by XLA
         # Session 5 (run mgpu10: chunk-entry states by TMA, -4.5% fwd+bwd at L): the
         # recompute loop unrolled (two steps' chains interleave; the adjoint stays at 1).
         "mgpu_ru1": MgpuBlockSizes(bwd_recompute_unroll=1),       # run mgpu10's default

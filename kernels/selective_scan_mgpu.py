@@ -98,10 +98,12 @@ class MgpuBlockSizes:
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
     # at L against 1; 4 and 8 no better than 1.
     bwd_recompute_unroll: int = 2
-    # True (default): B and C are converted to float32 by XLA before the kernel, which then
-    # stages f32 tiles (run mgpu4: forward 0.472 / 0.130 ms at L / S); False: bf16 B/C tiles
-    # are staged and converted per tile in the kernel, no XLA pass (0.517 / 0.138).
-    bc_f32: bool = True
+    # False (default): bf16 B/C tiles are staged and converted per tile in the kernel, no XLA
+    # pass; True: B and C are converted to float32 by XLA before the kernel, which then
+    # stages f32 tiles. Run mgpu4 (32-step tiles): True faster, 0.472 vs 0.517 ms forward at
+    # L; run mgpu16 (64-step tiles: half the conversions' barriers): equal at L (0.428-0.429)
+    # and False faster at S (0.115 vs 0.121: the two XLA converts are ~5% of a short call).
+    bc_f32: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 # (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus, MgpuBlockSizes)
 # The Mosaic backward (the default; d_state <= 16, padded to 8 or 16) in the first five
-# cases and the seventh (bf16 B/C tiles converted in the kernel, bc_f32=False); the Triton
+# cases and the seventh (B/C converted to float32 by XLA first, bc_f32=True); the Triton
 # backward in the sixth (asked for) and the last (d_state 24 > 16 falls back to it).
 MOSAIC = dict(backward="mosaic")
 CASES = [
@@ -38,7 +38,7 @@ CASES = [
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
-    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=False)),
+    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
 ]
 
