@@ -126,9 +126,9 @@ def _mosaic_applies(l, di, g, n) -> bool:
     SHORT_LEN (short ones keep the measured short-sequence Triton default), at least 128
     channels per group (one 128-channel block per warpgroup; narrower groups are padded) and
     d_state <= MOSAIC_MAX_STATE. There the Mosaic forward and backward run
-    (`MgpuBlockSizes()`); H100, b8 L4096 d2048 n16 / b64 L1024 d256 n16: forward 0.429 /
-    0.124 ms against v5's 0.921 / 0.243, forward+backward 2.60 / 0.68 against 4.60 / 1.19
-    (benchmarks/NOTES_selective_scan.md, runs mgpu1-15)."""
+    (`MgpuBlockSizes()`); H100, b8 L4096 d2048 n16 / b64 L1024 d256 n16: forward 0.428 /
+    0.117 ms against v5's 0.921 / 0.243, forward+backward 2.61 / 0.67 against 4.60 / 1.19
+    (benchmarks/NOTES_selective_scan.md, runs mgpu1-17)."""
     if not _on_gpu() or l <= SHORT_LEN or di // g < 128 or n > MOSAIC_MAX_STATE:
         return False
     return selective_scan_mgpu.AVAILABLE
