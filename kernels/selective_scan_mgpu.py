@@ -86,14 +86,16 @@ class MgpuBlockSizes:
     # (0.440 vs 0.454 ms at L) now that the state-saving forward loops over its chunks.
     unroll: int = 8
     # "mosaic" (default; d_state <= 16, else Triton): the Mosaic backward below (H100 run
-    # mgpu4: fwd+bwd 3.13 / 0.81 ms at L / S with bwd_unroll=1, 191 registers; bwd_unroll=4
-    # spilled: 8.83 / 2.77). "triton": the Triton backward (v5) of
-    # kernels/selective_scan_triton.py (run mgpu4: 4.11 / 1.06 ms).
+    # mgpu17: fwd+bwd 2.61 / 0.67 ms at L / S, 161 registers; run mgpu4's first form 3.13 /
+    # 0.81). "triton": the Triton backward (v5) of kernels/selective_scan_triton.py (run
+    # mgpu4: 4.11 / 1.06 ms).
     backward: str = "mosaic"
     bwd_chunk: int = 8      # Mosaic backward: steps between saved states (recompute depth)
     bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
     bwd_stages: int = 2
-    bwd_unroll: int = 1     # Mosaic backward: steps per loop iteration (divides 4)
+    # Mosaic backward: the adjoint's steps per loop iteration (divides 4). Run mgpu12: 2 is
+    # 33% slower (twice the loop code; 4 spilled in run mgpu4).
+    bwd_unroll: int = 1
     # Mosaic backward: steps per iteration of the chunk's recompute loop (divides bwd_chunk;
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
     # at L against 1; 4 and 8 no better than 1.
