@@ -81,8 +81,6 @@ VARIANTS = {
     "sp_dot ddadot": dict(fast_exp=False, dda_dot=True, s_prev="dot"),
     "sp_dot fexp": dict(fast_exp=True, dda_dot=False, s_prev="dot"),
     "session4": dict(fast_exp=False, dda_dot=False, s_prev="dx", dx_heads_fastest=False),
-    "dxh2": dict(dx_heads=2),    # a dx program loops over 2 / 4 heads (pipelined loads)
-    "dxh4": dict(dx_heads=4),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)

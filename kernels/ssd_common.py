@@ -149,9 +149,6 @@ class BlockSizes:
       run side by side and share them through L2; False: batch fastest (the order before
       session 5: Nsight Compute counted 1.9 GB of DRAM traffic for the pass's 0.9 GB of
       distinct data at b8 L4096 h32 p64 n128, benchmarks/results/ncu_run1.csv).
-    dx_heads: heads per program of the split3 dx pass (rounded down to a divisor of the heads
-      per group): one loop over them shares B, C and C B^T, and with num_stages > 1 lets the
-      next head's loads overlap this head's math (at the cost of twice the staging buffers).
     fast_exp: the chunked kernels (forward, dx, dB/dC passes) form the (Q, Q) decay
       exp(cs_i - cs_j) as exp2 of log2(e)-scaled exponents (one MUFU.EX2 per element; expf
       costs ~8 instructions with its range reduction); 16-bit inputs only (with float32
@@ -193,7 +190,6 @@ class BlockSizes:
     num_stages_short: int = 1
     state_store_at_exit: bool = True
     dx_heads_fastest: bool = True
-    dx_heads: int = 1
     fast_exp: bool = True
     dda_dot: bool = True
     s_prev: str = "dot"
@@ -205,8 +201,6 @@ class BlockSizes:
         if self.s_prev not in ("dx", "dot", "dbc"):
             raise ValueError(f"BlockSizes.s_prev must be 'dx', 'dot' or 'dbc'; "
                              f"got {self.s_prev=}")
-        if self.dx_heads < 1:
-            raise ValueError(f"BlockSizes.dx_heads must be >= 1; got {self.dx_heads=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
         sb = self.short_batch

@@ -41,19 +41,15 @@ def _chunk_common(dt, a, C, B, q, exp2=False):
     causal (Q, Q) mask i >= j, decay (Q, Q) = exp(cs_i - cs_j) on the causal part, else 0,
     cb (Q, Q) = C B^T (f32 accumulation).
     """
-    cs, total, causal, decay = _chunk_decay(dt, a, q, exp2)
-    return cs, total, causal, decay, _dot(C, B, ((1,), (1,)))
-
-
-def _chunk_decay(dt, a, q, exp2=False):
-    """The head-dependent part of `_chunk_common`: cs, total, causal, decay."""
     dA = dt * a
     cs = jnp.cumsum(dA)
     total = jnp.sum(dA)           # cs_Q as a reduction: Triton cannot index a loaded value
     idx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
     jdx = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
     causal = idx >= jdx
-    return cs, total, causal, _decay(cs, causal, exp2)
+    decay = _decay(cs, causal, exp2)
+    cb = _dot(C, B, ((1,), (1,)))
+    return cs, total, causal, decay, cb
 
 
 def _pair_dda(e, t_inter, causal, dot_dtype, by_dot):
@@ -341,7 +337,7 @@ def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_r
 
 def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
                        dy_ref, sp_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, rep,
-                       heads_fastest, exp2=False, dda_dot=False, s_prev="dx", hp=1):
+                       heads_fastest, exp2=False, dda_dot=False, s_prev="dx"):
     """Three-kernel backward, pass 2: one program per (batch, chunk, head), no accumulators.
 
     Shapes as in `_ssd_bwd_chunk_kernel`; writes dx, ddt, dz, dA (B, nc, H, 16), dD
@@ -356,40 +352,16 @@ def _ssd_bwd_dx_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref,
     only, `_trace_dot`), "dbc" read from
     sp (B, nc, H, 16), written by `_ssd_bwd_dbc_kernel` (which then runs first).
     exp2, dda_dot: `_decay`, `_pair_dda` (`BlockSizes.fast_exp`, `BlockSizes.dda_dot`).
-    hp > 1 (`BlockSizes.dx_heads`): a program loops over hp heads of one group (grid axis
-    of H // hp head blocks): B, C and C B^T once, and with num_stages > 1 the next head's
-    loads can overlap this head's math.
     """
-    bi, c, blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, c, hi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     if heads_fastest:
-        bi, blk = blk, bi
-    gi = (blk * hp) // rep
+        bi, hi = hi, bi
+    gi = hi // rep
+    f32 = jnp.float32
+    dot_dtype = x_ref.dtype
     t = pl.ds(pl.multiple_of(c * q, q), q)
     Bc = b_ref[bi, t, gi, :]
     Cc = c_ref[bi, t, gi, :]
-    if hp == 1:     # C B^T after the head's loads (the order measured in runs 10-13)
-        _dx_head(blk, bi, c, t, Bc, Cc, None, x_ref, dt_ref, a_ref, d_ref, z_ref, st_ref,
-                 dst_ref, dy_ref, sp_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, q=q,
-                 exp2=exp2, dda_dot=dda_dot, s_prev=s_prev)
-        return
-    cb = _dot(Cc, Bc, ((1,), (1,)))
-
-    def head(j, carry):
-        _dx_head(blk * hp + j, bi, c, t, Bc, Cc, cb, x_ref, dt_ref, a_ref, d_ref, z_ref,
-                 st_ref, dst_ref, dy_ref, sp_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref,
-                 q=q, exp2=exp2, dda_dot=dda_dot, s_prev=s_prev)
-        return carry
-
-    jax.lax.fori_loop(0, hp, head, 0)
-
-
-def _dx_head(hi, bi, c, t, Bc, Cc, cb, x_ref, dt_ref, a_ref, d_ref, z_ref, st_ref, dst_ref,
-             dy_ref, sp_ref, dx_ref, ddt_ref, dz_ref, da_ref, dd_ref, *, q, exp2, dda_dot,
-             s_prev):
-    """Head hi of `_ssd_bwd_dx_kernel` given the chunk's B, C and C B^T (None: computed
-    here)."""
-    f32 = jnp.float32
-    dot_dtype = x_ref.dtype
     a = a_ref[hi]
     d = d_ref[hi, :]
     x = x_ref[bi, t, hi, :]
@@ -397,9 +369,7 @@ def _dx_head(hi, bi, c, t, Bc, Cc, cb, x_ref, dt_ref, a_ref, d_ref, z_ref, st_re
     h_prev = st_ref[bi, c, hi, :, :]
     dh = dst_ref[bi, c, hi, :, :]
     dout = dy_ref[bi, t, hi, :].astype(f32)
-    cs, total, causal, decay = _chunk_decay(dt, a, q, exp2)
-    if cb is None:
-        cb = _dot(Cc, Bc, ((1,), (1,)))
+    cs, total, causal, decay, cb = _chunk_common(dt, a, Cc, Bc, q, exp2)
     ecs = jnp.exp(cs)
     xf = x.astype(f32)
     xdt = xf * dt[:, None]
@@ -602,7 +572,6 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, sp=None, *, q, bs, inter
     """Launches `_ssd_bwd_dx_kernel`: dx, ddt, dz, per-chunk dA (B, nc, H, 16), dD (B, nc, H, P)."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
-    hp = _largest_divisor_at_most(h // g, bs.dx_heads)     # heads per program, one group
     nc = lp // q
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),                 # dx
@@ -614,9 +583,9 @@ def _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, sp=None, *, q, bs, inter
         functools.partial(_ssd_bwd_dx_kernel, q=q, rep=h // g,
                           heads_fastest=bs.dx_heads_fastest, exp2=_fast_exp(bs, x),
                           dda_dot=bs.dda_dot and x.dtype != jnp.float32,
-                          s_prev="dbc" if sp is not None else bs.s_prev, hp=hp),
+                          s_prev="dbc" if sp is not None else bs.s_prev),
         [x, dt, A, B, C, D, z, states, dstates, dy, sp], out_shape,
-        (h // hp, nc, b) if bs.dx_heads_fastest else (b, nc, h // hp),
+        (h, nc, b) if bs.dx_heads_fastest else (b, nc, h),
         bs.num_warps_dx or bs.num_warps_fwd, bs.num_stages, interpret, "ssd_bwd_dx"))
 
 

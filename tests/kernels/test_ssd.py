@@ -195,9 +195,6 @@ def test_pallas_matches_reference(l, chunk, g, p, n, optional):
     ("split3", dict(bwd_heads=32)),
     # s_prev from the dB/dC pass (one head per program)
     ("split3", dict(bwd_heads=1, fast_exp=False, s_prev="dbc")),
-    # two heads per dx program (the 2 heads of a group), both grid orders
-    ("split3", dict(dx_heads=2)),
-    ("split3", dict(dx_heads=2, dx_heads_fastest=False)),
     ("split", dict(bwd_heads=1, state_store_at_exit=False)),
     ("fused", dict(state_store_at_exit=False)),
 ])
@@ -252,7 +249,6 @@ def test_pallas_bfloat16_backward_options(options):
     ("split3", SPLIT3, True, {}),
     ("split3", SPLIT3, True, dict(s_prev="dbc")),
     ("split3", SPLIT3, True, dict(fast_exp=False, dda_dot=False, s_prev="dx")),
-    ("split3", SPLIT3, True, dict(dx_heads=2)),
     ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk"), False, {}),
     ("fused", ("ssd_bwd",), False, {}),
 ])
