@@ -351,6 +351,19 @@ def bench(f, vals, n=N_CALLS):
     return (time.perf_counter() - t) / n * 1e3
 
 
+def gpu_state():
+    """SM clock, temperature and power from nvidia-smi (if present), to tell a throttled or
+    shared GPU from a slow kernel when a timing is far off its repeat (runs mgpu13-16)."""
+    try:
+        import subprocess
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw,utilization.gpu",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        return repr(e)[:200]
+
+
+RESULTS["gpu_state"] = {"before_timings": gpu_state()}
 order = [v for v in VARIANTS if v not in DEAD]
 repeat = order[:2]
 for tag, names in (("", order), ("_again", repeat)):
@@ -363,7 +376,8 @@ for tag, names in (("", order), ("_again", repeat)):
             try:
                 tf = bench(COMPILED[(vname, f"{sname}/fwd")], vals)
                 tb = bench(COMPILED[(vname, f"{sname}/grad")], vals)
-                RESULTS["time_ms"][f"{sname}/{vname}{tag}"] = {"fwd": tf, "fwd_bwd": tb}
+                RESULTS["time_ms"][f"{sname}/{vname}{tag}"] = {"fwd": tf, "fwd_bwd": tb,
+                                                               "gpu": gpu_state()}
                 log(f"time {sname} {vname}{tag}: fwd {tf:.3f} ms  fwd+bwd {tb:.3f} ms")
             except Exception as e:  # noqa: BLE001
                 RESULTS["errors"][f"time/{sname}/{vname}{tag}"] = repr(e)[:500]
