@@ -258,3 +258,37 @@ def test_trace_summary_busy_time_is_the_union_of_kernel_intervals():
     assert s["by_category_ms"] == pytest.approx(
         {"pallas scan": 0.05, "matmul": 0.05, "fusion/other": 0.025})
     assert "error" in common.summarise_trace(events[:1], 1)
+
+
+def test_profile_ncu_summaries_read_ncu_csv(tmp_path, capsys):
+    """benchmarks/profile_ncu.py's readers on files in the layout ncu 2025.3 writes (the raw
+    page: header, units, one row per kernel; the source page: a name row, a header, one row
+    per SASS instruction; ==PROF== lines interleaved)."""
+    from benchmarks import profile_ncu
+    raw = tmp_path / "raw.csv"
+    raw.write_text(
+        '==PROF== Connected to process 1\n'
+        '"ID","Kernel Name","gpu__time_duration.sum","launch__registers_per_thread",'
+        '"smsp__issue_active.avg.pct_of_peak_sustained_active",'
+        '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio"\n'
+        '"","","nsecond","register/thread","%","ratio","ratio"\n'
+        '"0","selective_scan_mgpu_bwd","2,057,300","161","48.2","0.7","0.2"\n')
+    recs = profile_ncu.summarize(str(raw))
+    out = capsys.readouterr().out
+    assert recs[0]["gpu__time_duration.sum"] == 2057300.0
+    assert "| selective_scan_mgpu_bwd | 2057.3 | 161 | 48 | wait 0.7, short_scoreboard 0.2 |" \
+        in out
+    src = tmp_path / "src.csv"
+    src.write_text(
+        '==PROF== Disconnected from process 1\n'
+        '"Kernel Name","ssd_bwd_dx",\n'
+        '"Address","Source","Warp Stall Sampling (All Samples)","stall_wait","stall_long_sb",'
+        '"stall_wait (Not Issued)"\n'
+        '"0x10","      LDS.128 R4, [UR11+-0x103c]","30","10","20","9"\n'
+        '"0x20","@P0   FMUL R29, R16, 0.69","10","0","10","0"\n')
+    profile_ncu.summarize_source(str(src), top=5)
+    out = capsys.readouterr().out
+    assert "## ssd_bwd_dx: 2 instructions, 40 samples" in out
+    assert "reasons: stall_long_sb 75%, stall_wait 25%" in out
+    assert "LDS 1/75%" in out and "FMUL 1/25%" in out
