@@ -108,24 +108,6 @@ def _known(ncu):
 # ---------------------------------------------------------------------------------------------
 # Child: the programs to profile.
 # ---------------------------------------------------------------------------------------------
-def _ss_inputs(b, l, d, n):
-    """Shape L of issue #4 at Mamba-1 init (as benchmarks/gpu_selective_scan.py's inputs):
-    A = -(1..N), delta_bias = softplus^-1(dt0) with dt0 log-uniform in [1e-3, 0.1]."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    ks = jax.random.split(jax.random.PRNGKey(0), 6)
-    dt0 = jnp.exp(jax.random.uniform(ks[5], (d,)) * (np.log(0.1) - np.log(1e-3)) + np.log(1e-3))
-    bf = jnp.bfloat16
-    return dict(u=jax.random.normal(ks[0], (b, l, d)).astype(bf),
-                delta=(0.1 * jax.random.normal(ks[1], (b, l, d))).astype(bf),
-                A=-jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d, n)),
-                B=jax.random.normal(ks[2], (b, l, n)).astype(bf),
-                C=jax.random.normal(ks[3], (b, l, n)).astype(bf),
-                D=jnp.ones((d,), jnp.float32),
-                delta_bias=dt0 + jnp.log(-jnp.expm1(-dt0)))
-
-
 TINY = os.environ.get("PROFILE_TINY") == "1"   # CPU dry run of the child (interpret mode)
 SS_L = (2, 128, 128, 16) if TINY else (8, 4096, 2048, 16)
 
@@ -134,6 +116,10 @@ def _child(ops):
     import jax
     import jax.numpy as jnp
     from benchmarks import gpu_ssd as gssd
+    from benchmarks.kernels import scan_inputs      # Mamba-1 init, as the kernel suite times
+
+    def ss_inputs():
+        return scan_inputs(0, *SS_L, jnp.bfloat16)
 
     def run_once(fn, args, tag):
         names = list(args)
@@ -160,14 +146,14 @@ def _child(ops):
             def fn(**kw):
                 return selective_scan(**kw, delta_softplus=True, return_final_state=True,
                                       impl="pallas")
-            run_once(fn, _ss_inputs(*SS_L), op)
+            run_once(fn, ss_inputs(), op)
         elif op == "ss_peer":
             from jla.ops.mosaic_gpu.mamba1 import mamba1
 
             def fn(u, delta, A, B, C, D, delta_bias):
                 return mamba1(C, B, u, delta, A, d=D, dt_bias=delta_bias, dt_softplus=True,
                               output_final_state=True)
-            run_once(fn, _ss_inputs(*SS_L), op)
+            run_once(fn, ss_inputs(), op)
         elif op == "ssd":
             from kernels import ssd
 
