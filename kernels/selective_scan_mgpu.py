@@ -26,9 +26,9 @@ chunk's states (as a_t h_{t-1}) into shared memory from the saved one (brought b
 chunk ahead), then runs the adjoint recurrence one channel per thread. The sums over
 channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
 writes its terms as rows, and after 64 / Np steps thread r sums row r. Where its time goes
-(Nsight Compute, benchmarks/NOTES_selective_scan.md, session 5): the recompute ~36% (18
-MUFU ops per step), the adjoint ~47% (~290 instructions per step, issue-bound with one
-warp per scheduler), the dB/dC reductions ~15%. "triton" (and
+(Nsight Compute at the end of session 5, benchmarks/NOTES_selective_scan.md): the recompute
+~31% (18 MUFU ops per step), the adjoint ~48% (~290 instructions per step, issue-bound with
+one warp per scheduler), the dB/dC reductions ~16%. "triton" (and
 d_state > 16): the forward saves the state entering every 16 steps in the layout of
 kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
 
