@@ -81,6 +81,8 @@ VARIANTS = {
     "sp_dot ddadot": dict(fast_exp=False, dda_dot=True, s_prev="dot"),
     "sp_dot fexp": dict(fast_exp=True, dda_dot=False, s_prev="dot"),
     "session4": dict(fast_exp=False, dda_dot=False, s_prev="dx", dx_heads_fastest=False),
+    # Run 16: the dx pass on the Mosaic GPU backend (kernels/ssd_mgpu.py; bf16, p64, no z).
+    "mgpu_dx": dict(dx_backend="mosaic"),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
@@ -190,12 +192,20 @@ def _pallas(bs):
     return f
 
 
+# Equivalence checks: L and S with every optional argument; "Lnz" = L without z (the Mosaic
+# dx pass, `BlockSizes.dx_backend`, runs only without z: with z the Triton kernel does).
+EQ_SHAPES = ("L", "S", "Lnz")
+
+
 def eq_setup(shape):
     jax = _jax()
     import jax.numpy as jnp
-    cfg = dict(SHAPES[shape], b=EQ_BATCH[shape])
+    base = shape[0]
+    cfg = dict(SHAPES[base], b=EQ_BATCH[base])
     key = jax.random.PRNGKey(0)
     args = inputs(key, **cfg, optional=True)
+    if shape == "Lnz":
+        del args["z"]
     names = list(args)
     return cfg, key, args, names, jnp
 
@@ -206,7 +216,7 @@ def task_refs(rec, precompile=False):
     import numpy as np
     from kernels.ssd import ssd_reference
     out = {}
-    for shape in ("L", "S"):
+    for shape in EQ_SHAPES:
         cfg, key, args, names, jnp = eq_setup(shape)
         args32 = [args[k].astype(jnp.float32) for k in names]
         with jax.default_matmul_precision("highest"):
@@ -223,12 +233,17 @@ def task_variant(rec, name, precompile=False):
     jax = _jax()
     import jax.numpy as jnp
     import numpy as np
-    bs = block_sizes(name)
-    f = _pallas(bs)
-    rec["block_sizes"] = VARIANTS[name]
+    if name == "peer":   # the peer jax-linear-attention 0.1.0 mamba2_ssd: timings only
+        from jla.layers.ssm import mamba2_ssd
+
+        def f(x, dt, A, B, C, D=None):
+            return mamba2_ssd(x, dt, A, B, C, d=D, chunk_size=64)[0]
+    else:
+        f = _pallas(block_sizes(name))
+    rec["block_sizes"] = VARIANTS.get(name)
     rec["compile_s"] = {}
     refs = None if precompile or not os.path.exists(REF_PATH) else np.load(REF_PATH)
-    for shape in ("L", "S"):
+    for shape in (() if name == "peer" else EQ_SHAPES):
         cfg, key, args, names, _ = eq_setup(shape)
         vals = [args[k] for k in names]
         exe, ct = compiled(vjp_fn(f, names, dt_softplus=True), vals, key)
@@ -307,6 +322,10 @@ def task_breakdown(rec, name, precompile=False):
             "dbc": (lambda *a: K._dbc_call(*a, hb=hb, **kw),
                     (x, dt, A, B, C, None, states, dstates, dy)),
         }
+        M = importlib.import_module("kernels.ssd_mgpu")
+        if bs.dx_backend == "mosaic" and M.supports(x, B, q):
+            jobs["dx"] = (lambda *a: M.dx_call(*a, q=q, interpret=kw["interpret"]),
+                          (x, dt, A, B, C, D, states, dstates, dy))
         for what, (fn, a) in jobs.items():
             exe, _ = compiled(fn, *a)
             if not precompile:
@@ -783,7 +802,7 @@ def _start_run(opts, known):
         if os.path.exists(path):
             os.remove(path)
     names = [v for v in opts.variants.split(",") if v] or list(known)
-    unknown = [v for v in names if v not in known]
+    unknown = [v for v in names if v not in known and v != "peer"]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(known)}")
     return start, deadline, hard_end, results_path, pre_path, names
@@ -879,7 +898,9 @@ def table(recs):
             v = r.get(k)
             return f"{v:7.3f}" if isinstance(v, float) else "    n/a"
         err = f"{r.get('L_max_err', float('nan')):.1e} / {r.get('S_max_err', float('nan')):.1e}"
-        ok = r.get("L_pass") and r.get("S_pass")
+        if 'Lnz_max_err' in r:
+            err += f" / nz {r['Lnz_max_err']:.1e}"
+        ok = r.get("L_pass") and r.get("S_pass") and r.get("Lnz_pass", True)
         print(f"{r['name']:17s} {ms('L_fwd_ms')} {ms('L_fwd_bwd_ms')}  {ms('S_fwd_ms')} "
               f"{ms('S_fwd_bwd_ms')}   {err:19s}  {ok}  {r.get('error', '')[:60]}")
     for r in recs:
@@ -972,7 +993,8 @@ def main():
         name = opts.grad64k
         if name == "best":
             ok = [r for r in _read(results_path) if r["task"] == "variant"
-                  and r.get("L_pass") and r.get("S_pass") and "L_fwd_bwd_ms" in r]
+                  and r.get("L_pass") and r.get("S_pass") and r.get("Lnz_pass", True)
+                  and "L_fwd_bwd_ms" in r]
             name = min(ok, key=lambda r: r["L_fwd_bwd_ms"])["name"] if ok else ""
         if name:
             left += run_tasks([{"kind": "grad64k", "name": name, "limit_s": 60}],

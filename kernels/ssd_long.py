@@ -563,6 +563,12 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
     # With s_prev "dbc" the dB/dC pass writes s_prev per (batch, chunk, head) for the dx pass.
     dbp, dcp, sp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
                              interpret=interpret)
+    if bs.dx_backend == "mosaic" and z is None and sp is None:
+        from kernels import ssd_mgpu
+        if ssd_mgpu.supports(x, B, q):
+            dx, ddt, dz, da, dd = ssd_mgpu.dx_call(x, dt, A, B, C, D, states, dstates, dy, q=q,
+                                                   interpret=interpret)
+            return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
     dx, ddt, dz, da, dd = _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, sp, q=q, bs=bs,
                                    interpret=interpret)
     return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0

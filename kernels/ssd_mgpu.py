@@ -1,0 +1,207 @@
+"""SSD backward dx pass on the Pallas Mosaic GPU backend (experimental, Hopper, 16-bit inputs).
+
+Shape legend (as kernels/ssd_long.py): x, dy, dx: (B, Lp, H, P)  dt: (B, Lp, H) f32
+B, C: (B, Lp, G, N)  states, dstates: (B, nc, H, P, N) (chunk-entry states, dL/dh at chunk
+ends)  A: (H,)  D: (H, P) f32.
+
+Replaces `ssd_long._ssd_bwd_dx_kernel` (the split3 backward's pass 2) when
+`BlockSizes.dx_backend == "mosaic"` and `supports(...)` holds: one CTA of one warpgroup per
+(batch, chunk, head), heads fastest in the grid (one chunk's B, C shared through L2). Every
+tile comes into shared memory by TMA on one barrier; every dot is a warpgroup wgmma
+(bf16 operands from shared memory or registers, f32 accumulators), so the (Q, Q) and (Q, P)
+tiles stay in the WGMMA register layout from the dot to the elementwise math: no layout
+conversions through shared memory as in the Triton lowering. The terms are those of the
+Triton kernel, rewritten so that nothing needs a cumsum or a transposed register tile:
+  cs (chunk-local inclusive cumsum of dt A, log2 units) comes from XLA;
+  M^T = (B C^T) o decay^T is formed directly (A operand of dxdt = M^T dy, from registers);
+  dm = (dy x^T) o dt_j (no dt x tile);
+  the pair, inter-chunk and write terms of d(dA) sum as one masked (Q, Q) tile reduced over
+  its rows: T_ik = [i >= k] (e U_ik + t_inter_i) + [i < k] f_write_i, with e U the exclusive
+  row cumsum of e = dm o M as a dot with the 0/1 matrix U_jk = [j < k] (e split into two bf16
+  parts, hi + lo = e to ~2^-16, as `BlockSizes.dda_dot`);
+  s_prev = exp(cs_Q) <dh, h_prev> is the trace of dh h_prev^T (one wgmma, a diagonal mask).
+Outputs per (batch, chunk, head): dx (bf16, TMA store), d(dA) and rowsum(x o dxdt) as
+(B, H, Lp) f32 vectors (XLA forms ddt = A d(dA) + rowsum and dA = sum d(dA) dt), and the dD
+partial (B, nc, H, P).
+
+Needs jax >= 0.11.2 (`plgpu.kernel`, `InterpretGPUParams`); `AVAILABLE` is False where the API
+is missing (the module still imports, e.g. on jax 0.10.2), and the caller then keeps the
+Triton kernel. On CPU the kernel runs in Mosaic GPU interpret mode.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # jax 0.10.2 has plgpu, but not every piece used here.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    AVAILABLE = all(hasattr(plgpu, a) for a in (
+        "kernel", "copy_gmem_to_smem", "copy_smem_to_gmem", "barrier_wait", "wait_smem_to_gmem",
+        "Barrier", "SMEM", "CompilerParams", "InterpretGPUParams", "wgmma", "Layout",
+        "TilingTransform", "SwizzleTransform", "find_swizzle", "broadcasted_iota", "load",
+        "commit_smem", "ACC"))
+except Exception:  # pragma: no cover - depends on the installed jax
+    plgpu = None
+    AVAILABLE = False
+
+LOG2E = 1.4426950408889634
+F32 = jnp.float32
+
+
+def supports(x, B, q):
+    """The shapes and dtypes this kernel covers (else the Triton dx kernel runs)."""
+    if not AVAILABLE:
+        return False
+    p, n = x.shape[-1], B.shape[-1]
+    return (x.dtype in (jnp.bfloat16, jnp.float16) and B.dtype == x.dtype and q == 64
+            and p == 64 and n % 64 == 0 and n <= 256)
+
+
+def _smem(shape, dtype):
+    """A shared-memory tile tiled and swizzled for TMA and wgmma (minor dim = last dim)."""
+    dtype = jnp.dtype(dtype)
+    swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+    return plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _mm(a, b, shape):
+    """a @ b on the tensor cores (a: shared-memory ref or 16-bit WGMMA registers; b: a
+    shared-memory ref, `.T` for its transpose), f32. The optimization barrier keeps the
+    compiler from reading the accumulator registers before the wgmma wait (the wait has no
+    data dependency on them)."""
+    def scoped(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+    return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, F32)))
+
+
+def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
+               dx_ref, dda_ref, xdx_ref, dd_ref,
+               x_s, dy_s, b_s, c_s, hp_s, dh_s, cs_s, dt_s, d_s, u_s, dx_s, dda_s, xdx_s,
+               dd_s, bar, *a_s, q, rep):
+    wg = plgpu.Layout.WGMMA
+    rows_l, cols_l = wg.reduce(1), wg.reduce(0)
+    bi, c, hi = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("h")
+    gi = lax.div(hi, rep)
+    t = pl.ds(c * q, q)
+    dtype = x_s.dtype
+    p = x_s.shape[-1]
+    plgpu.copy_gmem_to_smem(c_ref.at[bi, t, gi], c_s, bar)
+    plgpu.copy_gmem_to_smem(b_ref.at[bi, t, gi], b_s, bar)
+    plgpu.copy_gmem_to_smem(dy_ref.at[bi, t, hi], dy_s, bar)
+    plgpu.copy_gmem_to_smem(x_ref.at[bi, t, hi], x_s, bar)
+    plgpu.copy_gmem_to_smem(hp_ref.at[bi, c, hi], hp_s, bar)
+    plgpu.copy_gmem_to_smem(dh_ref.at[bi, c, hi], dh_s, bar)
+    plgpu.copy_gmem_to_smem(cs_ref.at[bi, hi, t], cs_s, bar)
+    plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, t], dt_s, bar)
+    plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, bar)
+
+    sq = (q, q)
+    ii = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=wg)
+    jj = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=wg)
+    # U_jk = [j < k]: e U is the exclusive row cumsum of e (filled while the copies fly).
+    u_s[...] = jnp.where(ii < jj, 1.0, 0.0).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_wait(bar)
+
+    def lhs(v, k):
+        """A 16-bit WGMMA register tile as a dot's A operand: from registers on the GPU; through
+        the shared-memory slot a_s[k] in interpret mode (whose wgmma reads refs only)."""
+        if not a_s:
+            return v
+        a_s[k][...] = v
+        plgpu.commit_smem()
+        return a_s[k]
+
+    def bc_rows(v, shape):
+        return lax.broadcast_in_dim(v, shape, [0])
+
+    def bc_cols(v, shape):
+        return lax.broadcast_in_dim(v, shape, [1])
+
+    sp_ = (q, p)
+    cs_r = plgpu.load(cs_s, (), layout=rows_l)
+    cs_c = plgpu.load(cs_s, (), layout=cols_l)
+    dt_r = plgpu.load(dt_s, (), layout=rows_l)
+    dt_c = plgpu.load(dt_s, (), layout=cols_l)
+    total = cs_s[q - 1]
+    causal = ii >= jj
+    decay = jnp.exp2(jnp.where(causal, bc_rows(cs_r, sq) - bc_cols(cs_c, sq), -jnp.inf))
+    # decay^T[r, s] = exp(cs_s - cs_r) for s >= r.
+    decay_t = jnp.exp2(jnp.where(jj >= ii, bc_cols(cs_c, sq) - bc_rows(cs_r, sq), -jnp.inf))
+    m = _mm(c_s, b_s.T, sq) * decay                                   # C B^T o decay
+    m_t = _mm(b_s, c_s.T, sq) * decay_t                                # its transpose
+    dxdt = _mm(lhs(m_t.astype(dtype), 0), dy_s, sp_)                           # M^T dy
+    dm = _mm(dy_s, x_s.T, sq) * bc_cols(dt_c, sq)                      # dy (dt x)^T
+    ch = _mm(c_s, hp_s.T, sp_)                                         # C h_prev^T
+    bdh = _mm(b_s, dh_s.T, sp_)                                        # B dh^T
+    tr = _mm(dh_s, hp_s.T, (p, p))                                     # dh h_prev^T
+    dout = plgpu.load(dy_s, (), layout=wg).astype(F32)
+    xf = plgpu.load(x_s, (), layout=wg).astype(F32)
+    ecs = jnp.exp2(cs_r)
+    w = jnp.exp2(total - cs_r)
+    t_inter = ecs * jnp.sum(dout * ch, axis=1)
+    dxdt = dxdt + bc_rows(w, sp_) * bdh
+    f_write = w * dt_r * jnp.sum(xf * bdh, axis=1)
+    pp = (p, p)
+    diag = jnp.where(plgpu.broadcasted_iota(jnp.int32, pp, 0, layout=wg)
+                     == plgpu.broadcasted_iota(jnp.int32, pp, 1, layout=wg), tr, 0.0)
+    s_prev = jnp.exp2(total) * jnp.sum(jnp.sum(diag, axis=1))
+    e = dm * m
+    e_hi = e.astype(dtype)
+    e_lo = (e - e_hi.astype(F32)).astype(dtype)
+    eu = _mm(lhs(e_hi, 1), u_s, sq) + _mm(lhs(e_lo, 2), u_s, sq)                   # sum_{j<k} e_ik
+    tt = jnp.where(causal, eu + bc_rows(t_inter, sq), bc_rows(f_write, sq))
+    dda_s[...] = jnp.sum(tt, axis=0) + s_prev
+    xdx_s[...] = jnp.sum(xf * dxdt, axis=1)
+    dd_s[...] = jnp.sum(dout * xf, axis=0)
+    d_c = plgpu.load(d_s, (), layout=cols_l)
+    dx_s[...] = (dxdt * bc_rows(dt_r, sp_) + bc_cols(d_c, sp_) * dout).astype(dx_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dx_s, dx_ref.at[bi, t, hi], commit_group=False)
+    plgpu.copy_smem_to_gmem(dda_s, dda_ref.at[bi, hi, t], commit_group=False)
+    plgpu.copy_smem_to_gmem(xdx_s, xdx_ref.at[bi, hi, t], commit_group=False)
+    plgpu.copy_smem_to_gmem(dd_s, dd_ref.at[bi, c, hi], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+
+def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret):
+    """The split3 dx pass: returns dx, ddt (B, Lp, H) f32, dz (None), dA (B, 1, H, 16) and
+    dD (B, nc, H, P) partials, the tuple `ssd_long._dx_call` returns (z must be None)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    dtype = x.dtype
+    dt_t = jnp.swapaxes(dt, 1, 2)                                       # (B, H, Lp)
+    da = (dt_t * A.astype(F32)[None, :, None]).reshape(b, h, nc, q)
+    cs = (jnp.cumsum(da, axis=-1) * LOG2E).reshape(b, h, lp)
+    vec = plgpu.SMEM((q,), F32)
+    scratch = [_smem((q, p), dtype), _smem((q, p), dtype), _smem((q, n), dtype),
+               _smem((q, n), dtype), _smem((p, n), dtype), _smem((p, n), dtype),
+               vec, vec, plgpu.SMEM((p,), F32), _smem((q, q), dtype), _smem((q, p), dtype),
+               vec, vec, plgpu.SMEM((p,), F32), plgpu.Barrier(num_arrivals=9)]
+    if interpret:
+        scratch += [_smem((q, q), dtype)] * 3
+    out_type = (jax.ShapeDtypeStruct(x.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, lp), F32),
+                jax.ShapeDtypeStruct((b, h, lp), F32),
+                jax.ShapeDtypeStruct((b, nc, h, p), F32))
+    kern = plgpu.kernel(
+        functools.partial(_dx_kernel, q=q, rep=h // g),
+        out_type=out_type, scratch_types=scratch, grid=(b, nc, h), grid_names=("b", "c", "h"),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="ssd_bwd_dx_mgpu")
+    dx, dda, xdx, dd = kern(x, dy.astype(dtype), B, C, states.astype(dtype),
+                            dstates.astype(dtype), cs, dt_t, D.astype(F32))
+    ddt = jnp.swapaxes(A.astype(F32)[None, :, None] * dda + xdx, 1, 2)
+    da_sum = jnp.sum(dda * dt_t, axis=2)                                # (B, H)
+    da_out = jnp.broadcast_to(da_sum[:, None, :, None], (b, 1, h, 16))
+    return dx, ddt, None, da_out, dd
