@@ -81,8 +81,11 @@ VARIANTS = {
     "sp_dot ddadot": dict(fast_exp=False, dda_dot=True, s_prev="dot"),
     "sp_dot fexp": dict(fast_exp=True, dda_dot=False, s_prev="dot"),
     "session4": dict(fast_exp=False, dda_dot=False, s_prev="dx", dx_heads_fastest=False),
-    # Run 16: the dx pass on the Mosaic GPU backend (kernels/ssd_mgpu.py; bf16, p64, no z).
+    # Run 16: the dx pass on the Mosaic GPU backend (kernels/ssd_mgpu.py; bf16, p64, no z),
+    # the default since; "triton_dx" = the default before.
     "mgpu_dx": dict(dx_backend="mosaic"),
+    "triton_dx": dict(dx_backend="triton"),
+    "mgpu_1bar": dict(dx_backend="mosaic", mgpu_dx_split_loads=False),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)

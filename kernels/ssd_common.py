@@ -165,10 +165,14 @@ class BlockSizes:
       H100 runs 11-12 at b8 L4096 h32 p64 n128 bf16, fwd+bwd: the defaults (fast_exp,
       dda_dot, s_prev "dot") 1.767-1.773 ms; s_prev "dot" alone 1.785-1.786; all three off
       (the session-4 kernels) 1.913-1.920 (benchmarks/NOTES_ssd.md).
-    dx_backend: the split3 dx pass on "triton" (`ssd_long._ssd_bwd_dx_kernel`) or "mosaic"
-      (`kernels.ssd_mgpu`: one warpgroup per (batch, chunk, head), TMA tiles, wgmma dots;
-      jax >= 0.11.2, 16-bit inputs, chunk 64, head dim 64, no z: elsewhere the Triton kernel
-      runs).
+    dx_backend: the split3 dx pass on "mosaic" (`kernels.ssd_mgpu`: one warpgroup per
+      (batch, chunk, head), TMA tiles, wgmma dots; jax >= 0.11.2, 16-bit inputs, chunk 64,
+      head dim 64, no z: elsewhere the Triton kernel runs) or "triton"
+      (`ssd_long._ssd_bwd_dx_kernel`). H100 run 16 at b8 L4096 h32 p64 n128 bf16, fwd+bwd:
+      1.569 ms vs 1.771 (dx pass 0.49 vs 0.70 ms; benchmarks/NOTES_ssd.md).
+    mgpu_dx_split_loads: the Mosaic dx kernel waits for its TMA copies in three groups (C, B
+      and the decays' vectors; dy, x; the two states), starting each group's dots as soon as
+      it lands; False: one barrier for all.
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -197,7 +201,8 @@ class BlockSizes:
     fast_exp: bool = True
     dda_dot: bool = True
     s_prev: str = "dot"
-    dx_backend: str = "triton"
+    dx_backend: str = "mosaic"
+    mgpu_dx_split_loads: bool = True
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):

@@ -567,7 +567,8 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
         from kernels import ssd_mgpu
         if ssd_mgpu.supports(x, B, q):
             dx, ddt, dz, da, dd = ssd_mgpu.dx_call(x, dt, A, B, C, D, states, dstates, dy, q=q,
-                                                   interpret=interpret)
+                                                   interpret=interpret,
+                                                   split_loads=bs.mgpu_dx_split_loads)
             return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
     dx, ddt, dz, da, dd = _dx_call(x, dt, A, B, C, D, z, states, dstates, dy, sp, q=q, bs=bs,
                                    interpret=interpret)

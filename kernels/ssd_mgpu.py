@@ -69,21 +69,33 @@ def _smem(shape, dtype):
         plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
 
 
-def _mm(a, b, shape):
-    """a @ b on the tensor cores (a: shared-memory ref or 16-bit WGMMA registers; b: a
-    shared-memory ref, `.T` for its transpose), f32. The optimization barrier keeps the
-    compiler from reading the accumulator registers before the wgmma wait (the wait has no
-    data dependency on them)."""
-    def scoped(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
-    return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, F32)))
+def _mm(*specs, between=None):
+    """Dots on the tensor cores: each spec is (a, b, shape) or (((a1, b1), (a2, b2)), shape)
+    (a sum of dots in one accumulator); a: shared-memory ref or 16-bit WGMMA registers, b: a
+    shared-memory ref (`.T` for its transpose); f32 results. Every wgmma is issued before
+    the first result is read (one wait for the group), and `between()` (optional) runs
+    while they fly; returns the results (and between's value last). The optimization barrier
+    keeps the compiler from reading the accumulator registers before the wgmma wait (the
+    wait has no data dependency on them)."""
+    def scoped(*accs):
+        for acc, spec in zip(accs, specs):
+            pairs = spec[0] if len(spec) == 2 else ((spec[0], spec[1]),)
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+        extra = between() if between is not None else None
+        return tuple(acc[...] for acc in accs), extra
+    outs, extra = pl.run_scoped(scoped, *[plgpu.ACC(spec[-1], F32) for spec in specs])
+    outs = lax.optimization_barrier(outs)
+    return (*outs, extra) if between is not None else (outs if len(outs) > 1 else outs[0])
 
 
 def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
                dx_ref, dda_ref, xdx_ref, dd_ref,
                x_s, dy_s, b_s, c_s, hp_s, dh_s, cs_s, dt_s, d_s, u_s, dx_s, dda_s, xdx_s,
-               dd_s, bar, *a_s, q, rep):
+               dd_s, bar_a, bar_b, bar_c, *a_s, q, rep):
+    """One (batch, chunk, head). Three TMA groups on three barriers (bar_b and bar_c may be
+    bar_a: one wait for everything): C, B, cs, dt, D first (C B^T, B C^T and the decays start
+    while the rest flies), then dy and x, then h_prev and dh."""
     wg = plgpu.Layout.WGMMA
     rows_l, cols_l = wg.reduce(1), wg.reduce(0)
     bi, c, hi = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("h")
@@ -91,23 +103,24 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     t = pl.ds(c * q, q)
     dtype = x_s.dtype
     p = x_s.shape[-1]
-    plgpu.copy_gmem_to_smem(c_ref.at[bi, t, gi], c_s, bar)
-    plgpu.copy_gmem_to_smem(b_ref.at[bi, t, gi], b_s, bar)
-    plgpu.copy_gmem_to_smem(dy_ref.at[bi, t, hi], dy_s, bar)
-    plgpu.copy_gmem_to_smem(x_ref.at[bi, t, hi], x_s, bar)
-    plgpu.copy_gmem_to_smem(hp_ref.at[bi, c, hi], hp_s, bar)
-    plgpu.copy_gmem_to_smem(dh_ref.at[bi, c, hi], dh_s, bar)
-    plgpu.copy_gmem_to_smem(cs_ref.at[bi, hi, t], cs_s, bar)
-    plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, t], dt_s, bar)
-    plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, bar)
+    plgpu.copy_gmem_to_smem(c_ref.at[bi, t, gi], c_s, bar_a)
+    plgpu.copy_gmem_to_smem(b_ref.at[bi, t, gi], b_s, bar_a)
+    plgpu.copy_gmem_to_smem(cs_ref.at[bi, hi, t], cs_s, bar_a)
+    plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, t], dt_s, bar_a)
+    plgpu.copy_gmem_to_smem(d_ref.at[hi], d_s, bar_a)
+    plgpu.copy_gmem_to_smem(dy_ref.at[bi, t, hi], dy_s, bar_b)
+    plgpu.copy_gmem_to_smem(x_ref.at[bi, t, hi], x_s, bar_b)
+    plgpu.copy_gmem_to_smem(hp_ref.at[bi, c, hi], hp_s, bar_c)
+    plgpu.copy_gmem_to_smem(dh_ref.at[bi, c, hi], dh_s, bar_c)
+    split = bar_b is not bar_a
 
     sq = (q, q)
+    sp_ = (q, p)
     ii = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=wg)
     jj = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=wg)
     # U_jk = [j < k]: e U is the exclusive row cumsum of e (filled while the copies fly).
     u_s[...] = jnp.where(ii < jj, 1.0, 0.0).astype(dtype)
     plgpu.commit_smem()
-    plgpu.barrier_wait(bar)
 
     def lhs(v, k):
         """A 16-bit WGMMA register tile as a dot's A operand: from registers on the GPU; through
@@ -124,25 +137,35 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     def bc_cols(v, shape):
         return lax.broadcast_in_dim(v, shape, [1])
 
-    sp_ = (q, p)
+    plgpu.barrier_wait(bar_a)
     cs_r = plgpu.load(cs_s, (), layout=rows_l)
     cs_c = plgpu.load(cs_s, (), layout=cols_l)
-    dt_r = plgpu.load(dt_s, (), layout=rows_l)
-    dt_c = plgpu.load(dt_s, (), layout=cols_l)
-    total = cs_s[q - 1]
     causal = ii >= jj
-    decay = jnp.exp2(jnp.where(causal, bc_rows(cs_r, sq) - bc_cols(cs_c, sq), -jnp.inf))
-    # decay^T[r, s] = exp(cs_s - cs_r) for s >= r.
-    decay_t = jnp.exp2(jnp.where(jj >= ii, bc_cols(cs_c, sq) - bc_rows(cs_r, sq), -jnp.inf))
-    m = _mm(c_s, b_s.T, sq) * decay                                   # C B^T o decay
-    m_t = _mm(b_s, c_s.T, sq) * decay_t                                # its transpose
-    dxdt = _mm(lhs(m_t.astype(dtype), 0), dy_s, sp_)                           # M^T dy
-    dm = _mm(dy_s, x_s.T, sq) * bc_cols(dt_c, sq)                      # dy (dt x)^T
-    ch = _mm(c_s, hp_s.T, sp_)                                         # C h_prev^T
-    bdh = _mm(b_s, dh_s.T, sp_)                                        # B dh^T
-    tr = _mm(dh_s, hp_s.T, (p, p))                                     # dh h_prev^T
+
+    def decays():
+        # decay[i, j] = exp(cs_i - cs_j) for i >= j; decay^T[r, s] = exp(cs_s - cs_r), s >= r.
+        return (jnp.exp2(jnp.where(causal, bc_rows(cs_r, sq) - bc_cols(cs_c, sq), -jnp.inf)),
+                jnp.exp2(jnp.where(jj >= ii, bc_cols(cs_c, sq) - bc_rows(cs_r, sq), -jnp.inf)))
+
+    cb, cb_t, (decay, decay_t) = _mm((c_s, b_s.T, sq), (b_s, c_s.T, sq), between=decays)
+    m = cb * decay                                                     # C B^T o decay
+    m_t = cb_t * decay_t                                               # its transpose
+    if split:
+        plgpu.barrier_wait(bar_b)
+    dxdt, dyx = _mm((lhs(m_t.astype(dtype), 0), dy_s, sp_), (dy_s, x_s.T, sq))
+    dt_c = plgpu.load(dt_s, (), layout=cols_l)
+    e = dyx * bc_cols(dt_c, sq) * m                                    # dm o M, dm = dy (dt x)^T
+    e_hi = e.astype(dtype)
+    e_lo = (e - e_hi.astype(F32)).astype(dtype)
+    eu = _mm((((lhs(e_hi, 1), u_s), (lhs(e_lo, 2), u_s)), sq))        # sum_{j<k} e_ik
+    if split:
+        plgpu.barrier_wait(bar_c)
+    ch, bdh = _mm((c_s, hp_s.T, sp_), (b_s, dh_s.T, sp_))            # C h_prev^T, B dh^T
+    tr = _mm((dh_s, hp_s.T, (p, p)))                                   # dh h_prev^T
     dout = plgpu.load(dy_s, (), layout=wg).astype(F32)
     xf = plgpu.load(x_s, (), layout=wg).astype(F32)
+    dt_r = plgpu.load(dt_s, (), layout=rows_l)
+    total = cs_s[q - 1]
     ecs = jnp.exp2(cs_r)
     w = jnp.exp2(total - cs_r)
     t_inter = ecs * jnp.sum(dout * ch, axis=1)
@@ -152,10 +175,6 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     diag = jnp.where(plgpu.broadcasted_iota(jnp.int32, pp, 0, layout=wg)
                      == plgpu.broadcasted_iota(jnp.int32, pp, 1, layout=wg), tr, 0.0)
     s_prev = jnp.exp2(total) * jnp.sum(jnp.sum(diag, axis=1))
-    e = dm * m
-    e_hi = e.astype(dtype)
-    e_lo = (e - e_hi.astype(F32)).astype(dtype)
-    eu = _mm(lhs(e_hi, 1), u_s, sq) + _mm(lhs(e_lo, 2), u_s, sq)                   # sum_{j<k} e_ik
     tt = jnp.where(causal, eu + bc_rows(t_inter, sq), bc_rows(f_write, sq))
     dda_s[...] = jnp.sum(tt, axis=0) + s_prev
     xdx_s[...] = jnp.sum(xf * dxdt, axis=1)
@@ -171,7 +190,15 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     plgpu.wait_smem_to_gmem(0)
 
 
-def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret):
+def _one_barrier(*refs, **kw):
+    """`_dx_kernel` with one barrier for every copy (after the scratch: bar, then a_s)."""
+    refs = list(refs)
+    i = 13 + 14          # inputs (9) + outputs (4), then 14 scratch refs before the barrier
+    bar = refs[i]
+    return _dx_kernel(*refs[:i], bar, bar, bar, *refs[i + 1:], **kw)
+
+
+def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_loads=True):
     """The split3 dx pass: returns dx, ddt (B, Lp, H) f32, dz (None), dA (B, 1, H, 16) and
     dD (B, nc, H, P) partials, the tuple `ssd_long._dx_call` returns (z must be None)."""
     b, lp, h, p = x.shape
@@ -185,7 +212,12 @@ def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret):
     scratch = [_smem((q, p), dtype), _smem((q, p), dtype), _smem((q, n), dtype),
                _smem((q, n), dtype), _smem((p, n), dtype), _smem((p, n), dtype),
                vec, vec, plgpu.SMEM((p,), F32), _smem((q, q), dtype), _smem((q, p), dtype),
-               vec, vec, plgpu.SMEM((p,), F32), plgpu.Barrier(num_arrivals=9)]
+               vec, vec, plgpu.SMEM((p,), F32)]
+    # split_loads (`BlockSizes.mgpu_dx_split_loads`): three TMA groups on three barriers;
+    # else one barrier for all nine copies (the kernel passes it three times).
+    scratch += ([plgpu.Barrier(num_arrivals=5), plgpu.Barrier(num_arrivals=2),
+                 plgpu.Barrier(num_arrivals=2)] if split_loads
+                else [plgpu.Barrier(num_arrivals=9)])
     if interpret:
         scratch += [_smem((q, q), dtype)] * 3
     out_type = (jax.ShapeDtypeStruct(x.shape, dtype),
@@ -193,7 +225,7 @@ def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret):
                 jax.ShapeDtypeStruct((b, h, lp), F32),
                 jax.ShapeDtypeStruct((b, nc, h, p), F32))
     kern = plgpu.kernel(
-        functools.partial(_dx_kernel, q=q, rep=h // g),
+        functools.partial(_dx_kernel if split_loads else _one_barrier, q=q, rep=h // g),
         out_type=out_type, scratch_types=scratch, grid=(b, nc, h), grid_names=("b", "c", "h"),
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
