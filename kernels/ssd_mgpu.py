@@ -138,8 +138,8 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
         return lax.broadcast_in_dim(v, shape, [1])
 
     plgpu.barrier_wait(bar_a)
-    cs_r = plgpu.load(cs_s, (), layout=rows_l)
-    cs_c = plgpu.load(cs_s, (), layout=cols_l)
+    cs_r = plgpu.load(cs_s, layout=rows_l)
+    cs_c = plgpu.load(cs_s, layout=cols_l)
     causal = ii >= jj
 
     def decays():
@@ -153,7 +153,7 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     if split:
         plgpu.barrier_wait(bar_b)
     dxdt, dyx = _mm((lhs(m_t.astype(dtype), 0), dy_s, sp_), (dy_s, x_s.T, sq))
-    dt_c = plgpu.load(dt_s, (), layout=cols_l)
+    dt_c = plgpu.load(dt_s, layout=cols_l)
     e = dyx * bc_cols(dt_c, sq) * m                                    # dm o M, dm = dy (dt x)^T
     e_hi = e.astype(dtype)
     e_lo = (e - e_hi.astype(F32)).astype(dtype)
@@ -162,9 +162,9 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
         plgpu.barrier_wait(bar_c)
     ch, bdh = _mm((c_s, hp_s.T, sp_), (b_s, dh_s.T, sp_))            # C h_prev^T, B dh^T
     tr = _mm((dh_s, hp_s.T, (p, p)))                                   # dh h_prev^T
-    dout = plgpu.load(dy_s, (), layout=wg).astype(F32)
-    xf = plgpu.load(x_s, (), layout=wg).astype(F32)
-    dt_r = plgpu.load(dt_s, (), layout=rows_l)
+    dout = plgpu.load(dy_s, layout=wg).astype(F32)
+    xf = plgpu.load(x_s, layout=wg).astype(F32)
+    dt_r = plgpu.load(dt_s, layout=rows_l)
     total = cs_s[q - 1]
     ecs = jnp.exp2(cs_r)
     w = jnp.exp2(total - cs_r)
@@ -179,7 +179,7 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     dda_s[...] = jnp.sum(tt, axis=0) + s_prev
     xdx_s[...] = jnp.sum(xf * dxdt, axis=1)
     dd_s[...] = jnp.sum(dout * xf, axis=0)
-    d_c = plgpu.load(d_s, (), layout=cols_l)
+    d_c = plgpu.load(d_s, layout=cols_l)
     dx_s[...] = (dxdt * bc_rows(dt_r, sp_) + bc_cols(d_c, sp_) * dout).astype(dx_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dx_s, dx_ref.at[bi, t, hi], commit_group=False)
