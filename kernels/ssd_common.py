@@ -168,11 +168,11 @@ class BlockSizes:
     dx_backend: the split3 dx pass on "mosaic" (`kernels.ssd_mgpu`: one warpgroup per
       (batch, chunk, head), TMA tiles, wgmma dots; jax >= 0.11.2, 16-bit inputs, chunk 64,
       head dim 64, no z: elsewhere the Triton kernel runs) or "triton"
-      (`ssd_long._ssd_bwd_dx_kernel`). H100 run 16 at b8 L4096 h32 p64 n128 bf16, fwd+bwd:
-      1.569 ms vs 1.771 (dx pass 0.49 vs 0.70 ms; benchmarks/NOTES_ssd.md).
+      (`ssd_long._ssd_bwd_dx_kernel`). H100 runs 16-17 at b8 L4096 h32 p64 n128 bf16,
+      fwd+bwd: 1.555-1.569 ms vs 1.765-1.771 (dx pass 0.48 vs 0.70 ms; NOTES_ssd.md).
     mgpu_dx_split_loads: the Mosaic dx kernel waits for its TMA copies in three groups (C, B
       and the decays' vectors; dy, x; the two states), starting each group's dots as soon as
-      it lands; False: one barrier for all.
+      it lands; False: one barrier for all. Run 17: fwd+bwd at L 1.555 vs 1.570 ms.
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
