@@ -109,11 +109,16 @@ if MGPU:
         "mgpu_fu16": MgpuBlockSizes(unroll=16),
         "mgpu_ft32s3": MgpuBlockSizes(tile=32, stages=3),          # run mgpu14's forward
         "mgpu_ft64s3": MgpuBlockSizes(tile=64, stages=3),
+        # Session 6: two warpgroups per backward block, half the states each (two warps per
+        # scheduler; the backward tile halves to 16 steps to fit shared memory).
+        "mgpu_wg2": MgpuBlockSizes(bwd_warpgroups=2),
+        "mgpu_wg2ru4": MgpuBlockSizes(bwd_warpgroups=2, bwd_recompute_unroll=4),
+        "mgpu_wg2u2": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_wg2")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

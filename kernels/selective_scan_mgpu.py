@@ -56,16 +56,18 @@ from kernels import selective_scan_common as _common
 from kernels import selective_scan_triton as _triton
 
 try:  # jax 0.10.2 has plgpu, but not every piece used here (Lane semantics, interpret params).
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
     from jax.experimental.pallas import mosaic_gpu as plgpu
     AVAILABLE = all(hasattr(plgpu, a) for a in (
-        "kernel", "copy_gmem_to_smem", "barrier_wait", "wait_smem_to_gmem", "Barrier", "SMEM",
-        "CompilerParams", "LoweringSemantics", "InterpretGPUParams"))
+        "kernel", "copy_gmem_to_smem", "barrier_wait", "barrier_arrive", "wait_smem_to_gmem",
+        "Barrier", "SMEM", "CompilerParams", "LoweringSemantics", "InterpretGPUParams",
+        "inline_mgpu")) and hasattr(mgpu_utils, "inline_ptx")
     if AVAILABLE:
         _fields = {f.name for f in dataclasses.fields(plgpu.CompilerParams)}
         AVAILABLE = {"lowering_semantics", "unsafe_no_auto_barriers",
                      "approx_math"} <= _fields
 except Exception:  # pragma: no cover - depends on the installed jax
-    plgpu = None
+    plgpu = mgpu_utils = None
     AVAILABLE = False
 
 _LOG2E = math.log2(math.e)
@@ -106,6 +108,12 @@ class MgpuBlockSizes:
     # L; run mgpu16 (64-step tiles: half the conversions' barriers): equal at L (0.428-0.429)
     # and False faster at S (0.115 vs 0.121: the two XLA converts are ~5% of a short call).
     bc_f32: bool = False
+    # Mosaic backward: warpgroups per block (1 or 2). 2: each warpgroup runs the recurrences
+    # of half the states of the same 128 channels (the states' recurrences are independent;
+    # only the outputs du, ddt, dz sum over states: each warpgroup writes its partial sums to
+    # shared memory and one of them adds and stores them), so each scheduler has two warps
+    # to interleave instead of one.
+    bwd_warpgroups: int = 1
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -125,6 +133,9 @@ class MgpuBlockSizes:
         if self.bwd_recompute_unroll < 1 or self.bwd_chunk % self.bwd_recompute_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
                              f" must divide bwd_chunk={self.bwd_chunk}")
+        if self.bwd_warpgroups not in (1, 2):
+            raise ValueError(f"MgpuBlockSizes.bwd_warpgroups={self.bwd_warpgroups} must be 1 "
+                             f"or 2")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MgpuBlockSizes.backward={self.backward!r}: 'mosaic' or 'triton'")
 
@@ -149,6 +160,7 @@ class _Cfg:
     bwd_stages: int
     bwd_unroll: int
     bwd_recompute_unroll: int
+    bwd_warpgroups: int
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -172,17 +184,36 @@ def _barrier():
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _block_sync(sbar):
+    """A barrier of every warpgroup of the block. Compiled: `bar.sync` on a named barrier
+    (15; Mosaic GPU's warpgroup barriers use 1..4) over all 256 threads. Interpret mode (which
+    cannot run inline PTX): the mbarrier `sbar`, on which every warpgroup arrives."""
+    if sbar is not None:
+        plgpu.barrier_arrive(sbar)
+        plgpu.barrier_wait(sbar)
+        return
+
+    @plgpu.inline_mgpu()
+    def bar_sync_all(ctx):
+        del ctx
+        mgpu_utils.inline_ptx(f"bar.sync 15, {2 * WIDTH};", has_side_effects=True,
+                              convergent=True)
+
+    bar_sync_all()
+
+
 def _params():
     return plgpu.CompilerParams(
         lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True,
         unsafe_no_auto_barriers=True)
 
 
-def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False):
+def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False, sync=_barrier):
     """Tiles 0..n_tiles-1 (or reversed) through a `stages`-deep ring of shared-memory slots
     filled by TMA: `issue(tile, slot)` starts the copies of a tile (arriving on bar[slot]),
-    `body(tile, slot, carry)` consumes it. One warpgroup barrier per tile orders the reads of
-    tile i - 1 before the copy that refills its slot."""
+    `body(tile, slot, carry)` consumes it. One barrier per tile (`sync`: of the warpgroup, or
+    of the block where several warpgroups read the tiles) orders the reads of tile i - 1
+    before the copy that refills its slot."""
     def tile_of(i):
         return n_tiles - 1 - i if reverse else i
 
@@ -191,7 +222,7 @@ def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False):
 
     def it(i, carry):
         slot = jax.lax.rem(i, stages)
-        _barrier()
+        sync()
         nxt = i + stages - 1
 
         @pl.when(nxt < n_tiles)
@@ -232,18 +263,31 @@ class _Ins:
     bc_f32: bool           # B, C already float32 (read from the TMA tiles directly)
 
 
-def _load_params(cfg, ins, refs, smem, pbar, cols):
-    """TMA of the per-channel parameters; returns a2 (N rows, A log2(e)), D, bias rows."""
+def _leader(w, fn):
+    """fn() in warpgroup 0 only (w is None: a one-warpgroup kernel)."""
+    if w is None:
+        fn()
+    else:
+        pl.when(w == 0)(fn)
+
+
+def _load_params(ins, refs, smem, pbar, cols, states, w=None):
+    """TMA of the per-channel parameters (issued by warpgroup 0); returns a2 (A log2(e) of
+    the `states`, a list of static or traced state indices), D, bias rows."""
     a_ref, d_ref, bias_ref = refs
     a_s, d_s, bias_s = smem
-    plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
-    if ins.d:
-        plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
-    if ins.bias:
-        plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
+
+    def copies():
+        plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
+        if ins.d:
+            plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
+        if ins.bias:
+            plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
+
+    _leader(w, copies)
     plgpu.barrier_wait(pbar)
     # Column n of the (128, Np) tile: thread d reads A[d, n] (a strided load, once).
-    a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in range(cfg.n_state)]
+    a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in states]
     return a2, (d_s[...] if ins.d else None), (bias_s[...] if ins.bias else None)
 
 
@@ -308,7 +352,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
 
     if ins.h0:
         plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
-    a2, dskip, bias = _load_params(cfg, ins, par_refs, par_smem, pbar, cols)
+    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, range(N))
     zero = _zeros()
     h = tuple(h0_s[n, :] if ins.h0 else zero for n in range(N))
     u_s, dt_s = seq_smem[0], seq_smem[1]
@@ -369,13 +413,20 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         g += C_t dy_t ;  dC_t = sum_d dy_t h_t ;  dB_t = sum_d g dt_t u_t
         du_t = D dy_t + dt_t sum_n g B_t ;  ddt_t = sum_n g (B_t u_t + A a_t h_{t-1})
         dA += g a_t h_{t-1} dt_t ;  g *= a_t
-    dB_t, dC_t are sums over the block's channels (threads): each thread writes its terms as
-    one row per (step, state) of a (128, 129) shared tile, 64 / Np steps fill it, and then
-    thread r sums row r (the padding column keeps both phases free of bank conflicts).
+    dy_t = dout_t silu(z_t) does not depend on y, so each state's recurrence (recompute and
+    adjoint) is independent of the others: with W = bwd_warpgroups = 2, warpgroup w runs
+    states [w Np/2, (w + 1) Np/2) of the same channels; du, ddt, dz (sums over states) are
+    written as per-warpgroup partial sums to shared memory, and after each reduction group
+    (one block barrier) warpgroup 0 adds and stores du, dz, warpgroup 1 ddt.
+    dB_t, dC_t are sums over the block's channels (threads): each warpgroup writes its terms
+    as one row per (step, state) of its (128 / W, W, 128 / W + 1) shared tile (row, column
+    part, column), 64 / Np steps fill it, and then thread r sums part r % W of row r // W
+    (the padding column keeps both phases free of bank conflicts).
     GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np)  [D, bias]
     hs: (B, Lp / chunk, Np, Dp)  dhL: (B, Np, Dp)
-    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, Lp * 2 Np) per-block partials (dC | dB)
-    dA^T: (B, Np, Dp)  dD, dbias: (B, 2, Dp)  dh0: (B, Np, Dp)
+    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, W, Lp * 2 Np) per-block partials
+    (per group of 64 / Np steps: (step, dC | dB, state of the warpgroup, part))
+    dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
     nseq = 5 + int(ins.z)
@@ -389,24 +440,45 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     stage = None if ins.bc_f32 else (next(it), next(it))
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     h_s, pt_s, hst_s = next(it), next(it), next(it)
+    W = cfg.bwd_warpgroups
+    xch_s = next(it) if W > 1 else None
     bar, pbar, hbar = next(it), next(it), next(it)
+    sbar = next(it) if W > 1 and cfg.interpret else None
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * WIDTH, WIDTH)
     T, N, NP, CH = cfg.bwd_tile, cfg.n_state, cfg.np_, cfg.save_every
-    UQ = WIDTH // (2 * NP)           # steps per dB/dC reduction: 2 NP rows each
+    UQ = WIDTH // (2 * NP)           # steps per dB/dC reduction group
     f32 = jnp.float32
     masked = cfg.lp != cfg.length
+    if W == 1:
+        w, wi, RP = None, 0, NP
+        states = list(range(N))      # the true states only
+        sync = _barrier
+    else:
+        w = wi = jax.lax.axis_index("wg")
+        RP = NP // W                 # this warpgroup's states (padded ones are zero: cheap)
+        states = [w * RP + k for k in range(RP)]
+        sync = functools.partial(_block_sync, sbar)
+    K = len(states)
+    CP = WIDTH // W                  # columns per part of the dB/dC tile
 
-    issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
+    tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
-    a2, dskip, bias = _load_params(cfg, ins, par_refs, par_smem, pbar, cols)
+    def issue(k, slot):
+        _leader(w, lambda: tile_issue(k, slot))
+
+    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, states, w)
+    if ins.d and W > 1:
+        dskip = dskip * jnp.where(w == 0, 1.0, 0.0)  # D dy and D u: in warpgroup 0's partials
     zero = _zeros()
     u_s, dt_s = seq_smem[0], seq_smem[1]
     z_s = seq_smem[2] if ins.z else None
     do_s = seq_smem[-3]
+    if stage is not None and W > 1:                   # each warpgroup converts its own copy
+        stage = (stage[0].at[w], stage[1].at[w])
     bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     n_chunks = cfg.lp // CH
 
@@ -423,7 +495,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         # The state entering chunk c by TMA into slot c % 2, a chunk ahead of its use
         # (register loads issued a chunk ahead were sunk by the compiler to their use:
         # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
-        plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols], hst_s.at[c % 2], hbar.at[c % 2])
+        _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
+                                                   hst_s.at[c % 2], hbar.at[c % 2]))
 
     def recompute(t0, slot, base, i, h):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
@@ -431,40 +504,48 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         tl = base + i
         _, dt = step_size(slot, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
-        bs = [bval(slot, tl, n) for n in range(N)]     # before the stores: vector loads (mgpu7)
-        p = [jnp.exp2(dt * a2[n]) * h[n] for n in range(N)]
-        for n in range(N):
-            h_s[i, n, :] = p[n]
-        return tuple(p[n] + dtu * bs[n] for n in range(N))
+        bs = [bval(slot, tl, n) for n in states]      # before the stores: vector loads (mgpu7)
+        p = [jnp.exp2(dt * a2[k]) * h[k] for k in range(K)]
+        for k, n in enumerate(states):
+            h_s[i, n, :] = p[k]
+        return tuple(p[k] + dtu * bs[k] for k in range(K))
+
+    def put(ref, tg, ii, kind, val):
+        # An output row: stored (one warpgroup), or this warpgroup's partial sum for the
+        # group's finalize.
+        if W == 1:
+            ref[bi, tg, cols] = val.astype(ref.dtype)
+        else:
+            xch_s[(tg // UQ) % 2, w, kind, ii, :] = val
 
     def adjoint(t0, slot, base, gbase, i, carry):
         # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
         g, dat, dd, dbias = carry
         tl, tg = base + i, t0 + base + i
+        ii = base + i - gbase
         x, dt = step_size(slot, tl, tg)
         u = u_s[slot, tl, :].astype(f32)
         dout = do_s[slot, tl, :].astype(f32)
         dtu = dt * u
-        bs = [bval(slot, tl, n) for n in range(N)]
-        cs = [cval(slot, tl, n) for n in range(N)]
-        p = [h_s[i, n, :] for n in range(N)]             # a_t h_{t-1}
-        a = [jnp.exp2(dt * a2[n]) for n in range(N)]
-        h = [p[n] + dtu * bs[n] for n in range(N)]
+        bs = [bval(slot, tl, n) for n in states]
+        cs = [cval(slot, tl, n) for n in states]
+        p = [h_s[i, n, :] for n in states]               # a_t h_{t-1}
+        a = [jnp.exp2(dt * a2[k]) for k in range(K)]
+        h = [p[k] + dtu * bs[k] for k in range(K)]
         if ins.z:
             zt = z_s[slot, tl, :].astype(f32)
             sig = _sigmoid(zt)
             y = _dot(h, cs, dskip * u if ins.d else None)
-            dz_ref[bi, tg, cols] = (dout * y * sig * (1.0 + zt * (1.0 - sig))).astype(
-                dz_ref.dtype)
+            put(dz_ref, tg, ii, 2, dout * y * sig * (1.0 + zt * (1.0 - sig)))
             dy = dout * zt * sig
         else:
             dy = dout
-        row = (base + i - gbase) * (2 * NP)
-        g = [g[n] + cs[n] * dy for n in range(N)]
-        for n in range(N):
-            pt_s[row + n, pl.ds(0, WIDTH)] = dy * h[n]              # dC_t terms
-            pt_s[row + NP + n, pl.ds(0, WIDTH)] = g[n] * dtu        # dB_t terms
-        gah = [g[n] * p[n] for n in range(N)]
+        row = ii * (2 * RP)
+        g = [g[k] + cs[k] * dy for k in range(K)]
+        for k in range(K):
+            pt_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
+            pt_s[wi, row + RP + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
+        gah = [g[k] * p[k] for k in range(K)]
         gb = _dot(g, bs)
         sa = _dot(gah, a2)
         du = dt * gb
@@ -475,25 +556,45 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             ddt = ddt * _sigmoid(x)
         if masked:
             ddt = jnp.where(tg < cfg.length, ddt, 0.0)
-        du_ref[bi, tg, cols] = du.astype(du_ref.dtype)
-        ddt_ref[bi, tg, cols] = ddt.astype(ddt_ref.dtype)
-        return (tuple(g[n] * a[n] for n in range(N)),
-                tuple(dat[n] + gah[n] * dt for n in range(N)), dd + dy * u, dbias + ddt)
+        put(du_ref, tg, ii, 0, du)
+        put(ddt_ref, tg, ii, 1, ddt)
+        return (tuple(g[k] * a[k] for k in range(K)),
+                tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u, dbias + ddt)
+
+    def finalize(tg0):
+        # W = 2: the group's du, dz (warpgroup 0) and ddt (warpgroup 1) from both partials.
+        par = (tg0 // UQ) % 2
+
+        def store(ref, kind):
+            for ii in range(UQ):
+                ref[bi, tg0 + ii, cols] = (xch_s[par, 0, kind, ii, :]
+                                           + xch_s[par, 1, kind, ii, :]).astype(ref.dtype)
+
+        @pl.when(w == 0)
+        def _():
+            store(du_ref, 0)
+            if ins.z:
+                store(dz_ref, 2)
+
+        pl.when(w == 1)(lambda: store(ddt_ref, 1))
 
     def reduce_rows(tg0):
-        # Row r of the tile holds (step tg0 + r // (2 Np), dC | dB state r % (2 Np)).
-        _barrier()
-        acc = [pt_s[pl.ds(0, WIDTH), k] for k in range(4)]
-        for k in range(4, WIDTH):
-            acc[k % 4] = acc[k % 4] + pt_s[pl.ds(0, WIDTH), k]
-        dbc_ref[bi, j, pl.ds(tg0 * 2 * NP, WIDTH)] = (acc[0] + acc[1]) + (acc[2] + acc[3])
+        # Thread r: part r % W of row r // W (step tg0 + row // (2 RP), dC | dB, state).
+        sync()
+        acc = [pt_s[wi, :, :, k] for k in range(4)]
+        for k in range(4, CP):
+            acc[k % 4] = acc[k % 4] + pt_s[wi, :, :, k]
+        tot = ((acc[0] + acc[1]) + (acc[2] + acc[3])).reshape(WIDTH)
+        dbc_ref[bi, j, wi, pl.ds((tg0 // UQ) * WIDTH, WIDTH)] = tot
+        if W > 1:
+            finalize(tg0)
         _barrier()
 
     def chunk(k, t0, slot, q, carry):
         base = q * CH
         c = k * (T // CH) + q
         plgpu.barrier_wait(hbar.at[c % 2])
-        h_entry = tuple(hst_s[c % 2, n, :] for n in range(N))
+        h_entry = tuple(hst_s[c % 2, n, :] for n in states)
 
         # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's start;
         # every thread has since passed the reduction barriers of chunk c + 1).
@@ -526,15 +627,20 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         nq = T // CH
         return jax.lax.fori_loop(0, nq, lambda i, cr: chunk(k, t0, slot, nq - 1 - i, cr), carry)
 
-    g0 = tuple(dhl_ref[bi, n, cols] for n in range(N))
+    g0 = tuple(dhl_ref[bi, n, cols] for n in states)
     issue_state(n_chunks - 1)
     g, dat, dd, dbias = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body,
-                              (g0, tuple(zero for _ in range(N)), zero, zero), reverse=True)
-    for n in range(NP):
-        dat_ref[bi, n, cols] = dat[n] if n < N else zero
-        dh0_ref[bi, n, cols] = g[n] if n < N else zero
-    ddb_ref[bi, 0, cols] = dd
-    ddb_ref[bi, 1, cols] = dbias
+                              (g0, tuple(zero for _ in range(K)), zero, zero), reverse=True,
+                              sync=sync)
+    padded = range(N, NP) if W == 1 else ()
+    for k, n in enumerate(states):
+        dat_ref[bi, n, cols] = dat[k]
+        dh0_ref[bi, n, cols] = g[k]
+    for n in padded:
+        dat_ref[bi, n, cols] = zero
+        dh0_ref[bi, n, cols] = zero
+    ddb_ref[bi, wi, 0, cols] = dd
+    ddb_ref[bi, wi, 1, cols] = dbias
 
 
 def _interpret(cfg):
@@ -546,12 +652,13 @@ def _ins(z, Bm, D, bias, h0):
                 bc_f32=Bm.dtype == jnp.float32)
 
 
-def _common_scratch(ins, seq, T, S, np_, Bm):
+def _common_scratch(ins, seq, T, S, np_, Bm, W=1):
     f32 = jnp.float32
     scratch = [plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-2]]
     scratch += [plgpu.SMEM((S, T, np_), Bm.dtype), plgpu.SMEM((S, T, np_), Bm.dtype)]
-    if not ins.bc_f32:
-        scratch += [plgpu.SMEM((T, np_), f32), plgpu.SMEM((T, np_), f32)]
+    if not ins.bc_f32:   # float32 B, C staging: one per warpgroup
+        shape = (T, np_) if W == 1 else (W, T, np_)
+        scratch += [plgpu.SMEM(shape, f32), plgpu.SMEM(shape, f32)]
     scratch.append(plgpu.SMEM((WIDTH, np_), f32))
     scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
     return scratch
@@ -584,29 +691,34 @@ def _bwd_call(cfg, res, dout, dhl):
     u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
     ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
-    np_, T, S = cfg.np_, cfg.bwd_tile, cfg.bwd_stages
+    np_, T, S, W = cfg.np_, cfg.bwd_tile, cfg.bwd_stages, cfg.bwd_warpgroups
     n_blocks = dp // WIDTH
     f32 = jnp.float32
     seq = [u, dt] + ([z] if ins.z else []) + [dout.astype(u.dtype), Bm, Cm]
     pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
-                + [jax.ShapeDtypeStruct((b, n_blocks, lp * 2 * np_), f32),
+                + [jax.ShapeDtypeStruct((b, n_blocks, W, lp * 2 * np_), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
-                   jax.ShapeDtypeStruct((b, 2, dp), f32),
+                   jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
-    scratch = _common_scratch(ins, seq, T, S, np_, Bm)
-    scratch += [plgpu.SMEM((cfg.save_every, cfg.n_state, WIDTH), f32),    # a_t h_{t-1}
-                plgpu.SMEM((WIDTH, WIDTH + 1), f32),                       # dB/dC terms
-                plgpu.SMEM((2, np_, WIDTH), f32),                          # entry states
-                plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
+    scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
+    scratch += [plgpu.SMEM((cfg.save_every, np_, WIDTH), f32),            # a_t h_{t-1}
+                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + 1), f32),       # dB/dC terms
+                plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
+    if W > 1:     # partial du, ddt, [dz] of a reduction group, double-buffered
+        scratch.append(plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32))
+    scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins)),
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]
+    if W > 1 and cfg.interpret:
+        scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
+    threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
         functools.partial(_bwd_kernel, cfg=cfg, ins=ins),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg),
-        kernel_name="selective_scan_mgpu_bwd")
+        kernel_name="selective_scan_mgpu_bwd", **threads)
     return kern(*seq, *pars, hs, dhl.astype(f32))
 
 
@@ -637,12 +749,15 @@ def _scan_padded_bwd(cfg, res, cts):
         dz = outs[2] if z is not None else None
         dbc, dat, ddb, dh0 = outs[-4:]
         b, lp, _ = u.shape
-        g, np_ = Bm.shape[2], cfg.np_
-        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics).
-        dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp, 2 * np_).sum(2)
-        dC = jnp.swapaxes(dbc[..., :np_], 1, 2).astype(Cm.dtype)
-        dB = jnp.swapaxes(dbc[..., np_:], 1, 2).astype(Bm.dtype)
-        dAT, dD, dbias = dat.sum(0), ddb[:, 0].sum(0), ddb[:, 1].sum(0)
+        g, np_, W = Bm.shape[2], cfg.np_, cfg.bwd_warpgroups
+        uq = WIDTH // (2 * np_)
+        # Per-block (and per column part) partial sums of dC | dB reduced here
+        # (deterministic, no atomics): (b, G, blocks, warpgroup, group, step, dC | dB,
+        # state of the warpgroup, part) -> (b, Lp, G, dC | dB, state).
+        dbc = dbc.reshape(b, g, cfg.blocks_per_group, W, lp // uq, uq, 2, np_ // W, W)
+        dbc = dbc.sum((2, 8)).transpose(0, 3, 4, 1, 5, 2, 6).reshape(b, lp, g, 2, np_)
+        dC, dB = dbc[..., 0, :].astype(Cm.dtype), dbc[..., 1, :].astype(Bm.dtype)
+        dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dAT.T,
             None if D is None else dD, None if bias is None else dbias,
             None if h0 is None else dh0)
@@ -662,15 +777,17 @@ def _fwd_smem_bytes(stages, tile, np_, u, z, B):
     return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
 
 
-def _bwd_smem_bytes(bs, tile, n, np_, u, z, B):
+def _bwd_smem_bytes(bs, tile, np_, u, z, B):
     """Shared memory of the Mosaic backward (scratch of _bwd_call) in bytes."""
+    W = bs.bwd_warpgroups
     isz = jnp.dtype(u.dtype).itemsize
     seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
-    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
+    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
+    xch = 0 if W == 1 else 2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
-            + 2 * WIDTH * 4 + bs.bwd_chunk * n * WIDTH * 4 + WIDTH * (WIDTH + 1) * 4
-            + 2 * np_ * WIDTH * 4)
+            + 2 * WIDTH * 4 + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W) * 4
+            + 2 * np_ * WIDTH * 4 + xch)
 
 
 def _round_up(x, m):
@@ -705,11 +822,11 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     # The backward's shared memory (dominated by the recomputed states and the dB/dC tile)
     # must fit: halve its tile for 4-byte inputs; else the Triton backward.
     bwd_tile = bs.bwd_tile
-    while (_bwd_smem_bytes(bs, bwd_tile, n, np_, u, z, B) > SMEM_LIMIT
+    while (_bwd_smem_bytes(bs, bwd_tile, np_, u, z, B) > SMEM_LIMIT
            and bwd_tile > bs.bwd_chunk):
         bwd_tile //= 2
     mosaic_bwd = (bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
-                  and _bwd_smem_bytes(bs, bwd_tile, n, np_, u, z, B) <= SMEM_LIMIT)
+                  and _bwd_smem_bytes(bs, bwd_tile, np_, u, z, B) <= SMEM_LIMIT)
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
     # Likewise the forward's ring (f32 inputs, long tiles): fewer stages, then shorter tiles.
     stages, tile = bs.stages, bs.tile
@@ -742,7 +859,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               tcfg=tcfg)
+               bwd_warpgroups=bs.bwd_warpgroups, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -40,6 +40,13 @@ CASES = [
      MgpuBlockSizes(stages=2, backward="triton")),
     (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
+    # Two warpgroups per backward block (half the states each): every optional input, bf16
+    # B/C staged per warpgroup; then d_state 5 (padded to 8: 4 states per warpgroup, 3
+    # of them padding in the second), float32, groups, no z.
+    (45, 136, 16, None, jnp.bfloat16, dict(), True,
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2)),
+    (27, 40, 5, 2, jnp.float32, dict(z=False), False,
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2, bwd_recompute_unroll=1)),
 ]
 
 
@@ -51,11 +58,13 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
     check_against_ref(fn, args, softplus, dtype)
 
 
-def test_mgpu_lowers_to_mosaic_gpu_without_gpu():
+@pytest.mark.parametrize("warpgroups", [1, 2])
+def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
     # without saved states (primal), and the gradient: the forward saving states plus the
-    # Mosaic backward.
+    # Mosaic backward (one or two warpgroups: the latter's block barrier is inline PTX, which
+    # interpret mode replaces by an mbarrier).
     args = make_inputs(1, 2, 50, 136, 6, g=2, dtype=jnp.bfloat16)
     names = [k for k in FLOAT_ARGS if args[k] is not None]
 
@@ -64,7 +73,8 @@ def test_mgpu_lowers_to_mosaic_gpu_without_gpu():
         return selective_scan_mgpu(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
                                    kw["z"], kw["delta_bias"], delta_softplus=True,
                                    initial_state=kw["initial_state"], return_final_state=True,
-                                   block_sizes=MgpuBlockSizes(**MOSAIC), interpret=False)
+                                   block_sizes=MgpuBlockSizes(bwd_warpgroups=warpgroups, **MOSAIC),
+                                   interpret=False)
 
     def loss(*vals):
         y, h = f(*vals)
@@ -92,10 +102,12 @@ def test_block_sizes_validate():
         MgpuBlockSizes(backward="cuda")
     with pytest.raises(ValueError, match="bwd_recompute_unroll"):
         MgpuBlockSizes(bwd_recompute_unroll=3)
+    with pytest.raises(ValueError, match="bwd_warpgroups"):
+        MgpuBlockSizes(bwd_warpgroups=4)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["mosaic", "triton"])
+@pytest.mark.parametrize("backward", ["mosaic", "mosaic_wg2", "triton"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mgpu_compiled_on_gpu_matches_reference(dtype, backward):
     # The compiled kernels: registers, shared memory, barriers and TMA, which interpret mode
@@ -103,8 +115,9 @@ def test_mgpu_compiled_on_gpu_matches_reference(dtype, backward):
     args = make_inputs(5, 2, 300, 200, 16, g=2, dtype=dtype)
     if not has_gpu():
         pytest.skip("needs a CUDA GPU")
-    fn = functools.partial(selective_scan_mgpu, interpret=False,
-                           block_sizes=MgpuBlockSizes(backward=backward))
+    bs = (MgpuBlockSizes(bwd_warpgroups=2) if backward == "mosaic_wg2"
+          else MgpuBlockSizes(backward=backward))
+    fn = functools.partial(selective_scan_mgpu, interpret=False, block_sizes=bs)
     check_against_ref(fn, args, True, dtype)
 
 
