@@ -15,7 +15,8 @@ instead samples warp stalls per SASS instruction (ncu's source page) of the kern
 name matches the regex, writes $OUT/ncu_source_<ops>.csv and prints each kernel's hottest
 instructions (`--summarize-source FILE.csv` re-prints).
 
-Ops: ss = kernels.selective_scan(impl="pallas") (Mosaic GPU on the H100), ss_peer = the peer
+Ops: ss = kernels.selective_scan(impl="pallas") (Mosaic GPU on the H100), ss@k=v+k=v = the
+Mosaic GPU kernels with those `MgpuBlockSizes` fields (ss@bwd_warpgroups=2), ss_peer = the peer
 jax-linear-attention 0.1.0 mamba1, ssd = kernels.ssd(impl="pallas") at chunk 64, ssd_peer =
 the peer's mamba2_ssd (benchmarks/gpu_selective_scan.py and gpu_ssd.py time the same calls).
 Needs the peer wheel importable for the *_peer ops (benchmarks/NOTES_*.md: how to carry it).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,6 +149,17 @@ def _child(ops):
                 return selective_scan(**kw, delta_softplus=True, return_final_state=True,
                                       impl="pallas")
             run_once(fn, ss_inputs(), op)
+        elif op.startswith("ss@"):
+            # ss@key=value+key=value: selective_scan_mgpu with those MgpuBlockSizes fields.
+            from kernels.selective_scan_mgpu import MgpuBlockSizes, selective_scan_mgpu
+            kv = dict(f.split("=") for f in op[3:].split("+"))
+            bs = MgpuBlockSizes(**{k: type(getattr(MgpuBlockSizes(), k))(v)
+                                   for k, v in kv.items()})
+
+            def fn(**kw):
+                return selective_scan_mgpu(**kw, delta_softplus=True, return_final_state=True,
+                                           block_sizes=bs, interpret=TINY)
+            run_once(fn, ss_inputs(), op)
         elif op == "ss_peer":
             from jla.ops.mosaic_gpu.mamba1 import mamba1
 
@@ -229,9 +242,14 @@ def _env():
                 " --xla_gpu_enable_command_buffer=")
 
 
+def _tag(ops):
+    """The ops as a file-name part (letters, digits, _ and - only)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", "_".join(ops))[:80]
+
+
 def source(ncu, ops, regex, top):
     out_dir = os.environ.get("OUT", "/tmp")
-    path = os.path.join(out_dir, f"ncu_source_{'_'.join(ops)}.csv")
+    path = os.path.join(out_dir, f"ncu_source_{_tag(ops)}.csv")
     cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "-k", f"regex:{regex}",
            "--section", "SourceCounters", "--section", "WarpStateStats", "--import-source",
            "no", "--page", "source", "--print-source", "sass", "--csv",
@@ -323,7 +341,7 @@ def main():
     if dropped:
         print("# metrics this ncu does not know (dropped):", ", ".join(dropped), flush=True)
     out_dir = os.environ.get("OUT", "/tmp")
-    path = os.path.join(out_dir, f"ncu_{'_'.join(ops)}.csv")
+    path = os.path.join(out_dir, f"ncu_{_tag(ops)}.csv")
     env = _env()
     cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "--csv", "--page",
            "raw", "--metrics", ",".join(metrics)]
