@@ -114,11 +114,17 @@ if MGPU:
         "mgpu_wg2": MgpuBlockSizes(bwd_warpgroups=2),
         "mgpu_wg2ru4": MgpuBlockSizes(bwd_warpgroups=2, bwd_recompute_unroll=4),
         "mgpu_wg2u2": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2),
+        # ... and dt, sigmoid(x) once per tile (bwd_dt_tile)
+        "mgpu_dtt": MgpuBlockSizes(bwd_dt_tile=True),
+        "mgpu_wg2dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_dt_tile=True),
+        "mgpu_wg2u2dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2, bwd_dt_tile=True),
+        "mgpu_wg2u2ru4dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2,
+                                           bwd_recompute_unroll=4, bwd_dt_tile=True),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_wg2")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_wg2", "mgpu_dtt", "mgpu_wg2u2dtt")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

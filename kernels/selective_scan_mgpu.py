@@ -114,6 +114,10 @@ class MgpuBlockSizes:
     # shared memory and one of them adds and stores them), so each scheduler has two warps
     # to interleave instead of one.
     bwd_warpgroups: int = 1
+    # Mosaic backward: dt (softplus, mask) and the ddt factor sigmoid(x) of a tile computed
+    # once per tile into float32 shared tiles (split between the warpgroups) instead of in
+    # both the recompute and the adjoint step (and in both warpgroups).
+    bwd_dt_tile: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -161,6 +165,7 @@ class _Cfg:
     bwd_unroll: int
     bwd_recompute_unroll: int
     bwd_warpgroups: int
+    bwd_dt_tile: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
 
@@ -442,6 +447,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     h_s, pt_s, hst_s = next(it), next(it), next(it)
     W = cfg.bwd_warpgroups
     xch_s = next(it) if W > 1 else None
+    has_sg = cfg.bwd_dt_tile and (cfg.softplus or cfg.lp != cfg.length)
+    dtf_s = next(it) if cfg.bwd_dt_tile else None
+    sgf_s = next(it) if has_sg else None
     bar, pbar, hbar = next(it), next(it), next(it)
     sbar = next(it) if W > 1 and cfg.interpret else None
 
@@ -483,6 +491,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     n_chunks = cfg.lp // CH
 
     def step_size(slot, tl, tg):
+        # (x = dt + bias, dt after softplus and mask) of step tl of the tile; with
+        # bwd_dt_tile, (the ddt factor sigmoid(x) masked, or None, dt) from the tile pass.
+        if cfg.bwd_dt_tile:
+            return (sgf_s[tl, :] if has_sg else None), dtf_s[tl, :]
         x = dt_s[slot, tl, :].astype(f32)
         if ins.bias:
             x = x + bias
@@ -490,6 +502,38 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         if masked:
             dt = jnp.where(tg < cfg.length, dt, 0.0)
         return x, dt
+
+    def ddt_factor(ddt, x, tg):
+        if cfg.bwd_dt_tile:
+            return ddt * x if has_sg else ddt
+        if cfg.softplus:
+            ddt = ddt * _sigmoid(x)
+        if masked:
+            ddt = jnp.where(tg < cfg.length, ddt, 0.0)
+        return ddt
+
+    def dt_pass(t0, slot):
+        # bwd_dt_tile: warpgroup w computes steps [w T / W, (w + 1) T / W) of the tile.
+        TW = T // W
+
+        def one(i, _):
+            tl = i + wi * TW
+            x = dt_s[slot, tl, :].astype(f32)
+            if ins.bias:
+                x = x + bias
+            dt = _softplus(x) if cfg.softplus else x
+            if masked:
+                keep = t0 + tl < cfg.length
+                dt = jnp.where(keep, dt, 0.0)
+            dtf_s[tl, :] = dt
+            if has_sg:
+                sg = _sigmoid(x) if cfg.softplus else zero + 1.0
+                sgf_s[tl, :] = jnp.where(keep, sg, 0.0) if masked else sg
+            return _
+
+        jax.lax.fori_loop(0, TW, one, 0, unroll=2 if TW % 2 == 0 else 1)
+        if W > 1:
+            sync()           # every thread reads only its own lane: one warpgroup needs none
 
     def issue_state(c):
         # The state entering chunk c by TMA into slot c % 2, a chunk ahead of its use
@@ -551,11 +595,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         du = dt * gb
         if ins.d:
             du = du + dskip * dy
-        ddt = gb * u + sa * (1.0 / _LOG2E)          # a2 = A log2(e)
-        if cfg.softplus:
-            ddt = ddt * _sigmoid(x)
-        if masked:
-            ddt = jnp.where(tg < cfg.length, ddt, 0.0)
+        ddt = ddt_factor(gb * u + sa * (1.0 / _LOG2E), x, tg)     # a2 = A log2(e)
         put(du_ref, tg, ii, 0, du)
         put(ddt_ref, tg, ii, 1, ddt)
         return (tuple(g[k] * a[k] for k in range(K)),
@@ -622,6 +662,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         if convert is not None:
             convert(slot)
         t0 = k * T
+        if cfg.bwd_dt_tile:
+            dt_pass(t0, slot)
         # The chunks as a loop: one copy of their code. Unrolled (bwd_tile / bwd_chunk copies,
         # ~50 KB of loop code) it was 6% slower (run mgpu12: instruction-cache misses).
         nq = T // CH
@@ -708,6 +750,9 @@ def _bwd_call(cfg, res, dout, dhl):
                 plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
     if W > 1:     # partial du, ddt, [dz] of a reduction group, double-buffered
         scratch.append(plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32))
+    if cfg.bwd_dt_tile:   # the tile's dt [and sigmoid(x)]
+        has_sg = cfg.softplus or cfg.lp != cfg.length
+        scratch += [plgpu.SMEM((T, WIDTH), f32)] * (1 + int(has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins)),
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]
@@ -785,6 +830,7 @@ def _bwd_smem_bytes(bs, tile, np_, u, z, B):
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
     xch = 0 if W == 1 else 2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
+    xch += 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
             + 2 * WIDTH * 4 + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W) * 4
             + 2 * np_ * WIDTH * 4 + xch)
@@ -859,7 +905,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               bwd_warpgroups=bs.bwd_warpgroups, tcfg=tcfg)
+               bwd_warpgroups=bs.bwd_warpgroups, bwd_dt_tile=bs.bwd_dt_tile, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -35,18 +35,21 @@ CASES = [
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
      MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **MOSAIC)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_dt_tile=True,
+                    **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
     (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
     # Two warpgroups per backward block (half the states each): every optional input, bf16
     # B/C staged per warpgroup; then d_state 5 (padded to 8: 4 states per warpgroup, 3
-    # of them padding in the second), float32, groups, no z.
+    # of them padding in the second), float32, groups, no z, no softplus, dt per tile (as
+    # the fifth case with one warpgroup and softplus).
     (45, 136, 16, None, jnp.bfloat16, dict(), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2, bwd_recompute_unroll=1)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2, bwd_recompute_unroll=1,
+                    bwd_dt_tile=True)),
 ]
 
 
@@ -58,8 +61,9 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
     check_against_ref(fn, args, softplus, dtype)
 
 
+@pytest.mark.parametrize("dt_tile", [False, True])
 @pytest.mark.parametrize("warpgroups", [1, 2])
-def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups):
+def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
     # without saved states (primal), and the gradient: the forward saving states plus the
@@ -73,7 +77,8 @@ def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups):
         return selective_scan_mgpu(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
                                    kw["z"], kw["delta_bias"], delta_softplus=True,
                                    initial_state=kw["initial_state"], return_final_state=True,
-                                   block_sizes=MgpuBlockSizes(bwd_warpgroups=warpgroups, **MOSAIC),
+                                   block_sizes=MgpuBlockSizes(bwd_warpgroups=warpgroups,
+                                                              bwd_dt_tile=dt_tile, **MOSAIC),
                                    interpret=False)
 
     def loss(*vals):
