@@ -110,21 +110,20 @@ if MGPU:
         "mgpu_ft32s3": MgpuBlockSizes(tile=32, stages=3),          # run mgpu14's forward
         "mgpu_ft64s3": MgpuBlockSizes(tile=64, stages=3),
         # Session 6: two warpgroups per backward block, half the states each (two warps per
-        # scheduler; the backward tile halves to 16 steps to fit shared memory).
-        "mgpu_wg2": MgpuBlockSizes(bwd_warpgroups=2),
-        "mgpu_wg2ru4": MgpuBlockSizes(bwd_warpgroups=2, bwd_recompute_unroll=4),
-        "mgpu_wg2u2": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2),
-        # ... and dt, sigmoid(x) once per tile (bwd_dt_tile)
-        "mgpu_dtt": MgpuBlockSizes(bwd_dt_tile=True),
-        "mgpu_wg2dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_dt_tile=True),
-        "mgpu_wg2u2dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2, bwd_dt_tile=True),
-        "mgpu_wg2u2ru4dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2,
-                                           bwd_recompute_unroll=4, bwd_dt_tile=True),
+        # scheduler; the backward tile halves to 16 steps to fit shared memory), and dt,
+        # sigmoid(x) once per tile (bwd_dt_tile). Run mgpu19: both together -4.8% fwd+bwd at
+        # L (the default since), either alone slower.
+        "mgpu_w1": MgpuBlockSizes(bwd_warpgroups=1, bwd_dt_tile=False),   # run mgpu17's
+        "mgpu_wg2": MgpuBlockSizes(bwd_warpgroups=2, bwd_dt_tile=False),
+        "mgpu_wg2u2": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2, bwd_dt_tile=False),
+        "mgpu_dtt": MgpuBlockSizes(bwd_warpgroups=1, bwd_dt_tile=True),
+        "mgpu_wg2u2dtt": MgpuBlockSizes(bwd_unroll=2),
+        "mgpu_wg2u2ru4dtt": MgpuBlockSizes(bwd_unroll=2, bwd_recompute_unroll=4),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_wg2", "mgpu_dtt", "mgpu_wg2u2dtt")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

@@ -23,12 +23,16 @@ Backward (`jax.custom_vjp`), `MgpuBlockSizes.backward`: "mosaic" (default, d_sta
 H100 run mgpu4: 24% faster than "triton"): the forward saves the state entering every
 `bwd_chunk` (8) steps; the Mosaic backward walks tiles and chunks in reverse, recomputes a
 chunk's states (as a_t h_{t-1}) into shared memory from the saved one (brought by TMA a
-chunk ahead), then runs the adjoint recurrence one channel per thread. The sums over
-channels (dB_t, dC_t: 2N per step) go through a padded (128, 129) shared tile: each thread
-writes its terms as rows, and after 64 / Np steps thread r sums row r. Where its time goes
-(Nsight Compute at the end of session 5, benchmarks/NOTES_selective_scan.md): the recompute
-~31% (18 MUFU ops per step), the adjoint ~48% (~290 instructions per step, issue-bound with
-one warp per scheduler), the dB/dC reductions ~16%. "triton" (and
+chunk ahead), then runs the adjoint recurrence one channel per thread. A block is two
+warpgroups (`bwd_warpgroups`), each running half the states of the same 128 channels (the
+per-state recurrences are independent; the outputs that sum over states are exchanged as
+partial sums), with the tile's dt computed once into shared memory (`bwd_dt_tile`). The sums
+over channels (dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each
+thread writes its terms as rows, and after 64 / Np steps the threads sum the rows. Where the
+time went with one warpgroup (Nsight Compute at the end of session 5,
+benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU ops per step), the adjoint
+~48% (~290 instructions per step, issue-bound with one warp per scheduler), the dB/dC
+reductions ~16%. "triton" (and
 d_state > 16): the forward saves the state entering every 16 steps in the layout of
 kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
 
@@ -96,7 +100,8 @@ class MgpuBlockSizes:
     bwd_tile: int = 32      # Mosaic backward: steps per TMA tile (multiple of bwd_chunk)
     bwd_stages: int = 2
     # Mosaic backward: the adjoint's steps per loop iteration (divides 4). Run mgpu12: 2 is
-    # 33% slower (twice the loop code; 4 spilled in run mgpu4).
+    # 33% slower (twice the loop code; 4 spilled in run mgpu4); with two warpgroups and the
+    # dt tile (run mgpu19) 2 is 2% slower at L.
     bwd_unroll: int = 1
     # Mosaic backward: steps per iteration of the chunk's recompute loop (divides bwd_chunk;
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
@@ -112,12 +117,16 @@ class MgpuBlockSizes:
     # of half the states of the same 128 channels (the states' recurrences are independent;
     # only the outputs du, ddt, dz sum over states: each warpgroup writes its partial sums to
     # shared memory and one of them adds and stores them), so each scheduler has two warps
-    # to interleave instead of one.
-    bwd_warpgroups: int = 1
+    # to interleave instead of one. Nsight Compute (session 6): alone, issue-slot use 48 ->
+    # 59% but 21% more instructions (the per-channel work done twice): same kernel time.
+    bwd_warpgroups: int = 2
     # Mosaic backward: dt (softplus, mask) and the ddt factor sigmoid(x) of a tile computed
     # once per tile into float32 shared tiles (split between the warpgroups) instead of in
-    # both the recompute and the adjoint step (and in both warpgroups).
-    bwd_dt_tile: bool = False
+    # both the recompute and the adjoint step (and in both warpgroups). Run mgpu19, fwd+bwd
+    # at L / S: 2 warpgroups + dt tile 2.479 / 0.648 ms (the default since); 1 warpgroup,
+    # per step (session 5) 2.604 / 0.674; 2 warpgroups alone 2.627 / 0.683 (with adjoint
+    # unroll 2); the dt tile alone 2.689 / 0.691 (its shared memory halves the tile).
+    bwd_dt_tile: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:

@@ -23,33 +23,35 @@ pytestmark = pytest.mark.skipif(
 # (length, d_inner, d_state, n_groups, dtype, optional-args switches, softplus, MgpuBlockSizes)
 # The Mosaic backward (the default; d_state <= 16, padded to 8 or 16) in the first five
 # cases and the seventh (B/C converted to float32 by XLA first, bc_f32=True); the Triton
-# backward in the sixth (asked for) and the last (d_state 24 > 16 falls back to it).
+# backward in the sixth (asked for) and the eighth (d_state 24 > 16 falls back to it).
+# Backward blocks of two warpgroups with dt per tile (the default) but in the second case
+# (one warpgroup, dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile)
+# and the ninth (two warpgroups, dt per step).
 MOSAIC = dict(backward="mosaic")
 CASES = [
     (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**MOSAIC)),
     (29, 24, 16, 3, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, **MOSAIC)),
+     MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1,
+                    bwd_dt_tile=False, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
      MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_dt_tile=True,
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_warpgroups=1,
                     **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
     (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
-    # Two warpgroups per backward block (half the states each): every optional input, bf16
-    # B/C staged per warpgroup; then d_state 5 (padded to 8: 4 states per warpgroup, 3
-    # of them padding in the second), float32, groups, no z, no softplus, dt per tile (as
-    # the fifth case with one warpgroup and softplus).
+    # Every optional input, bf16 B/C staged per warpgroup; then d_state 5 (padded to 8: 4
+    # states per warpgroup, 3 of them padding in the second), float32, groups, no z, no
+    # softplus (the dt tile's ddt factor is the length mask alone).
     (45, 136, 16, None, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=2, bwd_recompute_unroll=1,
-                    bwd_dt_tile=True)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1)),
 ]
 
 
