@@ -86,6 +86,11 @@ VARIANTS = {
     "mgpu_dx": dict(dx_backend="mosaic"),
     "triton_dx": dict(dx_backend="triton"),
     "mgpu_1bar": dict(dx_backend="mosaic", mgpu_dx_split_loads=False),
+    # Run 18: the dB/dC pass on the Mosaic GPU backend (kernels/ssd_mgpu.py dbc_call; bf16,
+    # p64, no z), 1-3 TMA slots per head tile.
+    "mgpu_dbc": dict(dbc_backend="mosaic"),
+    "mgpu_dbc s1": dict(dbc_backend="mosaic", mgpu_dbc_slots=1),
+    "mgpu_dbc s3": dict(dbc_backend="mosaic", mgpu_dbc_slots=3),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
@@ -329,6 +334,10 @@ def task_breakdown(rec, name, precompile=False):
         if bs.dx_backend == "mosaic" and M.supports(x, B, q):
             jobs["dx"] = (lambda *a: M.dx_call(*a, q=q, interpret=kw["interpret"]),
                           (x, dt, A, B, C, D, states, dstates, dy))
+        if bs.dbc_backend == "mosaic" and M.dbc_supports(x, B, q):
+            jobs["dbc"] = (lambda *a: M.dbc_call(*a, q=q, interpret=kw["interpret"],
+                                                 slots=bs.mgpu_dbc_slots),
+                           (x, dt, A, B, C, states, dstates, dy))
         for what, (fn, a) in jobs.items():
             exe, _ = compiled(fn, *a)
             if not precompile:

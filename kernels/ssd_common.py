@@ -173,6 +173,12 @@ class BlockSizes:
     mgpu_dx_split_loads: the Mosaic dx kernel waits for its TMA copies in three groups (C, B
       and the decays' vectors; dy, x; the two states), starting each group's dots as soon as
       it lands; False: one barrier for all. Run 17: fwd+bwd at L 1.555 vs 1.570 ms.
+    dbc_backend: the split3 dB/dC pass on "mosaic" (`kernels.ssd_mgpu.dbc_call`: one CTA of
+      one warpgroup per (batch, chunk, group, 64 d_state columns), a loop over the group's
+      heads with a ring of `mgpu_dbc_slots` TMA buffers, wgmma dots; dB, dC written in B's
+      dtype, no partials; jax >= 0.11.2, 16-bit inputs, chunk 64, head dim 64, no z, s_prev
+      not "dbc": elsewhere the Triton kernel runs) or "triton" (`_ssd_bwd_dbc_kernel`).
+    mgpu_dbc_slots: TMA buffers per head tile in the Mosaic dB/dC kernel (1: no prefetch).
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -203,6 +209,8 @@ class BlockSizes:
     s_prev: str = "dot"
     dx_backend: str = "mosaic"
     mgpu_dx_split_loads: bool = True
+    dbc_backend: str = "triton"
+    mgpu_dbc_slots: int = 2
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -214,6 +222,11 @@ class BlockSizes:
         if self.dx_backend not in ("triton", "mosaic"):
             raise ValueError(f"BlockSizes.dx_backend must be 'triton' or 'mosaic'; "
                              f"got {self.dx_backend=}")
+        if self.dbc_backend not in ("triton", "mosaic"):
+            raise ValueError(f"BlockSizes.dbc_backend must be 'triton' or 'mosaic'; "
+                             f"got {self.dbc_backend=}")
+        if self.mgpu_dbc_slots < 1:
+            raise ValueError(f"BlockSizes.mgpu_dbc_slots must be >= 1; got {self.mgpu_dbc_slots=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
         sb = self.short_batch

@@ -562,10 +562,17 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
                      interpret):
     """Passes 2 and 3 of the three-kernel backward (after the dL/dh pass)."""
     # With s_prev "dbc" the dB/dC pass writes s_prev per (batch, chunk, head) for the dx pass.
-    dbp, dcp, sp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
-                             interpret=interpret)
+    from kernels import ssd_mgpu
+    if (bs.dbc_backend == "mosaic" and z is None and bs.s_prev != "dbc"
+            and ssd_mgpu.dbc_supports(x, B, q)):
+        # dB, dC complete (B, Lp, G, N) in B's dtype: `_ssd_core_bwd` passes them through.
+        dbp, dcp = ssd_mgpu.dbc_call(x, dt, A, B, C, states, dstates, dy, q=q,
+                                     interpret=interpret, slots=bs.mgpu_dbc_slots)
+        sp = None
+    else:
+        dbp, dcp, sp = _dbc_call(x, dt, A, B, C, z, states, dstates, dy, q=q, hb=hb, bs=bs,
+                                 interpret=interpret)
     if bs.dx_backend == "mosaic" and z is None and sp is None:
-        from kernels import ssd_mgpu
         if ssd_mgpu.supports(x, B, q):
             dx, ddt, dz, da, dd = ssd_mgpu.dx_call(x, dt, A, B, C, D, states, dstates, dy, q=q,
                                                    interpret=interpret,
@@ -638,8 +645,11 @@ def _ssd_core_bwd(q, bs, interpret, res, cts):
     # Sum the partials (per head or per head block) over each group's share: the partial axis
     # is ordered like the heads, and head h reads group h // (H // G).
     k = dbp.shape[2]
-    dB = dbp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(B.dtype)
-    dC = dcp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(C.dtype)
+    if k == g and dbp.dtype == B.dtype:      # already summed (the Mosaic dB/dC pass)
+        dB, dC = dbp, dcp.astype(C.dtype)
+    else:
+        dB = dbp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(B.dtype)
+        dC = dcp.astype(jnp.float32).reshape(b, lp, g, k // g, n).sum(3).astype(C.dtype)
     return (dx, ddt, da[:, :, 0].sum(0).astype(A.dtype), dB, dC, dd.sum(0).astype(D.dtype),
             dz, dh0)
 

@@ -43,7 +43,7 @@ try:  # jax 0.10.2 has plgpu, but not every piece used here.
         "kernel", "copy_gmem_to_smem", "copy_smem_to_gmem", "barrier_wait", "wait_smem_to_gmem",
         "Barrier", "SMEM", "CompilerParams", "InterpretGPUParams", "wgmma", "Layout",
         "TilingTransform", "SwizzleTransform", "find_swizzle", "broadcasted_iota", "load",
-        "commit_smem", "ACC"))
+        "commit_smem", "ACC", "layout_cast", "wgmma_wait"))
 except Exception:  # pragma: no cover - depends on the installed jax
     plgpu = None
     AVAILABLE = False
@@ -237,3 +237,154 @@ def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_loads
     da_sum = jnp.sum(dda * dt_t, axis=2)                                # (B, H)
     da_out = jnp.broadcast_to(da_sum[:, None, :, None], (b, 1, h, 16))
     return dx, ddt, None, da_out, dd
+
+
+# --------------------------------------------------------------------------------------------
+# dB/dC pass (split3 pass 3) on Mosaic GPU.
+# --------------------------------------------------------------------------------------------
+DBC_NB = 64      # d_state columns per CTA
+
+
+def dbc_supports(x, B, q):
+    """The shapes and dtypes the Mosaic dB/dC kernel covers (else the Triton kernel runs)."""
+    if not AVAILABLE:
+        return False
+    p, n = x.shape[-1], B.shape[-1]
+    return (x.dtype in (jnp.bfloat16, jnp.float16) and B.dtype == x.dtype and q == 64
+            and p == 64 and n % DBC_NB == 0)
+
+
+def _dbc_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref,
+                db_ref, dc_ref,
+                x_s, dy_s, hp_s, dh_s, cs_s, dt_s, b_s, c_s, dcb_s, ob_s, oc_s, bars, bar_bc,
+                *a_s, q, rep, nnb, slots):
+    """One (batch, chunk, group, block of DBC_NB d_state columns): a loop over the group's
+    heads with the per-head tiles (x, dy, h_prev and dL/dh column blocks, cs, dt) in a ring of
+    `slots` TMA buffers, the next heads' copies flying during this head's math. Three f32
+    accumulators in registers: d(C B^T) = sum_h (dy x^T o dt_j) o decay (elementwise), and the
+    wgmma accumulators dB += (exp2(cs_Q - cs) dt x)_h dh_h, dC += (exp2(cs) dy)_h h_prev_h.
+    After the loop dB += d(C B^T)^T C and dC += d(C B^T) B; both are written in B's dtype
+    (no per-head-block partials)."""
+    wg = plgpu.Layout.WGMMA
+    rows_l, cols_l = wg.reduce(1), wg.reduce(0)
+    bi, c, k = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("k")
+    gi = lax.div(k, nnb)
+    cols = pl.ds(lax.rem(k, nnb) * DBC_NB, DBC_NB)
+    t = pl.ds(c * q, q)
+    dtype = x_s.dtype
+    nb = DBC_NB
+
+    def fetch(j, slot):
+        hi = gi * rep + j
+        bar = bars.at[slot]
+        plgpu.copy_gmem_to_smem(x_ref.at[bi, t, hi], x_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(dy_ref.at[bi, t, hi], dy_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(hp_ref.at[bi, c, hi, :, cols], hp_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(dh_ref.at[bi, c, hi, :, cols], dh_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(cs_ref.at[bi, hi, t], cs_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, t], dt_s.at[slot], bar)
+
+    for j in range(min(max(slots - 1, 1), rep)):
+        fetch(j, j)
+    plgpu.copy_gmem_to_smem(b_ref.at[bi, t, gi, cols], b_s, bar_bc)
+    plgpu.copy_gmem_to_smem(c_ref.at[bi, t, gi, cols], c_s, bar_bc)
+
+    sq = (q, q)
+    ii = plgpu.broadcasted_iota(jnp.int32, sq, 0, layout=wg)
+    jj = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=wg)
+    causal = ii >= jj
+
+    def lhs(v, i):
+        """A 16-bit WGMMA register tile as a dot's A operand (through shared memory in
+        interpret mode, as in `_dx_kernel`)."""
+        if not a_s:
+            return v
+        a_s[i][...] = v
+        plgpu.commit_smem()
+        return a_s[i]
+
+    def scoped(acc_b, acc_c):
+        def head(j, dcb):
+            slot = lax.rem(j, slots)
+            plgpu.barrier_wait(bars.at[slot])
+            dyx = _mm((dy_s.at[slot], x_s.at[slot].T, sq))          # also waits head j-1's dots
+
+            if slots > 1:
+                @pl.when(j + slots - 1 < rep)
+                def _():
+                    # The slot of head j - 1, whose wgmmas the wait above retired.
+                    fetch(j + slots - 1, lax.rem(j + slots - 1, slots))
+
+            cs_r = plgpu.load(cs_s.at[slot], layout=rows_l)
+            cs_c = plgpu.load(cs_s.at[slot], layout=cols_l)
+            dt_c = plgpu.load(dt_s.at[slot], layout=cols_l)
+            dt_r = plgpu.load(dt_s.at[slot], layout=rows_l)
+            total = cs_s[slot, q - 1]
+            decay = jnp.exp2(jnp.where(causal, lax.broadcast_in_dim(cs_r, sq, [0])
+                                       - lax.broadcast_in_dim(cs_c, sq, [1]), -jnp.inf))
+            dcb = dcb + dyx * lax.broadcast_in_dim(dt_c, sq, [1]) * decay
+            sp = (q, x_s.shape[-1])
+            xf = plgpu.load(x_s.at[slot], layout=wg).astype(F32)
+            dout = plgpu.load(dy_s.at[slot], layout=wg).astype(F32)
+            u = xf * lax.broadcast_in_dim(dt_r * jnp.exp2(total - cs_r), sp, [0])
+            v = dout * lax.broadcast_in_dim(jnp.exp2(cs_r), sp, [0])
+            plgpu.wgmma(acc_b, lhs(u.astype(dtype), 0), dh_s.at[slot])
+            plgpu.wgmma(acc_c, lhs(v.astype(dtype), 1), hp_s.at[slot])
+            if slots == 1:
+                plgpu.wgmma_wait(0)
+
+                @pl.when(j + 1 < rep)
+                def _():
+                    fetch(j + 1, 0)
+            return dcb
+
+        dcb = lax.fori_loop(0, rep, head, plgpu.layout_cast(jnp.zeros(sq, F32), wg))
+        dcb_c = dcb.astype(dtype)
+        dcb_s[...] = dcb_c
+        plgpu.commit_smem()
+        plgpu.barrier_wait(bar_bc)
+        plgpu.wgmma(acc_b, dcb_s.T, c_s)                               # d(C B^T)^T C
+        plgpu.wgmma(acc_c, lhs(dcb_c, 2), b_s)                         # d(C B^T) B
+        return acc_b[...], acc_c[...]
+
+    db, dcv = pl.run_scoped(scoped, plgpu.ACC((q, nb), F32), plgpu.ACC((q, nb), F32))
+    ob_s[...] = db.astype(ob_s.dtype)
+    oc_s[...] = dcv.astype(oc_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(ob_s, db_ref.at[bi, t, gi, cols], commit_group=False)
+    plgpu.copy_smem_to_gmem(oc_s, dc_ref.at[bi, t, gi, cols], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+
+def dbc_call(x, dt, A, B, C, states, dstates, dy, *, q, interpret, slots=2):
+    """The split3 dB/dC pass: dB, dC (B, Lp, G, N) in B's dtype, summed over each group's
+    heads in the kernel (z must be None)."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    nnb = n // DBC_NB
+    dtype = x.dtype
+    dt_t = jnp.swapaxes(dt, 1, 2)                                       # (B, H, Lp)
+    da = (dt_t * A.astype(F32)[None, :, None]).reshape(b, h, nc, q)
+    cs = (jnp.cumsum(da, axis=-1) * LOG2E).reshape(b, h, lp)
+    slots = max(1, min(slots, h // g))
+    ring = lambda shape: _smem((slots, *shape), dtype)
+    scratch = [ring((q, p)), ring((q, p)), ring((p, DBC_NB)), ring((p, DBC_NB)),
+               plgpu.SMEM((slots, q), F32), plgpu.SMEM((slots, q), F32),
+               _smem((q, DBC_NB), dtype), _smem((q, DBC_NB), dtype), _smem((q, q), dtype),
+               _smem((q, DBC_NB), dtype), _smem((q, DBC_NB), dtype),
+               plgpu.Barrier(num_arrivals=6, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=2)]
+    if interpret:
+        scratch += [_smem((q, p), dtype), _smem((q, p), dtype), _smem((q, q), dtype)]
+    out = jax.ShapeDtypeStruct(B.shape, B.dtype)
+    kern = plgpu.kernel(
+        functools.partial(_dbc_kernel, q=q, rep=h // g, nnb=nnb, slots=slots),
+        out_type=(out, out), scratch_types=scratch, grid=(b, nc, g * nnb),
+        grid_names=("b", "c", "k"),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="ssd_bwd_dbc_mgpu")
+    return kern(x, dy.astype(dtype), B, C, states.astype(dtype), dstates.astype(dtype), cs, dt_t)

@@ -130,3 +130,61 @@ def test_mgpu_dx_lowers_to_mosaic_gpu_without_gpu(split_loads):
     f = functools.partial(ssd_mgpu.dx_call, q=q, interpret=False, split_loads=split_loads)
     text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_mgpu_dbc_matches_triton_dbc(slots):
+    """The Mosaic dB/dC kernel alone against the Triton dB/dC kernel on the same padded
+    operands (two chunks, three heads of one group: the TMA ring wraps): dB, dC within the
+    bf16 tolerance (both round the per-head dot operands to bf16)."""
+    a = _dx_inputs(jax.random.PRNGKey(2), h=3)
+    q = 64
+    got = ssd_mgpu.dbc_call(a["x"], a["dt"], a["A"], a["B"], a["C"], a["states"], a["dstates"],
+                            a["dy"], q=q, interpret=True, slots=slots)
+    want = ssd_long._dbc_call(a["x"], a["dt"], a["A"], a["B"], a["C"], None, a["states"],
+                              a["dstates"], a["dy"], q=q, hb=3, bs=BlockSizes(chunk=q),
+                              interpret=True)
+    for name, g_, w_ in zip(("dB", "dC"), got, want[:2]):
+        assert g_.shape == a["B"].shape and g_.dtype == a["B"].dtype
+        assert_close(g_, w_.reshape(g_.shape), jnp.bfloat16, "grad", name)
+
+
+def test_mgpu_dbc_path_matches_reference():
+    """ssd_pallas with both Mosaic passes (dx and dB/dC) at a length that is no multiple of
+    the chunk, two groups of two heads, every optional argument but z: y, the final state and
+    every gradient vs the f32 reference."""
+    key = jax.random.PRNGKey(23)
+    args = make_inputs(key, b=1, l=100, h=4, p=64, g=2, n=128, dtype=jnp.bfloat16,
+                       d_per_channel=True)
+    del args["z"]
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    fn = functools.partial(ssd_pallas, chunk_size=64, dt_softplus=True,
+                           block_sizes=BlockSizes(dbc_backend="mosaic"))
+    ref = functools.partial(ssd_reference, dt_softplus=True)
+    compare(vjp_all(fn, args, key), vjp_all(ref, args32, key), jnp.bfloat16, "mosaic dB/dC")
+
+
+def test_mgpu_dbc_supports():
+    a = _dx_inputs(jax.random.PRNGKey(1))
+    assert ssd_mgpu.dbc_supports(a["x"], a["B"], 64)
+    assert not ssd_mgpu.dbc_supports(a["x"], a["B"], 32)
+    assert not ssd_mgpu.dbc_supports(a["x"], a["B"][..., :96], 64)
+    assert not ssd_mgpu.dbc_supports(a["x"].astype(jnp.float32), a["B"], 64)
+    with pytest.raises(ValueError, match="dbc_backend"):
+        BlockSizes(dbc_backend="cuda")
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_mgpu_dbc_lowers_to_mosaic_gpu_without_gpu(slots):
+    """Cross-lowering of the dB/dC kernel at the benchmark's L shape (TMA ring, barriers,
+    the accumulators carried over the head loop, the transposed shared-memory A operand)."""
+    b, lp, h, g, p, n, q = 8, 4096, 32, 1, 64, 128, 64
+    nc = lp // q
+    S = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    shapes = [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
+              S((b, lp, g, n), bf), S((b, nc, h, p, n), bf), S((b, nc, h, p, n), bf),
+              S((b, lp, h, p), bf)]
+    f = functools.partial(ssd_mgpu.dbc_call, q=q, interpret=False, slots=slots)
+    text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
