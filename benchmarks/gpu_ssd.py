@@ -91,6 +91,10 @@ VARIANTS = {
     "mgpu_dbc": dict(dbc_backend="mosaic"),
     "mgpu_dbc s1": dict(dbc_backend="mosaic", mgpu_dbc_slots=1),
     "mgpu_dbc s3": dict(dbc_backend="mosaic", mgpu_dbc_slots=3),
+    "triton_dbc": dict(dbc_backend="triton"),      # the default before run 18
+    # Run 19: dx and dB/dC CTAs in one launch (kernels/ssd_mgpu.py dx_dbc_call).
+    "mgpu_fused": dict(dbc_backend="mosaic", mgpu_fused=True),
+    "mgpu_fused s1": dict(dbc_backend="mosaic", mgpu_fused=True, mgpu_dbc_slots=1),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
@@ -338,6 +342,10 @@ def task_breakdown(rec, name, precompile=False):
             jobs["dbc"] = (lambda *a: M.dbc_call(*a, q=q, interpret=kw["interpret"],
                                                  slots=bs.mgpu_dbc_slots),
                            (x, dt, A, B, C, states, dstates, dy))
+        if bs.mgpu_fused and "dx" in jobs and M.dbc_supports(x, B, q):
+            jobs["dx_dbc"] = (lambda *a: M.dx_dbc_call(*a, q=q, interpret=kw["interpret"],
+                                                       slots=bs.mgpu_dbc_slots),
+                              (x, dt, A, B, C, D, states, dstates, dy))
         for what, (fn, a) in jobs.items():
             exe, _ = compiled(fn, *a)
             if not precompile:

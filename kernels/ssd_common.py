@@ -178,7 +178,12 @@ class BlockSizes:
       heads with a ring of `mgpu_dbc_slots` TMA buffers, wgmma dots; dB, dC written in B's
       dtype, no partials; jax >= 0.11.2, 16-bit inputs, chunk 64, head dim 64, no z, s_prev
       not "dbc": elsewhere the Triton kernel runs) or "triton" (`_ssd_bwd_dbc_kernel`).
+      H100 run 18 at b8 L4096 h32 p64 n128 bf16: dB/dC pass 0.319 vs 0.420 ms, fwd+bwd
+      1.430 vs 1.560 ms (2 slots; 1 slot 1.443, 3 slots 1.437; NOTES_ssd.md).
     mgpu_dbc_slots: TMA buffers per head tile in the Mosaic dB/dC kernel (1: no prefetch).
+    mgpu_fused: with both Mosaic passes, launch them as one kernel
+      (`kernels.ssd_mgpu.dx_dbc_call`: per (batch, chunk) the dB/dC CTAs, then the dx CTAs),
+      so the two kinds of CTA share the SMs and the chunk's tiles in L2.
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -209,8 +214,9 @@ class BlockSizes:
     s_prev: str = "dot"
     dx_backend: str = "mosaic"
     mgpu_dx_split_loads: bool = True
-    dbc_backend: str = "triton"
+    dbc_backend: str = "mosaic"
     mgpu_dbc_slots: int = 2
+    mgpu_fused: bool = False
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):

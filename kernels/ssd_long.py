@@ -563,8 +563,15 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
     """Passes 2 and 3 of the three-kernel backward (after the dL/dh pass)."""
     # With s_prev "dbc" the dB/dC pass writes s_prev per (batch, chunk, head) for the dx pass.
     from kernels import ssd_mgpu
-    if (bs.dbc_backend == "mosaic" and z is None and bs.s_prev != "dbc"
-            and ssd_mgpu.dbc_supports(x, B, q)):
+    mosaic_dbc = (bs.dbc_backend == "mosaic" and z is None and bs.s_prev != "dbc"
+                  and ssd_mgpu.dbc_supports(x, B, q))
+    if (mosaic_dbc and bs.mgpu_fused and bs.dx_backend == "mosaic"
+            and ssd_mgpu.supports(x, B, q)):
+        dx, ddt, dz, da, dd, dbp, dcp = ssd_mgpu.dx_dbc_call(
+            x, dt, A, B, C, D, states, dstates, dy, q=q, interpret=interpret,
+            split_loads=bs.mgpu_dx_split_loads, slots=bs.mgpu_dbc_slots)
+        return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
+    if mosaic_dbc:
         # dB, dC complete (B, Lp, G, N) in B's dtype: `_ssd_core_bwd` passes them through.
         dbp, dcp = ssd_mgpu.dbc_call(x, dt, A, B, C, states, dstates, dy, q=q,
                                      interpret=interpret, slots=bs.mgpu_dbc_slots)

@@ -92,13 +92,13 @@ def _mm(*specs, between=None):
 def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
                dx_ref, dda_ref, xdx_ref, dd_ref,
                x_s, dy_s, b_s, c_s, hp_s, dh_s, cs_s, dt_s, d_s, u_s, dx_s, dda_s, xdx_s,
-               dd_s, bar_a, bar_b, bar_c, *a_s, q, rep):
+               dd_s, bar_a, bar_b, bar_c, *a_s, q, rep, idx=None):
     """One (batch, chunk, head). Three TMA groups on three barriers (bar_b and bar_c may be
     bar_a: one wait for everything): C, B, cs, dt, D first (C B^T, B C^T and the decays start
     while the rest flies), then dy and x, then h_prev and dh."""
     wg = plgpu.Layout.WGMMA
     rows_l, cols_l = wg.reduce(1), wg.reduce(0)
-    bi, c, hi = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("h")
+    bi, c, hi = idx or (lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("h"))
     gi = lax.div(hi, rep)
     t = pl.ds(c * q, q)
     dtype = x_s.dtype
@@ -205,9 +205,48 @@ def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_loads
     g, n = B.shape[2:]
     nc = lp // q
     dtype = x.dtype
+    dt_t, cs = _dx_cs(dt, A, q)
+    scratch = _dx_scratch(q, p, n, dtype, split_loads, interpret)
+    out_type = _dx_out_type(x, q)
+    kern = plgpu.kernel(
+        functools.partial(_dx_kernel if split_loads else _one_barrier, q=q, rep=h // g),
+        out_type=out_type, scratch_types=scratch, grid=(b, nc, h), grid_names=("b", "c", "h"),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="ssd_bwd_dx_mgpu")
+    outs = kern(x, dy.astype(dtype), B, C, states.astype(dtype), dstates.astype(dtype), cs,
+                dt_t, D.astype(F32))
+    return _dx_finish(outs, A, dt_t)
+
+
+def _dx_cs(dt, A, q):
+    """dt (B, Lp, H) -> dt (B, H, Lp) and cs, the chunk-local inclusive cumsum of dt A in
+    log2 units (B, H, Lp)."""
+    b, lp, h = dt.shape
     dt_t = jnp.swapaxes(dt, 1, 2)                                       # (B, H, Lp)
-    da = (dt_t * A.astype(F32)[None, :, None]).reshape(b, h, nc, q)
-    cs = (jnp.cumsum(da, axis=-1) * LOG2E).reshape(b, h, lp)
+    da = (dt_t * A.astype(F32)[None, :, None]).reshape(b, h, lp // q, q)
+    return dt_t, (jnp.cumsum(da, axis=-1) * LOG2E).reshape(b, h, lp)
+
+
+def _dx_out_type(x, q=64):
+    b, lp, h, p = x.shape
+    return (jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct((b, h, lp), F32),
+            jax.ShapeDtypeStruct((b, h, lp), F32),
+            jax.ShapeDtypeStruct((b, lp // q, h, p), F32))
+
+
+def _dx_finish(outs, A, dt_t):
+    dx, dda, xdx, dd = outs
+    b, h, _ = dda.shape
+    ddt = jnp.swapaxes(A.astype(F32)[None, :, None] * dda + xdx, 1, 2)
+    da_sum = jnp.sum(dda * dt_t, axis=2)                                # (B, H)
+    da_out = jnp.broadcast_to(da_sum[:, None, :, None], (b, 1, h, 16))
+    return dx, ddt, None, da_out, dd
+
+
+def _dx_scratch(q, p, n, dtype, split_loads, interpret):
     vec = plgpu.SMEM((q,), F32)
     scratch = [_smem((q, p), dtype), _smem((q, p), dtype), _smem((q, n), dtype),
                _smem((q, n), dtype), _smem((p, n), dtype), _smem((p, n), dtype),
@@ -220,23 +259,7 @@ def dx_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_loads
                 else [plgpu.Barrier(num_arrivals=9)])
     if interpret:
         scratch += [_smem((q, q), dtype)] * 3
-    out_type = (jax.ShapeDtypeStruct(x.shape, dtype),
-                jax.ShapeDtypeStruct((b, h, lp), F32),
-                jax.ShapeDtypeStruct((b, h, lp), F32),
-                jax.ShapeDtypeStruct((b, nc, h, p), F32))
-    kern = plgpu.kernel(
-        functools.partial(_dx_kernel if split_loads else _one_barrier, q=q, rep=h // g),
-        out_type=out_type, scratch_types=scratch, grid=(b, nc, h), grid_names=("b", "c", "h"),
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="ssd_bwd_dx_mgpu")
-    dx, dda, xdx, dd = kern(x, dy.astype(dtype), B, C, states.astype(dtype),
-                            dstates.astype(dtype), cs, dt_t, D.astype(F32))
-    ddt = jnp.swapaxes(A.astype(F32)[None, :, None] * dda + xdx, 1, 2)
-    da_sum = jnp.sum(dda * dt_t, axis=2)                                # (B, H)
-    da_out = jnp.broadcast_to(da_sum[:, None, :, None], (b, 1, h, 16))
-    return dx, ddt, None, da_out, dd
+    return scratch
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +280,7 @@ def dbc_supports(x, B, q):
 def _dbc_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref,
                 db_ref, dc_ref,
                 x_s, dy_s, hp_s, dh_s, cs_s, dt_s, b_s, c_s, dcb_s, ob_s, oc_s, bars, bar_bc,
-                *a_s, q, rep, nnb, slots):
+                *a_s, q, rep, nnb, slots, idx=None):
     """One (batch, chunk, group, block of DBC_NB d_state columns): a loop over the group's
     heads with the per-head tiles (x, dy, h_prev and dL/dh column blocks, cs, dt) in a ring of
     `slots` TMA buffers, the next heads' copies flying during this head's math. Three f32
@@ -267,7 +290,7 @@ def _dbc_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref,
     (no per-head-block partials)."""
     wg = plgpu.Layout.WGMMA
     rows_l, cols_l = wg.reduce(1), wg.reduce(0)
-    bi, c, k = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("k")
+    bi, c, k = idx or (lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("k"))
     gi = lax.div(k, nnb)
     cols = pl.ds(lax.rem(k, nnb) * DBC_NB, DBC_NB)
     t = pl.ds(c * q, q)
@@ -365,19 +388,9 @@ def dbc_call(x, dt, A, B, C, states, dstates, dy, *, q, interpret, slots=2):
     nc = lp // q
     nnb = n // DBC_NB
     dtype = x.dtype
-    dt_t = jnp.swapaxes(dt, 1, 2)                                       # (B, H, Lp)
-    da = (dt_t * A.astype(F32)[None, :, None]).reshape(b, h, nc, q)
-    cs = (jnp.cumsum(da, axis=-1) * LOG2E).reshape(b, h, lp)
+    dt_t, cs = _dx_cs(dt, A, q)
     slots = max(1, min(slots, h // g))
-    ring = lambda shape: _smem((slots, *shape), dtype)
-    scratch = [ring((q, p)), ring((q, p)), ring((p, DBC_NB)), ring((p, DBC_NB)),
-               plgpu.SMEM((slots, q), F32), plgpu.SMEM((slots, q), F32),
-               _smem((q, DBC_NB), dtype), _smem((q, DBC_NB), dtype), _smem((q, q), dtype),
-               _smem((q, DBC_NB), dtype), _smem((q, DBC_NB), dtype),
-               plgpu.Barrier(num_arrivals=6, num_barriers=slots),
-               plgpu.Barrier(num_arrivals=2)]
-    if interpret:
-        scratch += [_smem((q, p), dtype), _smem((q, p), dtype), _smem((q, q), dtype)]
+    scratch = _dbc_scratch(q, p, dtype, slots, interpret)
     out = jax.ShapeDtypeStruct(B.shape, B.dtype)
     kern = plgpu.kernel(
         functools.partial(_dbc_kernel, q=q, rep=h // g, nnb=nnb, slots=slots),
@@ -388,3 +401,72 @@ def dbc_call(x, dt, A, B, C, states, dstates, dy, *, q, interpret, slots=2):
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="ssd_bwd_dbc_mgpu")
     return kern(x, dy.astype(dtype), B, C, states.astype(dtype), dstates.astype(dtype), cs, dt_t)
+
+
+def _dbc_scratch(q, p, dtype, slots, interpret):
+    ring = lambda shape: _smem((slots, *shape), dtype)
+    scratch = [ring((q, p)), ring((q, p)), ring((p, DBC_NB)), ring((p, DBC_NB)),
+               plgpu.SMEM((slots, q), F32), plgpu.SMEM((slots, q), F32),
+               _smem((q, DBC_NB), dtype), _smem((q, DBC_NB), dtype), _smem((q, q), dtype),
+               _smem((q, DBC_NB), dtype), _smem((q, DBC_NB), dtype),
+               plgpu.Barrier(num_arrivals=6, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=2)]
+    if interpret:
+        scratch += [_smem((q, p), dtype), _smem((q, p), dtype), _smem((q, q), dtype)]
+    return scratch
+
+
+def _fused_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
+                  dx_ref, dda_ref, xdx_ref, dd_ref, db_ref, dc_ref,
+                  *, q, rep, nk, nnb, slots, dx_scratch, dbc_scratch, split_loads):
+    """`_dbc_kernel` where the grid's last index k < nk (= groups x column blocks), else
+    `_dx_kernel` for head k - nk: one launch, each CTA with its own kernel's shared memory
+    (run_scoped in the two branches of a cond: the larger of the two is reserved)."""
+    bi, c, k = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("k")
+
+    @pl.when(k < nk)
+    def _():
+        def dbc(*scr):
+            _dbc_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, db_ref,
+                        dc_ref, *scr, q=q, rep=rep, nnb=nnb, slots=slots, idx=(bi, c, k))
+        pl.run_scoped(dbc, *dbc_scratch)
+
+    @pl.when(k >= nk)
+    def _():
+        def dx(*scr):
+            scr = list(scr)
+            if not split_loads:          # one barrier for every copy, passed three times
+                scr = scr[:14] + [scr[14]] * 3 + scr[15:]
+            _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
+                       dx_ref, dda_ref, xdx_ref, dd_ref, *scr, q=q, rep=rep,
+                       idx=(bi, c, k - nk))
+        pl.run_scoped(dx, *dx_scratch)
+
+
+def dx_dbc_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_loads=True,
+                slots=2):
+    """The dx and dB/dC passes in one launch (`BlockSizes.mgpu_fused`): per (batch, chunk),
+    the G x N / DBC_NB dB/dC CTAs first, then the H dx CTAs, so both kinds share the SMs
+    (and the chunk's tiles in L2). Returns `dx_call`'s tuple, then dB, dC."""
+    b, lp, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = lp // q
+    nnb = n // DBC_NB
+    dtype = x.dtype
+    dt_t, cs = _dx_cs(dt, A, q)
+    slots = max(1, min(slots, h // g))
+    out = jax.ShapeDtypeStruct(B.shape, B.dtype)
+    kern = plgpu.kernel(
+        functools.partial(_fused_kernel, q=q, rep=h // g, nk=g * nnb, nnb=nnb, slots=slots,
+                          dx_scratch=_dx_scratch(q, p, n, dtype, split_loads, interpret),
+                          dbc_scratch=_dbc_scratch(q, p, dtype, slots, interpret),
+                          split_loads=split_loads),
+        out_type=(*_dx_out_type(x, q), out, out), grid=(b, nc, g * nnb + h),
+        grid_names=("b", "c", "k"),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="ssd_bwd_dx_dbc_mgpu")
+    *outs, db, dc = kern(x, dy.astype(dtype), B, C, states.astype(dtype), dstates.astype(dtype),
+                         cs, dt_t, D.astype(F32))
+    return (*_dx_finish(outs, A, dt_t), db, dc)

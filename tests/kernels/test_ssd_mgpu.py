@@ -188,3 +188,46 @@ def test_mgpu_dbc_lowers_to_mosaic_gpu_without_gpu(slots):
     f = functools.partial(ssd_mgpu.dbc_call, q=q, interpret=False, slots=slots)
     text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("split_loads", [True, False])
+def test_mgpu_fused_dx_dbc_matches_separate(split_loads):
+    """The one-launch form (dB/dC CTAs and dx CTAs in one grid) against the two kernels run
+    apart on the same operands: every output identical (same code per CTA)."""
+    a = _dx_inputs(jax.random.PRNGKey(3), h=3)
+    q = 64
+    args = [a[k] for k in ORDER]
+    got = ssd_mgpu.dx_dbc_call(*args, q=q, interpret=True, split_loads=split_loads)
+    want = (*ssd_mgpu.dx_call(*args, q=q, interpret=True, split_loads=split_loads),
+            *ssd_mgpu.dbc_call(a["x"], a["dt"], a["A"], a["B"], a["C"], a["states"],
+                               a["dstates"], a["dy"], q=q, interpret=True))
+    assert len(got) == len(want) == 7 and got[2] is None
+    for g_, w_ in zip(got, want):
+        if w_ is not None:
+            np.testing.assert_array_equal(np.asarray(g_, np.float32), np.asarray(w_, np.float32))
+
+
+def test_mgpu_fused_path_matches_reference():
+    """ssd_pallas with the one-launch dx + dB/dC pass, as `test_mgpu_dbc_path_matches_reference`."""
+    key = jax.random.PRNGKey(24)
+    args = make_inputs(key, b=1, l=100, h=4, p=64, g=2, n=128, dtype=jnp.bfloat16,
+                       d_per_channel=True)
+    del args["z"]
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    fn = functools.partial(ssd_pallas, chunk_size=64, dt_softplus=True,
+                           block_sizes=BlockSizes(dbc_backend="mosaic", mgpu_fused=True))
+    ref = functools.partial(ssd_reference, dt_softplus=True)
+    compare(vjp_all(fn, args, key), vjp_all(ref, args32, key), jnp.bfloat16, "mosaic fused")
+
+
+def test_mgpu_fused_lowers_to_mosaic_gpu_without_gpu():
+    b, lp, h, g, p, n, q = 8, 4096, 32, 1, 64, 128, 64
+    nc = lp // q
+    S = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    shapes = [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
+              S((b, lp, g, n), bf), S((h, p), f32), S((b, nc, h, p, n), bf),
+              S((b, nc, h, p, n), bf), S((b, lp, h, p), bf)]
+    f = functools.partial(ssd_mgpu.dx_dbc_call, q=q, interpret=False)
+    text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
