@@ -92,9 +92,11 @@ VARIANTS = {
     "mgpu_dbc s1": dict(dbc_backend="mosaic", mgpu_dbc_slots=1),
     "mgpu_dbc s3": dict(dbc_backend="mosaic", mgpu_dbc_slots=3),
     "triton_dbc": dict(dbc_backend="triton"),      # the default before run 18
+    "mgpu_apart": dict(dbc_backend="mosaic", mgpu_fused=False),   # run 18's default
     # Run 19: dx and dB/dC CTAs in one launch (kernels/ssd_mgpu.py dx_dbc_call).
     "mgpu_fused": dict(dbc_backend="mosaic", mgpu_fused=True),
     "mgpu_fused s1": dict(dbc_backend="mosaic", mgpu_fused=True, mgpu_dbc_slots=1),
+    "mgpu_fused s3": dict(dbc_backend="mosaic", mgpu_fused=True, mgpu_dbc_slots=3),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
