@@ -6,8 +6,9 @@ and N powers of two >= 16, dt after bias and softplus (padding steps have dt = 0
 Forward (`_ssd_fwd_kernel`): one program per (batch, head), a sequential loop over chunks
 with the (P, N) state in registers; under `jax.grad` it also writes the chunk-entry states.
 Backward (`BlockSizes.bwd`): "split3" (default; a dL/dh pass, a dx pass, a dB/dC pass),
-"split" or "fused"; see `BlockSizes` and benchmarks/NOTES_ssd.md. The split3 dx pass runs on
-the Mosaic GPU backend where `kernels.ssd_mgpu.supports` holds (`BlockSizes.dx_backend`).
+"split" or "fused"; see `BlockSizes` and benchmarks/NOTES_ssd.md. The split3 dx and dB/dC
+passes run on the Mosaic GPU backend, as one launch, where `kernels.ssd_mgpu.supports` and
+`dbc_supports` hold (`BlockSizes.dx_backend`, `dbc_backend`, `mgpu_fused`).
 Entry point: `_ssd_core` (a `jax.custom_vjp`).
 """
 from __future__ import annotations

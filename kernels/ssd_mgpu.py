@@ -1,4 +1,9 @@
-"""SSD backward dx pass on the Pallas Mosaic GPU backend (experimental, Hopper, 16-bit inputs).
+"""SSD backward dx and dB/dC passes on the Pallas Mosaic GPU backend (Hopper, 16-bit inputs).
+
+`dx_call` (below), `dbc_call` (the dB/dC pass: a head loop per (batch, chunk, group, 64
+d_state columns) with a TMA ring, see `_dbc_kernel`) and `dx_dbc_call` (both in one launch,
+the default since H100 run 19: L fwd+bwd 1.338 ms vs 1.430 as two launches, 1.560 with the
+Triton dB/dC pass; benchmarks/NOTES_ssd.md runs 18-20).
 
 Shape legend (as kernels/ssd_long.py): x, dy, dx: (B, Lp, H, P)  dt: (B, Lp, H) f32
 B, C: (B, Lp, G, N)  states, dstates: (B, nc, H, P, N) (chunk-entry states, dL/dh at chunk
