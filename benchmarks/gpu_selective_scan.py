@@ -119,11 +119,14 @@ if MGPU:
         "mgpu_dtt": MgpuBlockSizes(bwd_warpgroups=1, bwd_dt_tile=True),
         "mgpu_wg2u2dtt": MgpuBlockSizes(bwd_unroll=2),
         "mgpu_wg2u2ru4dtt": MgpuBlockSizes(bwd_unroll=2, bwd_recompute_unroll=4),
+        "mgpu_t8": MgpuBlockSizes(bwd_tile=8),
+        "mgpu_wg4": MgpuBlockSizes(bwd_warpgroups=4),    # 4 states each; 8-step tiles, no z
+        "mgpu_wg4ru1": MgpuBlockSizes(bwd_warpgroups=4, bwd_recompute_unroll=1),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

@@ -146,9 +146,9 @@ class MgpuBlockSizes:
         if self.bwd_recompute_unroll < 1 or self.bwd_chunk % self.bwd_recompute_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
                              f" must divide bwd_chunk={self.bwd_chunk}")
-        if self.bwd_warpgroups not in (1, 2):
-            raise ValueError(f"MgpuBlockSizes.bwd_warpgroups={self.bwd_warpgroups} must be 1 "
-                             f"or 2")
+        if self.bwd_warpgroups not in (1, 2, 4):
+            raise ValueError(f"MgpuBlockSizes.bwd_warpgroups={self.bwd_warpgroups} must be 1, "
+                             f"2 or 4")
         if self.backward not in ("mosaic", "triton"):
             raise ValueError(f"MgpuBlockSizes.backward={self.backward!r}: 'mosaic' or 'triton'")
 
@@ -198,9 +198,9 @@ def _barrier():
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _block_sync(sbar):
+def _block_sync(sbar, warpgroups):
     """A barrier of every warpgroup of the block. Compiled: `bar.sync` on a named barrier
-    (15; Mosaic GPU's warpgroup barriers use 1..4) over all 256 threads. Interpret mode (which
+    (15; Mosaic GPU's warpgroup barriers use 1..4) over all threads. Interpret mode (which
     cannot run inline PTX): the mbarrier `sbar`, on which every warpgroup arrives."""
     if sbar is not None:
         plgpu.barrier_arrive(sbar)
@@ -210,7 +210,7 @@ def _block_sync(sbar):
     @plgpu.inline_mgpu()
     def bar_sync_all(ctx):
         del ctx
-        mgpu_utils.inline_ptx(f"bar.sync 15, {2 * WIDTH};", has_side_effects=True,
+        mgpu_utils.inline_ptx(f"bar.sync 15, {warpgroups * WIDTH};", has_side_effects=True,
                               convergent=True)
 
     bar_sync_all()
@@ -455,7 +455,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     h_s, pt_s, hst_s = next(it), next(it), next(it)
     W = cfg.bwd_warpgroups
-    xch_s = next(it) if W > 1 else None
+    xch_s, comb_s = (next(it), next(it)) if W > 1 else (None, None)
     has_sg = cfg.bwd_dt_tile and (cfg.softplus or cfg.lp != cfg.length)
     dtf_s = next(it) if cfg.bwd_dt_tile else None
     sgf_s = next(it) if has_sg else None
@@ -478,7 +478,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         w = wi = jax.lax.axis_index("wg")
         RP = NP // W                 # this warpgroup's states (padded ones are zero: cheap)
         states = [w * RP + k for k in range(RP)]
-        sync = functools.partial(_block_sync, sbar)
+        sync = functools.partial(_block_sync, sbar, W)
     K = len(states)
     CP = WIDTH // W                  # columns per part of the dB/dC tile
 
@@ -611,21 +611,30 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
                 tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u, dbias + ddt)
 
     def finalize(tg0):
-        # W = 2: the group's du, dz (warpgroup 0) and ddt (warpgroup 1) from both partials.
+        # W > 1: the group's du, ddt, dz (kind k: warpgroup k % W) from the W partials.
         par = (tg0 // UQ) % 2
+        outs = [(du_ref, 0), (ddt_ref, 1)] + ([(dz_ref, 2)] if ins.z else [])
+        for who in range(W):
+            mine = [(ref, kind) for ref, kind in outs if kind % W == who]
+            if not mine:
+                continue
 
-        def store(ref, kind):
-            for ii in range(UQ):
-                ref[bi, tg0 + ii, cols] = (xch_s[par, 0, kind, ii, :]
-                                           + xch_s[par, 1, kind, ii, :]).astype(ref.dtype)
+            @pl.when(w == who)
+            def _():
+                for ref, kind in mine:
+                    for ii in range(UQ):
+                        tot = xch_s[par, 0, kind, ii, :]
+                        for v in range(1, W):
+                            tot = tot + xch_s[par, v, kind, ii, :]
+                        ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
 
-        @pl.when(w == 0)
-        def _():
-            store(du_ref, 0)
-            if ins.z:
-                store(dz_ref, 2)
-
-        pl.when(w == 1)(lambda: store(ddt_ref, 1))
+    def combine(gidx):
+        # W > 1: group gidx's dB/dC sums (every warpgroup's (rows, parts) in comb_s) added
+        # over the parts: lane r = (warpgroup r // (128 / W), row r % (128 / W)).
+        tot = comb_s[gidx % 2, :, :, 0]
+        for q in range(1, W):
+            tot = tot + comb_s[gidx % 2, :, :, q]
+        dbc_ref[bi, j, pl.ds(gidx * WIDTH, WIDTH)] = tot.reshape(WIDTH)
 
     def reduce_rows(tg0):
         # Thread r: part r % W of row r // W (step tg0 + row // (2 RP), dC | dB, state).
@@ -633,9 +642,16 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         acc = [pt_s[wi, :, :, k] for k in range(4)]
         for k in range(4, CP):
             acc[k % 4] = acc[k % 4] + pt_s[wi, :, :, k]
-        tot = ((acc[0] + acc[1]) + (acc[2] + acc[3])).reshape(WIDTH)
-        dbc_ref[bi, j, wi, pl.ds((tg0 // UQ) * WIDTH, WIDTH)] = tot
-        if W > 1:
+        tot = (acc[0] + acc[1]) + (acc[2] + acc[3])
+        gidx = tg0 // UQ
+        if W == 1:
+            dbc_ref[bi, j, pl.ds(gidx * WIDTH, WIDTH)] = tot.reshape(WIDTH)
+        else:
+            # This group's parts to comb_s; the previous group's (every warpgroup wrote them
+            # before this group's barrier) combined by warpgroup (its index) % W.
+            comb_s[gidx % 2, w, :, :] = tot
+            prev = gidx + 1
+            pl.when((prev < cfg.lp // UQ) & (prev % W == w))(lambda: combine(prev))
             finalize(tg0)
         _barrier()
 
@@ -683,6 +699,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     g, dat, dd, dbias = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body,
                               (g0, tuple(zero for _ in range(K)), zero, zero), reverse=True,
                               sync=sync)
+    if W > 1:        # the last group's dB/dC parts
+        sync()
+        pl.when(w == 0)(lambda: combine(0))
     padded = range(N, NP) if W == 1 else ()
     for k, n in enumerate(states):
         dat_ref[bi, n, cols] = dat[k]
@@ -749,7 +768,7 @@ def _bwd_call(cfg, res, dout, dhl):
     pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
-                + [jax.ShapeDtypeStruct((b, n_blocks, W, lp * 2 * np_), f32),
+                + [jax.ShapeDtypeStruct((b, n_blocks, lp * 2 * np_), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
@@ -757,8 +776,9 @@ def _bwd_call(cfg, res, dout, dhl):
     scratch += [plgpu.SMEM((cfg.save_every, np_, WIDTH), f32),            # a_t h_{t-1}
                 plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + 1), f32),       # dB/dC terms
                 plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
-    if W > 1:     # partial du, ddt, [dz] of a reduction group, double-buffered
-        scratch.append(plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32))
+    if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
+        scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
+                    plgpu.SMEM((2, W, WIDTH // W, W), f32)]
     if cfg.bwd_dt_tile:   # the tile's dt [and sigmoid(x)]
         has_sg = cfg.softplus or cfg.lp != cfg.length
         scratch += [plgpu.SMEM((T, WIDTH), f32)] * (1 + int(has_sg))
@@ -805,11 +825,11 @@ def _scan_padded_bwd(cfg, res, cts):
         b, lp, _ = u.shape
         g, np_, W = Bm.shape[2], cfg.np_, cfg.bwd_warpgroups
         uq = WIDTH // (2 * np_)
-        # Per-block (and per column part) partial sums of dC | dB reduced here
-        # (deterministic, no atomics): (b, G, blocks, warpgroup, group, step, dC | dB,
-        # state of the warpgroup, part) -> (b, Lp, G, dC | dB, state).
-        dbc = dbc.reshape(b, g, cfg.blocks_per_group, W, lp // uq, uq, 2, np_ // W, W)
-        dbc = dbc.sum((2, 8)).transpose(0, 3, 4, 1, 5, 2, 6).reshape(b, lp, g, 2, np_)
+        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics):
+        # (b, G, blocks, group, warpgroup, step, dC | dB, state of the warpgroup)
+        # -> (b, Lp, G, dC | dB, state).
+        dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp // uq, W, uq, 2, np_ // W)
+        dbc = dbc.sum(2).transpose(0, 2, 4, 1, 5, 3, 6).reshape(b, lp, g, 2, np_)
         dC, dB = dbc[..., 0, :].astype(Cm.dtype), dbc[..., 1, :].astype(Bm.dtype)
         dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dAT.T,
@@ -831,14 +851,14 @@ def _fwd_smem_bytes(stages, tile, np_, u, z, B):
     return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
 
 
-def _bwd_smem_bytes(bs, tile, np_, u, z, B):
+def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     """Shared memory of the Mosaic backward (scratch of _bwd_call) in bytes."""
-    W = bs.bwd_warpgroups
     isz = jnp.dtype(u.dtype).itemsize
     seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
-    xch = 0 if W == 1 else 2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
+    xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
+                            + 2 * WIDTH * 4)
     xch += 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
             + 2 * WIDTH * 4 + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W) * 4
@@ -875,13 +895,19 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     # Mosaic backward: 2 Np rows per step fill the 128-row dB/dC tile, Np in {8, 16}.
     np_ = max(_common._next_pow2(n), 8)     # 8: a bf16 B/C row is one 16-byte TMA unit
     # The backward's shared memory (dominated by the recomputed states and the dB/dC tile)
-    # must fit: halve its tile for 4-byte inputs; else the Triton backward.
-    bwd_tile = bs.bwd_tile
-    while (_bwd_smem_bytes(bs, bwd_tile, np_, u, z, B) > SMEM_LIMIT
-           and bwd_tile > bs.bwd_chunk):
-        bwd_tile //= 2
+    # must fit: halve its tile (to bwd_chunk), then its warpgroups; else the Triton backward.
+    # (A bf16 B/C tile is converted by 128 threads: at least 128 / Np steps.)
+    min_tile = max(bs.bwd_chunk, WIDTH // np_)
+    bwd_tile, bwd_wgs = max(bs.bwd_tile, min_tile), bs.bwd_warpgroups
+    while _bwd_smem_bytes(bs, bwd_tile, bwd_wgs, np_, u, z, B) > SMEM_LIMIT:
+        if bwd_tile > min_tile:
+            bwd_tile //= 2
+        elif bwd_wgs > 1:
+            bwd_tile, bwd_wgs = max(bs.bwd_tile, min_tile), bwd_wgs // 2
+        else:
+            break
     mosaic_bwd = (bs.backward == "mosaic" and n <= MAX_MGPU_BWD_STATE
-                  and _bwd_smem_bytes(bs, bwd_tile, np_, u, z, B) <= SMEM_LIMIT)
+                  and _bwd_smem_bytes(bs, bwd_tile, bwd_wgs, np_, u, z, B) <= SMEM_LIMIT)
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
     # Likewise the forward's ring (f32 inputs, long tiles): fewer stages, then shorter tiles.
     stages, tile = bs.stages, bs.tile
@@ -914,7 +940,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               bwd_warpgroups=bs.bwd_warpgroups, bwd_dt_tile=bs.bwd_dt_tile, tcfg=tcfg)
+               bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -52,6 +52,9 @@ CASES = [
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1)),
+    # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit).
+    (35, 128, 16, None, jnp.bfloat16, dict(z=False), True,
+     MgpuBlockSizes(tile=16, bwd_warpgroups=4)),
 ]
 
 
@@ -63,21 +66,22 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
     check_against_ref(fn, args, softplus, dtype)
 
 
-@pytest.mark.parametrize("dt_tile", [False, True])
-@pytest.mark.parametrize("warpgroups", [1, 2])
+@pytest.mark.parametrize("warpgroups,dt_tile", [(1, False), (1, True), (2, False), (2, True),
+                                                (4, True)])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
     # without saved states (primal), and the gradient: the forward saving states plus the
-    # Mosaic backward (one or two warpgroups: the latter's block barrier is inline PTX, which
-    # interpret mode replaces by an mbarrier).
+    # Mosaic backward (one, two or four warpgroups: the block barrier of several is inline PTX,
+    # which interpret mode replaces by an mbarrier).
     args = make_inputs(1, 2, 50, 136, 6, g=2, dtype=jnp.bfloat16)
     names = [k for k in FLOAT_ARGS if args[k] is not None]
 
     def f(*vals):
         kw = dict(zip(names, vals))
         return selective_scan_mgpu(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"],
-                                   kw["z"], kw["delta_bias"], delta_softplus=True,
+                                   None if warpgroups == 4 else kw["z"],   # z: 2 fit
+                                   kw["delta_bias"], delta_softplus=True,
                                    initial_state=kw["initial_state"], return_final_state=True,
                                    block_sizes=MgpuBlockSizes(bwd_warpgroups=warpgroups,
                                                               bwd_dt_tile=dt_tile, **MOSAIC),
