@@ -186,6 +186,10 @@ class BlockSizes:
       so the two kinds of CTA share the SMs and the chunk's tiles in L2. H100 run 19 at b8
       L4096 h32 p64 n128 bf16, fwd+bwd: 1.338 ms vs 1.430 apart (the two passes alone 0.686
       vs 0.486 + 0.318 ms); with 1 dB/dC slot 1.402.
+    mgpu_dbc_lead: in that one launch, the dB/dC CTAs of (batch, chunk) group t + lead go
+      out with the dx CTAs of group t (the first `lead` groups' dB/dC CTAs first of all; one
+      grid axis): a dB/dC CTA loops over the group's heads and lasts ~10 dx CTAs, so with
+      lead 0 the last groups' dB/dC CTAs start last and run on alone at the end.
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -219,6 +223,7 @@ class BlockSizes:
     dbc_backend: str = "mosaic"
     mgpu_dbc_slots: int = 2
     mgpu_fused: bool = True
+    mgpu_dbc_lead: int = 0
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):
@@ -235,6 +240,8 @@ class BlockSizes:
                              f"got {self.dbc_backend=}")
         if self.mgpu_dbc_slots < 1:
             raise ValueError(f"BlockSizes.mgpu_dbc_slots must be >= 1; got {self.mgpu_dbc_slots=}")
+        if self.mgpu_dbc_lead < 0:
+            raise ValueError(f"BlockSizes.mgpu_dbc_lead must be >= 0; got {self.mgpu_dbc_lead=}")
         if self.bwd_heads < 1:
             raise ValueError(f"BlockSizes.bwd_heads must be >= 1; got {self.bwd_heads=}")
         sb = self.short_batch

@@ -570,7 +570,8 @@ def _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, *, q, hb, b
             and ssd_mgpu.supports(x, B, q)):
         dx, ddt, dz, da, dd, dbp, dcp = ssd_mgpu.dx_dbc_call(
             x, dt, A, B, C, D, states, dstates, dy, q=q, interpret=interpret,
-            split_loads=bs.mgpu_dx_split_loads, slots=bs.mgpu_dbc_slots)
+            split_loads=bs.mgpu_dx_split_loads, slots=bs.mgpu_dbc_slots,
+            lead=bs.mgpu_dbc_lead)
         return dx, ddt, dbp, dcp, dz, da.sum(1), dd.sum(1), dh0
     if mosaic_dbc:
         # dB, dC complete (B, Lp, G, N) in B's dtype: `_ssd_core_bwd` passes them through.

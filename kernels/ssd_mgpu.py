@@ -423,36 +423,78 @@ def _dbc_scratch(q, p, dtype, slots, interpret):
 
 def _fused_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
                   dx_ref, dda_ref, xdx_ref, dd_ref, db_ref, dc_ref,
-                  *, q, rep, nk, nnb, slots, dx_scratch, dbc_scratch, split_loads):
+                  *, q, rep, nk, nnb, slots, dx_scratch, dbc_scratch, split_loads,
+                  lead=None, nc=None, nb=None, nh=None):
     """`_dbc_kernel` where the grid's last index k < nk (= groups x column blocks), else
     `_dx_kernel` for head k - nk: one launch, each CTA with its own kernel's shared memory
-    (run_scoped in the two branches of a cond: the larger of the two is reserved)."""
-    bi, c, k = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("k")
+    (run_scoped in the two branches of a cond: the larger of the two is reserved).
+    With `lead` (not None) the grid is one axis "i" over nb * nc (batch, chunk) groups, in
+    order: the dB/dC CTAs of the first `lead` groups, then per group t the dB/dC CTAs of
+    group t + lead (while there is one) and the dx CTAs of group t (`_lead_index`)."""
+    if lead is None:
+        bi, c, k = lax.axis_index("b"), lax.axis_index("c"), lax.axis_index("k")
+        is_dbc = k < nk
+        dbc_idx = (bi, c, k)
+        dx_idx = (bi, c, k - nk)
+    else:
+        is_dbc, (gd, kd), (gx, hx) = _lead_index(lax.axis_index("i"), nk=nk, h=nh,
+                                                 t_all=nb * nc, lead=lead)
+        dbc_idx = (lax.div(gd, nc), lax.rem(gd, nc), kd)
+        dx_idx = (lax.div(gx, nc), lax.rem(gx, nc), hx)
 
-    @pl.when(k < nk)
+    @pl.when(is_dbc)
     def _():
         def dbc(*scr):
             _dbc_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, db_ref,
-                        dc_ref, *scr, q=q, rep=rep, nnb=nnb, slots=slots, idx=(bi, c, k))
+                        dc_ref, *scr, q=q, rep=rep, nnb=nnb, slots=slots, idx=dbc_idx)
         pl.run_scoped(dbc, *dbc_scratch)
 
-    @pl.when(k >= nk)
+    @pl.when(jnp.logical_not(is_dbc))
     def _():
         def dx(*scr):
             scr = list(scr)
             if not split_loads:          # one barrier for every copy, passed three times
                 scr = scr[:14] + [scr[14]] * 3 + scr[15:]
             _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_ref,
-                       dx_ref, dda_ref, xdx_ref, dd_ref, *scr, q=q, rep=rep,
-                       idx=(bi, c, k - nk))
+                       dx_ref, dda_ref, xdx_ref, dd_ref, *scr, q=q, rep=rep, idx=dx_idx)
         pl.run_scoped(dx, *dx_scratch)
 
 
+def _lead_index(i, *, nk, h, t_all, lead):
+    """Linear CTA index i -> (is_dbc, (dB/dC group, column block k), (dx group, head)) for
+    the `lead` order of `_fused_kernel` (groups = batch * n_chunks + chunk). Works on Python
+    ints (tests) and int32 scalars (the kernel); every quotient has a non-negative dividend."""
+    is_int = isinstance(i, int)
+    sel = (lambda c, a, b: a if c else b) if is_int else lax.select
+    div = (lambda a, b: a // b) if is_int else lax.div
+    rem = (lambda a, b: a % b) if is_int else lax.rem
+    mx = max if is_int else jnp.maximum
+    d = min(lead, t_all)
+    w = nk + h
+    p0 = d * nk                      # the lead groups' dB/dC CTAs
+    e = (t_all - d) * w              # groups 0 .. t_all - d - 1: dB/dC of t + d, dx of t
+    head = i < p0
+    j = mx(i - p0, 0)
+    in_mid = (i >= p0) & (j < e) if not is_int else (i >= p0 and j < e)
+    t, r = div(j, w), rem(j, w)
+    j2 = mx(j - e, 0)
+    is_dbc = (head | (in_mid & (r < nk))) if not is_int else (head or (in_mid and r < nk))
+    g_dbc = sel(head, div(i, nk), t + d)
+    k_dbc = sel(head, rem(i, nk), r)
+    g_dx = sel(in_mid, t, t_all - d + div(j2, h))
+    h_dx = sel(in_mid, r - nk, rem(j2, h))
+    return is_dbc, (g_dbc, k_dbc), (g_dx, h_dx)
+
+
 def dx_dbc_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_loads=True,
-                slots=2):
+                slots=2, lead=0):
     """The dx and dB/dC passes in one launch (`BlockSizes.mgpu_fused`): per (batch, chunk),
     the G x N / DBC_NB dB/dC CTAs first, then the H dx CTAs, so both kinds share the SMs
-    (and the chunk's tiles in L2). Returns `dx_call`'s tuple, then dB, dC."""
+    (and the chunk's tiles in L2). Returns `dx_call`'s tuple, then dB, dC.
+    lead (`BlockSizes.mgpu_dbc_lead`) > 0: the long dB/dC CTAs (a 32-head loop, ~10x a dx
+    CTA) run `lead` (batch, chunk) groups ahead of the dx CTAs (one grid axis, see
+    `_lead_index`), so that the last CTAs to start are short dx ones, not dB/dC ones that
+    would run on alone at the end (the tail)."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
@@ -461,13 +503,17 @@ def dx_dbc_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_l
     dt_t, cs = _dx_cs(dt, A, q)
     slots = max(1, min(slots, h // g))
     out = jax.ShapeDtypeStruct(B.shape, B.dtype)
+    if lead:
+        grid, names = (b * nc * (g * nnb + h),), ("i",)
+        lead_kw = dict(lead=lead, nc=nc, nb=b, nh=h)
+    else:
+        grid, names, lead_kw = (b, nc, g * nnb + h), ("b", "c", "k"), {}
     kern = plgpu.kernel(
         functools.partial(_fused_kernel, q=q, rep=h // g, nk=g * nnb, nnb=nnb, slots=slots,
                           dx_scratch=_dx_scratch(q, p, n, dtype, split_loads, interpret),
                           dbc_scratch=_dbc_scratch(q, p, dtype, slots, interpret),
-                          split_loads=split_loads),
-        out_type=(*_dx_out_type(x, q), out, out), grid=(b, nc, g * nnb + h),
-        grid_names=("b", "c", "k"),
+                          split_loads=split_loads, **lead_kw),
+        out_type=(*_dx_out_type(x, q), out, out), grid=grid, grid_names=names,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if interpret else None,

@@ -207,6 +207,40 @@ def test_mgpu_fused_dx_dbc_matches_separate(split_loads):
             np.testing.assert_array_equal(np.asarray(g_, np.float32), np.asarray(w_, np.float32))
 
 
+@pytest.mark.parametrize("nk,h,t_all,lead", [(2, 32, 8, 3), (2, 3, 4, 1), (4, 5, 6, 6),
+                                             (1, 2, 3, 9), (2, 4, 5, 0)])
+def test_mgpu_fused_lead_index_is_a_permutation(nk, h, t_all, lead):
+    """`BlockSizes.mgpu_dbc_lead`: every dB/dC (group, block) and dx (group, head) CTA comes
+    exactly once, the dB/dC CTAs `lead` groups ahead of the dx CTAs."""
+    seen_dbc, seen_dx = [], []
+    for i in range(t_all * (nk + h)):
+        is_dbc, dbc, dx = ssd_mgpu._lead_index(i, nk=nk, h=h, t_all=t_all, lead=lead)
+        (seen_dbc if is_dbc else seen_dx).append((i, dbc if is_dbc else dx))
+    assert sorted(v for _, v in seen_dbc) == [(t, k) for t in range(t_all) for k in range(nk)]
+    assert sorted(v for _, v in seen_dx) == [(t, k) for t in range(t_all) for k in range(h)]
+    first_dx = {}
+    for i, (t, _) in seen_dx:
+        first_dx.setdefault(t, i)
+    for i, (t, _) in seen_dbc:       # group t's dB/dC CTAs precede group t - lead's dx CTAs
+        if t - lead >= 0 and lead:
+            assert i < first_dx[t - lead] + nk + h
+
+
+def test_mgpu_fused_lead_matches_separate():
+    """The one-launch form with the dB/dC CTAs one group ahead (`mgpu_dbc_lead`, one grid
+    axis) against the two kernels run apart: every output identical."""
+    a = _dx_inputs(jax.random.PRNGKey(5), b=2, h=3)
+    q = 64
+    args = [a[k] for k in ORDER]
+    got = ssd_mgpu.dx_dbc_call(*args, q=q, interpret=True, lead=1)
+    want = (*ssd_mgpu.dx_call(*args, q=q, interpret=True),
+            *ssd_mgpu.dbc_call(a["x"], a["dt"], a["A"], a["B"], a["C"], a["states"],
+                               a["dstates"], a["dy"], q=q, interpret=True))
+    for g_, w_ in zip(got, want):
+        if w_ is not None:
+            np.testing.assert_array_equal(np.asarray(g_, np.float32), np.asarray(w_, np.float32))
+
+
 def test_mgpu_fused_path_matches_reference():
     """ssd_pallas with the one-launch dx + dB/dC pass, as `test_mgpu_dbc_path_matches_reference`."""
     key = jax.random.PRNGKey(24)
@@ -228,6 +262,7 @@ def test_mgpu_fused_lowers_to_mosaic_gpu_without_gpu():
     shapes = [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
               S((b, lp, g, n), bf), S((h, p), f32), S((b, nc, h, p, n), bf),
               S((b, nc, h, p, n), bf), S((b, lp, h, p), bf)]
-    f = functools.partial(ssd_mgpu.dx_dbc_call, q=q, interpret=False)
-    text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 1
+    for lead in (0, 64):
+        f = functools.partial(ssd_mgpu.dx_dbc_call, q=q, interpret=False, lead=lead)
+        text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @mosaic_gpu") == 1
