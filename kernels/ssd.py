@@ -271,9 +271,12 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None,
         y, hT = _ssd_short(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q=q, bs=bs,
                            interpret=interpret, want_hT=return_final_state)
     else:
-        if h0 is None:
+        # zero_states_inline: no zeros arrays for a missing initial state or for the
+        # cotangent of an unreturned final state (the kernels start from zero themselves).
+        if h0 is None and not bs.zero_states_inline:
             h0 = jnp.zeros((b, h, pp, nn), f32)
-        y, hT = _ssd_core(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q, bs, interpret)
+        y, hT = _ssd_core(xp, dt_eff, A.astype(f32), Bp, Cp, Dp, zp, h0, q, bs, interpret,
+                          return_final_state or not bs.zero_states_inline)
     if (lp, pp) != (l, p):
         y = y[:, :l, :, :p]
     if not return_final_state:

@@ -190,6 +190,10 @@ class BlockSizes:
       out with the dx CTAs of group t (the first `lead` groups' dB/dC CTAs first of all; one
       grid axis): a dB/dC CTA loops over the group's heads and lasts ~10 dx CTAs, so with
       lead 0 the last groups' dB/dC CTAs start last and run on alone at the end.
+    zero_states_inline: the chunked kernels start from a zero state themselves when there is
+      no initial state (forward) or no returned final state (the dL/dh pass), instead of
+      reading (B, H, P, N) zeros arrays that XLA fills before each launch; the final state
+      and dh0 are then not written either.
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -224,6 +228,7 @@ class BlockSizes:
     mgpu_dbc_slots: int = 2
     mgpu_fused: bool = True
     mgpu_dbc_lead: int = 0
+    zero_states_inline: bool = False
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):

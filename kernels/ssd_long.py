@@ -121,10 +121,14 @@ def _ssd_fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref,
                 st_ref[bi, c + 1, hi, :, :] = h_next.astype(st_ref.dtype)
         return h_next
 
-    h0 = h0_ref[bi, hi, :, :]
+    # h0_ref None: a zero entry state; hT_ref None: the final state is not wanted.
+    h0 = (jnp.zeros(y_ref.shape[3:] + c_ref.shape[3:], jnp.float32) if h0_ref is None
+          else h0_ref[bi, hi, :, :])
     if st_ref is not None and store_at_exit:
         st_ref[bi, 0, hi, :, :] = h0.astype(st_ref.dtype)
-    hT_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, h0)
+    hT = jax.lax.fori_loop(0, nc, body, h0)
+    if hT_ref is not None:
+        hT_ref[bi, hi, :, :] = hT
 
 
 def _ssd_bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dy_ref, dhT_ref,
@@ -244,7 +248,12 @@ def _ssd_bwd_dstate_kernel(dt_ref, a_ref, c_ref, z_ref, dy_ref, dhT_ref, dst_ref
         g = (dout * jnp.exp(cs)[:, None]).astype(dot_dtype)
         return jnp.exp(total) * dh + _dot(g, Cc, ((0,), (0,)))
 
-    dh0_ref[bi, hi, :, :] = jax.lax.fori_loop(0, nc, body, dhT_ref[bi, hi, :, :])
+    # dhT_ref None: a zero final-state cotangent; dh0_ref None: no initial state to return to.
+    dh_T = (jnp.zeros(dst_ref.shape[3:], f32) if dhT_ref is None
+            else dhT_ref[bi, hi, :, :])
+    dh0 = jax.lax.fori_loop(0, nc, body, dh_T)
+    if dh0_ref is not None:
+        dh0_ref[bi, hi, :, :] = dh0
 
 
 def _ssd_bwd_chunk_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, st_ref, dst_ref,
@@ -478,15 +487,16 @@ def _fast_exp(bs, x):
     return bs.fast_exp and x.dtype != jnp.float32
 
 
-def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states):
-    """Launches `_ssd_fwd_kernel` on padded operands; returns y, hT [, chunk-entry states]."""
+def _fwd_call(x, dt, A, B, C, D, z, h0, *, q, bs, interpret, save_states, want_hT=True):
+    """Launches `_ssd_fwd_kernel` on padded operands; returns y, hT [, chunk-entry states].
+    h0 None: a zero initial state (no zeros array in memory); want_hT False: hT is None."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
     # Chunk-entry states stored in the input dtype: bf16 states halve the largest residual and
     # stay within the bf16 tolerance (they only feed C h^T and d(dA) terms of one chunk).
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, p, n), jnp.float32) if want_hT else None,
                  jax.ShapeDtypeStruct((b, nc, h, p, n), x.dtype) if save_states else None]
     kernel = functools.partial(_ssd_fwd_kernel, q=q, nc=nc, rep=h // g,
                                store_at_exit=bs.state_store_at_exit, exp2=_fast_exp(bs, x))
@@ -515,9 +525,9 @@ def _bwd_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
         bs.num_stages, interpret, "ssd_bwd"))
 
 
-def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
+def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret, want_dh0=True):
     """Launches `_ssd_bwd_dstate_kernel`; returns dL/dh at every chunk end (B, nc, H, P, N)
-    in states_dtype, and dh0 (B, H, P, N) f32."""
+    in states_dtype, and dh0 (B, H, P, N) f32 (None unless want_dh0). dhT None: zero."""
     b, lp, h, p = dy.shape
     g, n = C.shape[2:]
     nc = lp // q
@@ -525,12 +535,13 @@ def _dstate_call(dt, A, C, z, dy, dhT, *, states_dtype, q, bs, interpret):
         functools.partial(_ssd_bwd_dstate_kernel, q=q, nc=nc, rep=h // g),
         [dt, A, C, z, dy, dhT],
         [jax.ShapeDtypeStruct((b, nc, h, p, n), states_dtype),
-         jax.ShapeDtypeStruct((b, h, p, n), jnp.float32)],
+         jax.ShapeDtypeStruct((b, h, p, n), jnp.float32) if want_dh0 else None],
         (b, h), bs.num_warps_dstate or bs.num_warps_fwd, bs.num_stages, interpret,
         "ssd_bwd_dstate")
 
 
-def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
+def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret,
+                    want_dh0=True):
     """Launches the two split-backward kernels; returns the same tuple as `_bwd_call`."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
@@ -540,7 +551,7 @@ def _bwd_split_call(x, dt, A, B, C, D, z, states, dy, dhT, *, q, bs, interpret):
     f32 = jnp.float32
 
     dstates, dh0 = _dstate_call(dt, A, C, z, dy, dhT, states_dtype=states.dtype, q=q, bs=bs,
-                                interpret=interpret)
+                                interpret=interpret, want_dh0=want_dh0)
     if bs.bwd == "split3":
         return _bwd_split3_rest(x, dt, A, B, C, D, z, states, dstates, dy, dh0, q=q, hb=hb,
                                 bs=bs, interpret=interpret)
@@ -629,26 +640,40 @@ def _dbc_call(x, dt, A, B, C, z, states, dstates, dy, *, q, hb, bs, interpret):
         (b, nc, h // hb), bs.num_warps_bwd, bs.num_stages, interpret, "ssd_bwd_dbc")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _ssd_core(x, dt, A, B, C, D, z, h0, q, bs, interpret):
-    """Padded operands (Lp % q == 0, P and N powers of two >= 16) -> (y, hT)."""
-    return _fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
-                     save_states=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _ssd_core(x, dt, A, B, C, D, z, h0, q, bs, interpret, want_hT=True):
+    """Padded operands (Lp % q == 0, P and N powers of two >= 16) -> (y, hT).
+    h0 None: a zero initial state; want_hT False: hT is None (`BlockSizes.zero_states_inline`:
+    no zeros arrays for h0 and the final-state cotangent, no hT or dh0 written)."""
+    return tuple(_fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
+                           save_states=False, want_hT=want_hT))
 
 
-def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret):
+def _ssd_core_fwd(x, dt, A, B, C, D, z, h0, q, bs, interpret, want_hT=True):
     y, hT, states = _fwd_call(x, dt, A, B, C, D, z, h0, q=q, bs=bs, interpret=interpret,
-                              save_states=True)
-    return (y, hT), (x, dt, A, B, C, D, z, states)
+                              save_states=True, want_hT=want_hT)
+    # h0's slot in the residuals: None (no initial state) or a 0-d marker array.
+    return (y, hT), (x, dt, A, B, C, D, z, states,
+                     None if h0 is None else jnp.zeros((), jnp.float32))
 
 
-def _ssd_core_bwd(q, bs, interpret, res, cts):
-    x, dt, A, B, C, D, z, states = res
+def _ssd_core_bwd(q, bs, interpret, want_hT, res, cts):
+    x, dt, A, B, C, D, z, states, h0_mark = res
     dy, dhT = cts
-    call = _bwd_call if bs.bwd == "fused" else _bwd_split_call
-    dx, ddt, dbp, dcp, dz, da, dd, dh0 = call(
-        x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q, bs=bs,
-        interpret=interpret)
+    has_h0 = h0_mark is not None
+    if bs.bwd == "fused":
+        if dhT is None:
+            dhT = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), jnp.float32)
+        dx, ddt, dbp, dcp, dz, da, dd, dh0 = _bwd_call(
+            x, dt, A, B, C, D, z, states, dy.astype(x.dtype), dhT.astype(jnp.float32), q=q,
+            bs=bs, interpret=interpret)
+    else:
+        dx, ddt, dbp, dcp, dz, da, dd, dh0 = _bwd_split_call(
+            x, dt, A, B, C, D, z, states, dy.astype(x.dtype),
+            None if dhT is None else dhT.astype(jnp.float32), q=q, bs=bs,
+            interpret=interpret, want_dh0=has_h0)
+    if not has_h0:
+        dh0 = None
     b, lp, _, _ = x.shape
     g, n = B.shape[2:]
     # Sum the partials (per head or per head block) over each group's share: the partial axis

@@ -207,6 +207,27 @@ def test_pallas_backward_variants_match_reference(bwd, kw):
     compare(vjp_all(fn, args, key), ref, jnp.float32, f"pallas, {bwd} backward {kw}")
 
 
+@pytest.mark.parametrize("bwd", ["split3", "fused"])
+def test_pallas_zero_states_inline_matches_reference(bwd):
+    """`BlockSizes.zero_states_inline`: no zeros arrays for a missing initial state or an
+    unreturned final state's cotangent. With and without an initial state, with and without
+    the final state returned (then no hT / dh0 written): y, h_L and every gradient."""
+    key = jax.random.PRNGKey(16)
+    args = make_inputs(key, l=29, h=4, g=2, p=16, n=16)
+    bs = BlockSizes(bwd=bwd, zero_states_inline=True)
+    fn = functools.partial(ssd_pallas, chunk_size=16, block_sizes=bs)
+    compare(vjp_all(fn, args, key), vjp_all(ssd_reference, args, key), jnp.float32,
+            f"zero_states_inline {bwd}, initial state")
+    del args["initial_state"]
+    compare(vjp_all(fn, args, key), vjp_all(ssd_reference, args, key), jnp.float32,
+            f"zero_states_inline {bwd}, no initial state")
+    y, grads = vjp_y(fn, args, key)
+    y0, grads0 = vjp_y(ssd_reference, args, key)
+    assert_close(y, y0, jnp.float32, "out", "zero_states_inline: y without final state")
+    for k in grads0:
+        assert_close(grads[k], grads0[k], jnp.float32, "grad", f"zero_states_inline: d{k}")
+
+
 def test_pallas_bfloat16():
     key = jax.random.PRNGKey(12)
     args = make_inputs(key, l=40, g=2, p=16, n=16, dtype=jnp.bfloat16)
@@ -249,6 +270,7 @@ def test_pallas_bfloat16_backward_options(options):
     ("split3", SPLIT3, True, {}),
     ("split3", SPLIT3, True, dict(s_prev="dbc")),
     ("split3", SPLIT3, True, dict(fast_exp=False, dda_dot=False, s_prev="dx")),
+    ("split3", SPLIT3, True, dict(zero_states_inline=True)),
     ("split", ("ssd_bwd_dstate", "ssd_bwd_chunk"), False, {}),
     ("fused", ("ssd_bwd",), False, {}),
 ])
