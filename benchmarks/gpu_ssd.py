@@ -107,6 +107,12 @@ VARIANTS = {
     "zs": dict(zero_states_inline=True),
     "zs lead64": dict(zero_states_inline=True, mgpu_dbc_lead=64),
     "default again": dict(),     # the default timed a second time in the same call
+    # Run 22: both together, leads around run 21's best (32).
+    "zs lead8": dict(zero_states_inline=True, mgpu_dbc_lead=8),
+    "zs lead16": dict(zero_states_inline=True, mgpu_dbc_lead=16),
+    "zs lead24": dict(zero_states_inline=True, mgpu_dbc_lead=24),
+    "zs lead32": dict(zero_states_inline=True, mgpu_dbc_lead=32),
+    "zs lead48": dict(zero_states_inline=True, mgpu_dbc_lead=48),
 }
 BREAKDOWN = ("default",)
 GRAD64K = "best"   # the fastest passing variant at L (fwd+bwd)
