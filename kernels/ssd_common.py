@@ -189,11 +189,15 @@ class BlockSizes:
     mgpu_dbc_lead: in that one launch, the dB/dC CTAs of (batch, chunk) group t + lead go
       out with the dx CTAs of group t (the first `lead` groups' dB/dC CTAs first of all; one
       grid axis): a dB/dC CTA loops over the group's heads and lasts ~10 dx CTAs, so with
-      lead 0 the last groups' dB/dC CTAs start last and run on alone at the end.
+      lead 0 the last groups' dB/dC CTAs start last and run on alone at the end; a long
+      lead loses the L2 sharing of a chunk's tiles. H100 runs 21-22 at b8 L4096 h32 p64 n128
+      bf16, fwd+bwd (with zero_states_inline): lead 8 1.308, 16 1.299, 24 1.301, 32 1.315,
+      48 1.353 ms; lead 0 1.335-1.340; alone lead 32 1.321, 64 1.366, 128 1.386, 512 (every
+      dB/dC CTA first) 1.427.
     zero_states_inline: the chunked kernels start from a zero state themselves when there is
       no initial state (forward) or no returned final state (the dL/dh pass), instead of
       reading (B, H, P, N) zeros arrays that XLA fills before each launch; the final state
-      and dh0 are then not written either.
+      and dh0 are then not written either. H100 run 21 at L: fwd+bwd 1.329 vs 1.335-1.339.
     num_stages_short: Triton num_stages of the one-chunk kernels (their only loops are the
       head loops). Run 7 on the H100 at (12800, 10, 4, 64, n64), per layer: packed 32-row
       tiles with 4 heads per forward program and 1 stage (the defaults) take fwd 0.154 /
@@ -227,8 +231,8 @@ class BlockSizes:
     dbc_backend: str = "mosaic"
     mgpu_dbc_slots: int = 2
     mgpu_fused: bool = True
-    mgpu_dbc_lead: int = 0
-    zero_states_inline: bool = False
+    mgpu_dbc_lead: int = 16
+    zero_states_inline: bool = True
 
     def __post_init__(self):
         if self.bwd not in ("split3", "split", "fused"):

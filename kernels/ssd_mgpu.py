@@ -3,7 +3,9 @@
 `dx_call` (below), `dbc_call` (the dB/dC pass: a head loop per (batch, chunk, group, 64
 d_state columns) with a TMA ring, see `_dbc_kernel`) and `dx_dbc_call` (both in one launch,
 the default since H100 run 19: L fwd+bwd 1.338 ms vs 1.430 as two launches, 1.560 with the
-Triton dB/dC pass; benchmarks/NOTES_ssd.md runs 18-20).
+Triton dB/dC pass; since run 22 with the dB/dC CTAs 16 (batch, chunk) groups ahead of the dx
+CTAs, `BlockSizes.mgpu_dbc_lead`: 1.299 ms with `zero_states_inline`, vs 1.337-1.340;
+benchmarks/NOTES_ssd.md runs 18-22).
 
 Shape legend (as kernels/ssd_long.py): x, dy, dx: (B, Lp, H, P)  dt: (B, Lp, H) f32
 B, C: (B, Lp, G, N)  states, dstates: (B, nc, H, P, N) (chunk-entry states, dL/dh at chunk
@@ -494,7 +496,9 @@ def dx_dbc_call(x, dt, A, B, C, D, states, dstates, dy, *, q, interpret, split_l
     lead (`BlockSizes.mgpu_dbc_lead`) > 0: the long dB/dC CTAs (a 32-head loop, ~10x a dx
     CTA) run `lead` (batch, chunk) groups ahead of the dx CTAs (one grid axis, see
     `_lead_index`), so that the last CTAs to start are short dx ones, not dB/dC ones that
-    would run on alone at the end (the tail)."""
+    would run on alone at the end (the tail). A short lead pays (H100 runs 21-22 at L: 16
+    best), a long one loses the L2 sharing of each chunk's tiles (64: +0.03 ms, all dB/dC
+    CTAs first: +0.09 ms over lead 0)."""
     b, lp, h, p = x.shape
     g, n = B.shape[2:]
     nc = lp // q
