@@ -6,6 +6,7 @@ groups, every optional argument on and off, bf16, and pipelines of 1 to 3 stages
 jax versions without the Pallas Mosaic GPU API used here (jax < 0.11.2).
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +53,14 @@ CASES = [
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1)),
-    # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit).
-    (35, 128, 16, None, jnp.bfloat16, dict(z=False), True,
-     MgpuBlockSizes(tile=16, bwd_warpgroups=4)),
+    # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit). Interpret
+    # mode runs each simulated warpgroup as a CPU thread whose barrier waits block inside
+    # XLA's CPU thread pool: with 4 of them on fewer than 8 CPU threads the pool can run dry
+    # and the run hang (seen on 2 cores), so the case needs 8.
+    pytest.param(35, 128, 16, None, jnp.bfloat16, dict(z=False), True,
+                 MgpuBlockSizes(tile=16, bwd_warpgroups=4),
+                 marks=pytest.mark.skipif((os.cpu_count() or 1) < 8,
+                                          reason="4 simulated warpgroups need 8 CPU threads")),
 ]
 
 
