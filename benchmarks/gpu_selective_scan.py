@@ -112,15 +112,19 @@ if MGPU:
         # Session 6: two warpgroups per backward block, half the states each (two warps per
         # scheduler; the backward tile halves to 16 steps to fit shared memory), and dt,
         # sigmoid(x) once per tile (bwd_dt_tile). Run mgpu19: both together -4.8% fwd+bwd at
-        # L (the default since), either alone slower.
+        # L, either alone slower.
         "mgpu_w1": MgpuBlockSizes(bwd_warpgroups=1, bwd_dt_tile=False),   # run mgpu17's
         "mgpu_wg2": MgpuBlockSizes(bwd_warpgroups=2, bwd_dt_tile=False),
         "mgpu_wg2u2": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2, bwd_dt_tile=False),
         "mgpu_dtt": MgpuBlockSizes(bwd_warpgroups=1, bwd_dt_tile=True),
-        "mgpu_wg2u2dtt": MgpuBlockSizes(bwd_unroll=2),
-        "mgpu_wg2u2ru4dtt": MgpuBlockSizes(bwd_unroll=2, bwd_recompute_unroll=4),
-        "mgpu_t8": MgpuBlockSizes(bwd_tile=8),
-        "mgpu_wg4": MgpuBlockSizes(bwd_warpgroups=4),    # 4 states each; 8-step tiles, no z
+        "mgpu_wg2dtt": MgpuBlockSizes(bwd_warpgroups=2),   # run mgpu19 (+ in-kernel combine)
+        "mgpu_wg2u2dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2),
+        "mgpu_wg2u2ru4dtt": MgpuBlockSizes(bwd_warpgroups=2, bwd_unroll=2,
+                                           bwd_recompute_unroll=4),
+        "mgpu_t8": MgpuBlockSizes(bwd_warpgroups=2, bwd_tile=8),
+        # Four warpgroups, 4 states each; 8-step tiles (no z: with z 2 warpgroups fit).
+        # Run mgpu21: the default since.
+        "mgpu_wg4": MgpuBlockSizes(bwd_warpgroups=4),
         "mgpu_wg4ru1": MgpuBlockSizes(bwd_warpgroups=4, bwd_recompute_unroll=1),
         "pallas": "pallas",
         "xla": "xla",

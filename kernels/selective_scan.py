@@ -127,8 +127,8 @@ def _mosaic_applies(l, di, g, n) -> bool:
     channels per group (one 128-channel block per warpgroup; narrower groups are padded) and
     d_state <= MOSAIC_MAX_STATE. There the Mosaic forward and backward run
     (`MgpuBlockSizes()`); H100, b8 L4096 d2048 n16 / b64 L1024 d256 n16: forward 0.428 /
-    0.117 ms against v5's 0.921 / 0.243, forward+backward 2.61 / 0.67 against 4.60 / 1.19
-    (benchmarks/NOTES_selective_scan.md, runs mgpu1-17)."""
+    0.116 ms against v5's 0.921 / 0.243, forward+backward 2.42 / 0.62 against 4.60 / 1.19
+    (benchmarks/NOTES_selective_scan.md, runs mgpu1-22)."""
     if not _on_gpu() or l <= SHORT_LEN or di // g < 128 or n > MOSAIC_MAX_STATE:
         return False
     return selective_scan_mgpu.AVAILABLE

@@ -119,7 +119,11 @@ class MgpuBlockSizes:
     # shared memory and one of them adds and stores them), so each scheduler has two warps
     # to interleave instead of one. Nsight Compute (session 6): alone, issue-slot use 48 ->
     # 59% but 21% more instructions (the per-channel work done twice): same kernel time.
-    bwd_warpgroups: int = 2
+    # Runs mgpu19-21, fwd+bwd at L / S with bwd_dt_tile: 1 warpgroup 2.604 / 0.674 ms, 2
+    # 2.479 / 0.648 (dB/dC column parts summed by XLA) or 2.56 / 0.66 (combined in the
+    # kernel, as now), 4 2.416-2.421 / 0.618-0.623 (the default; 8-step tiles; with z or
+    # 4-byte inputs its shared memory does not fit and the kernel falls back to 2).
+    bwd_warpgroups: int = 4
     # Mosaic backward: dt (softplus, mask) and the ddt factor sigmoid(x) of a tile computed
     # once per tile into float32 shared tiles (split between the warpgroups) instead of in
     # both the recompute and the adjoint step (and in both warpgroups). Run mgpu19, fwd+bwd

@@ -25,34 +25,35 @@ pytestmark = pytest.mark.skipif(
 # The Mosaic backward (the default; d_state <= 16, padded to 8 or 16) in the first five
 # cases and the seventh (B/C converted to float32 by XLA first, bc_f32=True); the Triton
 # backward in the sixth (asked for) and the eighth (d_state 24 > 16 falls back to it).
-# Backward blocks of two warpgroups with dt per tile (the default) but in the second case
-# (one warpgroup, dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile)
-# and the ninth (two warpgroups, dt per step).
+# Backward blocks of two warpgroups with dt per tile but in the second case (one warpgroup,
+# dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile), the ninth (two
+# warpgroups, dt per step) and the last (four, the default on the GPU).
 MOSAIC = dict(backward="mosaic")
+W2 = dict(bwd_warpgroups=2)     # interpret mode: 2 simulated warpgroups (see the W = 4 case)
 CASES = [
-    (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**MOSAIC)),
+    (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**W2, **MOSAIC)),
     (29, 24, 16, 3, jnp.bfloat16, dict(), True,
      MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1,
                     bwd_dt_tile=False, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
-                    bwd_recompute_unroll=4, **MOSAIC)),
+                    bwd_recompute_unroll=4, **W2, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
-     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **MOSAIC)),
+     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **W2, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_warpgroups=1,
                     **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
-    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True)),
+    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True, **W2)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
     # Every optional input, bf16 B/C staged per warpgroup; then d_state 5 (padded to 8: 4
     # states per warpgroup, 3 of them padding in the second), float32, groups, no z, no
     # softplus (the dt tile's ddt factor is the length mask alone).
     (45, 136, 16, None, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False, **W2)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **W2)),
     # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit). Interpret
     # mode runs each simulated warpgroup as a CPU thread whose barrier waits block inside
     # XLA's CPU thread pool: with 4 of them on fewer than 8 CPU threads the pool can run dry
@@ -67,6 +68,12 @@ CASES = [
 @pytest.mark.parametrize("l,di,n,g,dtype,opts,softplus,bs", CASES)
 def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
     # Outputs, final state and the vjp of a random cotangent w.r.t. every input.
+    if bs.backward == "mosaic" and bs.bwd_warpgroups > 1 and (os.cpu_count() or 1) < 4:
+        # Interpret mode runs each simulated warpgroup as a CPU thread whose barrier waits
+        # block inside XLA's CPU thread pool; on 2 CPU threads a run of these cases hung once
+        # (session 6). They run on the GPU machine (16 CPU threads) and, compiled, in
+        # benchmarks/gpu_selective_scan.py's checks; cross-lowering below runs here.
+        pytest.skip("several simulated warpgroups need >= 4 CPU threads in interpret mode")
     args = make_inputs(l + di, 2, l, di, n, g=g, dtype=dtype, softplus=softplus, **opts)
     fn = functools.partial(selective_scan_mgpu, block_sizes=bs, interpret=True)
     check_against_ref(fn, args, softplus, dtype)
