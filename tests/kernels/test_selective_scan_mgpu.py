@@ -127,7 +127,7 @@ def test_block_sizes_validate():
     with pytest.raises(ValueError, match="bwd_recompute_unroll"):
         MgpuBlockSizes(bwd_recompute_unroll=3)
     with pytest.raises(ValueError, match="bwd_warpgroups"):
-        MgpuBlockSizes(bwd_warpgroups=4)
+        MgpuBlockSizes(bwd_warpgroups=3)
 
 
 @pytest.mark.gpu
