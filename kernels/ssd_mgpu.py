@@ -76,6 +76,16 @@ def _smem(shape, dtype):
         plgpu.TilingTransform((8, swizzle // dtype.itemsize)), plgpu.SwizzleTransform(swizzle)))
 
 
+def _lhs(a_s, v, k):
+    """A 16-bit WGMMA register tile as a dot's A operand: from registers on the GPU; through
+    the shared-memory slot a_s[k] in interpret mode (whose wgmma reads refs only)."""
+    if not a_s:
+        return v
+    a_s[k][...] = v
+    plgpu.commit_smem()
+    return a_s[k]
+
+
 def _mm(*specs, between=None):
     """Dots on the tensor cores: each spec is (a, b, shape) or (((a1, b1), (a2, b2)), shape)
     (a sum of dots in one accumulator); a: shared-memory ref or 16-bit WGMMA registers, b: a
@@ -129,14 +139,7 @@ def _dx_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref, d_re
     u_s[...] = jnp.where(ii < jj, 1.0, 0.0).astype(dtype)
     plgpu.commit_smem()
 
-    def lhs(v, k):
-        """A 16-bit WGMMA register tile as a dot's A operand: from registers on the GPU; through
-        the shared-memory slot a_s[k] in interpret mode (whose wgmma reads refs only)."""
-        if not a_s:
-            return v
-        a_s[k][...] = v
-        plgpu.commit_smem()
-        return a_s[k]
+    lhs = functools.partial(_lhs, a_s)
 
     def bc_rows(v, shape):
         return lax.broadcast_in_dim(v, shape, [0])
@@ -324,14 +327,7 @@ def _dbc_kernel(x_ref, dy_ref, b_ref, c_ref, hp_ref, dh_ref, cs_ref, dt_ref,
     jj = plgpu.broadcasted_iota(jnp.int32, sq, 1, layout=wg)
     causal = ii >= jj
 
-    def lhs(v, i):
-        """A 16-bit WGMMA register tile as a dot's A operand (through shared memory in
-        interpret mode, as in `_dx_kernel`)."""
-        if not a_s:
-            return v
-        a_s[i][...] = v
-        plgpu.commit_smem()
-        return a_s[i]
+    lhs = functools.partial(_lhs, a_s)
 
     def scoped(acc_b, acc_c):
         def head(j, dcb):

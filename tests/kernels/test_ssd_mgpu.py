@@ -91,19 +91,23 @@ def test_mgpu_dx_matches_triton_dx(split_loads):
     assert_close(got[3].sum(1)[..., 0], _exact_da(a, q), jnp.float32, "grad", "dA")
 
 
-def test_mgpu_dx_path_matches_reference():
-    """ssd_pallas with the Mosaic dx pass (the default) at a length that is no multiple of the
-    chunk, with the softplus, a bias, D per channel and an initial state (no z: with z the
-    Triton dx kernel runs): y, the final state and every gradient vs the f32 reference."""
-    key = jax.random.PRNGKey(21)
-    args = make_inputs(key, b=1, l=100, h=2, p=64, g=1, n=128, dtype=jnp.bfloat16,
+@pytest.mark.parametrize("what,h,g,seed,bs", [
+    ("mosaic dx", 2, 1, 21, BlockSizes(dx_backend="mosaic")),
+    ("mosaic dB/dC", 4, 2, 23, BlockSizes(dbc_backend="mosaic")),
+])
+def test_mgpu_path_matches_reference(what, h, g, seed, bs):
+    """ssd_pallas with a Mosaic pass (dx; dx and dB/dC, two groups of two heads) at a length
+    that is no multiple of the chunk, with the softplus, a bias, D per channel and an
+    initial state (no z: with z the Triton kernels run): y, the final state and every
+    gradient vs the f32 reference."""
+    key = jax.random.PRNGKey(seed)
+    args = make_inputs(key, b=1, l=100, h=h, p=64, g=g, n=128, dtype=jnp.bfloat16,
                        d_per_channel=True)
     del args["z"]
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    fn = functools.partial(ssd_pallas, chunk_size=64, dt_softplus=True,
-                           block_sizes=BlockSizes(dx_backend="mosaic"))
+    fn = functools.partial(ssd_pallas, chunk_size=64, dt_softplus=True, block_sizes=bs)
     ref = functools.partial(ssd_reference, dt_softplus=True)
-    compare(vjp_all(fn, args, key), vjp_all(ref, args32, key), jnp.bfloat16, "mosaic dx")
+    compare(vjp_all(fn, args, key), vjp_all(ref, args32, key), jnp.bfloat16, what)
 
 
 def test_mgpu_dx_supports():
@@ -147,21 +151,6 @@ def test_mgpu_dbc_matches_triton_dbc(slots):
     for name, g_, w_ in zip(("dB", "dC"), got, want[:2]):
         assert g_.shape == a["B"].shape and g_.dtype == a["B"].dtype
         assert_close(g_, w_.reshape(g_.shape), jnp.bfloat16, "grad", name)
-
-
-def test_mgpu_dbc_path_matches_reference():
-    """ssd_pallas with both Mosaic passes (dx and dB/dC) at a length that is no multiple of
-    the chunk, two groups of two heads, every optional argument but z: y, the final state and
-    every gradient vs the f32 reference."""
-    key = jax.random.PRNGKey(23)
-    args = make_inputs(key, b=1, l=100, h=4, p=64, g=2, n=128, dtype=jnp.bfloat16,
-                       d_per_channel=True)
-    del args["z"]
-    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    fn = functools.partial(ssd_pallas, chunk_size=64, dt_softplus=True,
-                           block_sizes=BlockSizes(dbc_backend="mosaic"))
-    ref = functools.partial(ssd_reference, dt_softplus=True)
-    compare(vjp_all(fn, args, key), vjp_all(ref, args32, key), jnp.bfloat16, "mosaic dB/dC")
 
 
 def test_mgpu_dbc_supports():
