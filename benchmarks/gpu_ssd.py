@@ -268,12 +268,17 @@ def task_variant(rec, name, precompile=False):
 
         def f(x, dt, A, B, C, D=None):
             return mamba2_ssd(x, dt, A, B, C, d=D, chunk_size=64)[0]
+    elif name == "xla":  # impl="xla" (chunked plain JAX), the ratio column: timings only
+        from kernels.ssd import ssd
+
+        def f(x, dt, A, B, C, **kw):
+            return ssd(x, dt, A, B, C, chunk_size=64, impl="xla", **kw)
     else:
         f = _pallas(block_sizes(name))
     rec["block_sizes"] = VARIANTS.get(name)
     rec["compile_s"] = {}
     refs = None if precompile or not os.path.exists(REF_PATH) else np.load(REF_PATH)
-    for shape in (() if name == "peer" else EQ_SHAPES):
+    for shape in (() if name in ("peer", "xla") else EQ_SHAPES):
         cfg, key, args, names, _ = eq_setup(shape)
         vals = [args[k] for k in names]
         exe, ct = compiled(vjp_fn(f, names, dt_softplus=True), vals, key)
@@ -840,7 +845,7 @@ def _start_run(opts, known):
         if os.path.exists(path):
             os.remove(path)
     names = [v for v in opts.variants.split(",") if v] or list(known)
-    unknown = [v for v in names if v not in known and v != "peer"]
+    unknown = [v for v in names if v not in known and v not in ("peer", "xla")]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(known)}")
     return start, deadline, hard_end, results_path, pre_path, names
@@ -941,6 +946,15 @@ def table(recs):
         ok = r.get("L_pass") and r.get("S_pass") and r.get("Lnz_pass", True)
         print(f"{r['name']:17s} {ms('L_fwd_ms')} {ms('L_fwd_bwd_ms')}  {ms('S_fwd_ms')} "
               f"{ms('S_fwd_bwd_ms')}   {err:19s}  {ok}  {r.get('error', '')[:60]}")
+    cols = ("L_fwd_ms", "L_fwd_bwd_ms", "S_fwd_ms", "S_fwd_bwd_ms")
+    xla = next((r for r in rows if r["name"] == "xla"), None)
+    if xla is not None:       # speed-up over impl="xla" (xla time / variant time)
+        print("x xla:")
+        for r in rows:
+            if r["name"] != "xla":
+                print(f"{r['name']:17s} " + " ".join(
+                    f"{xla[k] / r[k]:7.1f}x" if isinstance(r.get(k), float)
+                    and isinstance(xla.get(k), float) else "     n/a" for k in cols))
     for r in recs:
         if r["task"] == "breakdown" and not r.get("precompile"):
             for shape in ("L", "S"):
