@@ -183,6 +183,11 @@ class _Cfg:
     bwd_dt_tile: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
+    @property
+    def has_sg(self):
+        """bwd_dt_tile stores the ddt factor too: sigmoid(x) (softplus) and/or the length mask."""
+        return self.bwd_dt_tile and (self.softplus or self.lp != self.length)
+
 
 def _softplus(x):
     """log1p(exp(x)) from ex2 / lg2 (MUFU with approx_math): a 4-term series below e = 1/32
@@ -463,7 +468,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     h_s, pt_s, hst_s = next(it), next(it), next(it)
     W = cfg.bwd_warpgroups
     xch_s, comb_s = (next(it), next(it)) if W > 1 else (None, None)
-    has_sg = cfg.bwd_dt_tile and (cfg.softplus or cfg.lp != cfg.length)
+    has_sg = cfg.has_sg
     dtf_s = next(it) if cfg.bwd_dt_tile else None
     sgf_s = next(it) if has_sg else None
     bar, pbar, hbar = next(it), next(it), next(it)
@@ -789,8 +794,7 @@ def _bwd_call(cfg, res, dout, dhl):
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
                     plgpu.SMEM((2, W, WIDTH // W, W), f32)]
     if cfg.bwd_dt_tile:   # the tile's dt [and sigmoid(x)]
-        has_sg = cfg.softplus or cfg.lp != cfg.length
-        scratch += [plgpu.SMEM((T, WIDTH), f32)] * (1 + int(has_sg))
+        scratch += [plgpu.SMEM((T, WIDTH), f32)] * (1 + int(cfg.has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins)),
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]

@@ -41,6 +41,17 @@ def _dx_inputs(key, b=1, lp=128, h=2, g=1, p=64, n=128, q=64):
 ORDER = ("x", "dt", "A", "B", "C", "D", "states", "dstates", "dy")
 
 
+def _l_shapes(b=8, lp=4096, h=32, g=1, p=64, n=128, q=64):
+    """The benchmark's L shape as abstract operands of dx_call / dx_dbc_call (x, dt, A, B,
+    C, D, states, dstates, dy): what the cross-lowering tests lower."""
+    nc = lp // q
+    S = jax.ShapeDtypeStruct
+    bf, f32 = jnp.bfloat16, jnp.float32
+    return [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
+            S((b, lp, g, n), bf), S((h, p), f32), S((b, nc, h, p, n), bf),
+            S((b, nc, h, p, n), bf), S((b, lp, h, p), bf)]
+
+
 def _exact_da(a, q):
     """dA per (batch, head) of the dx pass in float64 from the pass's definition (cumsums,
     the exclusive row cumsum of the pair terms, the elementwise state product)."""
@@ -94,10 +105,11 @@ def test_mgpu_dx_matches_triton_dx(split_loads):
 @pytest.mark.parametrize("what,h,g,seed,bs", [
     ("mosaic dx", 2, 1, 21, BlockSizes(dx_backend="mosaic")),
     ("mosaic dB/dC", 4, 2, 23, BlockSizes(dbc_backend="mosaic")),
+    ("mosaic fused", 4, 2, 24, BlockSizes(dbc_backend="mosaic", mgpu_fused=True)),
 ])
 def test_mgpu_path_matches_reference(what, h, g, seed, bs):
-    """ssd_pallas with a Mosaic pass (dx; dx and dB/dC, two groups of two heads) at a length
-    that is no multiple of the chunk, with the softplus, a bias, D per channel and an
+    """ssd_pallas with the Mosaic passes (dx; dx and dB/dC, two groups of two heads) at a
+    length that is no multiple of the chunk, with the softplus, a bias, D per channel and an
     initial state (no z: with z the Triton kernels run): y, the final state and every
     gradient vs the f32 reference."""
     key = jax.random.PRNGKey(seed)
@@ -124,13 +136,7 @@ def test_mgpu_dx_supports():
 def test_mgpu_dx_lowers_to_mosaic_gpu_without_gpu(split_loads):
     """Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers,
     the register A operands) on CPU at the benchmark's L shape."""
-    b, lp, h, g, p, n, q = 8, 4096, 32, 1, 64, 128, 64
-    nc = lp // q
-    S = jax.ShapeDtypeStruct
-    bf, f32 = jnp.bfloat16, jnp.float32
-    shapes = [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
-              S((b, lp, g, n), bf), S((h, p), f32), S((b, nc, h, p, n), bf),
-              S((b, nc, h, p, n), bf), S((b, lp, h, p), bf)]
+    shapes, q = _l_shapes(), 64
     f = functools.partial(ssd_mgpu.dx_call, q=q, interpret=False, split_loads=split_loads)
     text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
@@ -167,13 +173,8 @@ def test_mgpu_dbc_supports():
 def test_mgpu_dbc_lowers_to_mosaic_gpu_without_gpu(slots):
     """Cross-lowering of the dB/dC kernel at the benchmark's L shape (TMA ring, barriers,
     the accumulators carried over the head loop, the transposed shared-memory A operand)."""
-    b, lp, h, g, p, n, q = 8, 4096, 32, 1, 64, 128, 64
-    nc = lp // q
-    S = jax.ShapeDtypeStruct
-    bf, f32 = jnp.bfloat16, jnp.float32
-    shapes = [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
-              S((b, lp, g, n), bf), S((b, nc, h, p, n), bf), S((b, nc, h, p, n), bf),
-              S((b, lp, h, p), bf)]
+    shapes, q = _l_shapes(), 64
+    del shapes[5]                       # no D
     f = functools.partial(ssd_mgpu.dbc_call, q=q, interpret=False, slots=slots)
     text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
@@ -230,27 +231,8 @@ def test_mgpu_fused_lead_matches_separate():
             np.testing.assert_array_equal(np.asarray(g_, np.float32), np.asarray(w_, np.float32))
 
 
-def test_mgpu_fused_path_matches_reference():
-    """ssd_pallas with the one-launch dx + dB/dC pass, as `test_mgpu_dbc_path_matches_reference`."""
-    key = jax.random.PRNGKey(24)
-    args = make_inputs(key, b=1, l=100, h=4, p=64, g=2, n=128, dtype=jnp.bfloat16,
-                       d_per_channel=True)
-    del args["z"]
-    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
-    fn = functools.partial(ssd_pallas, chunk_size=64, dt_softplus=True,
-                           block_sizes=BlockSizes(dbc_backend="mosaic", mgpu_fused=True))
-    ref = functools.partial(ssd_reference, dt_softplus=True)
-    compare(vjp_all(fn, args, key), vjp_all(ref, args32, key), jnp.bfloat16, "mosaic fused")
-
-
 def test_mgpu_fused_lowers_to_mosaic_gpu_without_gpu():
-    b, lp, h, g, p, n, q = 8, 4096, 32, 1, 64, 128, 64
-    nc = lp // q
-    S = jax.ShapeDtypeStruct
-    bf, f32 = jnp.bfloat16, jnp.float32
-    shapes = [S((b, lp, h, p), bf), S((b, lp, h), f32), S((h,), f32), S((b, lp, g, n), bf),
-              S((b, lp, g, n), bf), S((h, p), f32), S((b, nc, h, p, n), bf),
-              S((b, nc, h, p, n), bf), S((b, lp, h, p), bf)]
+    shapes, q = _l_shapes(), 64
     for lead in (0, 64):
         f = functools.partial(ssd_mgpu.dx_dbc_call, q=q, interpret=False, lead=lead)
         text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
