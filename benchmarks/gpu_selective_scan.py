@@ -126,6 +126,11 @@ if MGPU:
         # Run mgpu21: the default since.
         "mgpu_wg4": MgpuBlockSizes(bwd_warpgroups=4),
         "mgpu_wg4ru1": MgpuBlockSizes(bwd_warpgroups=4, bwd_recompute_unroll=1),
+        # Session 7: 16-byte shared-memory accesses in the backward (bwd_vec_smem) and the
+        # TMA issue moved off the finalizing warpgroups, no ring barrier (bwd_lean_sync).
+        "mgpu_s6": MgpuBlockSizes(bwd_vec_smem=False, bwd_lean_sync=False),  # session 6's
+        "mgpu_vec": MgpuBlockSizes(bwd_lean_sync=False),
+        "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

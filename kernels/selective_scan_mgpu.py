@@ -133,6 +133,19 @@ class MgpuBlockSizes:
     # per step (session 5) 2.604 / 0.674; 2 warpgroups alone 2.627 / 0.683 (with adjoint
     # unroll 2); the dt tile alone 2.689 / 0.691 (its shared memory halves the tile).
     bwd_dt_tile: bool = True
+    # Mosaic backward: shared-memory layouts for 16-byte accesses. The dB/dC tile's rows are
+    # padded by 4 columns (not 1), so each thread's reduction reads 4 columns per load; and
+    # with <= 4 states per warpgroup the recomputed states a_t h_{t-1} are stored lane-major
+    # (thread, state), one 16-byte store and load per step instead of one per state.
+    # Nsight Compute (session 7, W = 4): shared-memory instructions were ~35 per warp and
+    # step of 147, "MIO throttle" 13% of the stall samples.
+    bwd_vec_smem: bool = True
+    # Mosaic backward with several warpgroups: the TMA copies issued by a warpgroup that
+    # finalizes nothing (W = 4 without z: warpgroup 2), and no ring barrier before a refill
+    # (the tile's last reduction barrier already orders every read of the slot). Session 7's
+    # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
+    # finalizes du, between two block barriers.
+    bwd_lean_sync: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -181,12 +194,26 @@ class _Cfg:
     bwd_recompute_unroll: int
     bwd_warpgroups: int
     bwd_dt_tile: bool
+    bwd_vec_smem: bool
+    bwd_lean_sync: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
     def has_sg(self):
         """bwd_dt_tile stores the ddt factor too: sigmoid(x) (softplus) and/or the length mask."""
         return self.bwd_dt_tile and (self.softplus or self.lp != self.length)
+
+    @property
+    def lane_states(self):
+        """The backward's recomputed states stored lane-major per warpgroup: (W, chunk, 128,
+        Np / W), each thread's states in one 16-byte (or 8-byte) run; else (chunk, Np, 128)."""
+        return self.bwd_vec_smem and self.np_ // self.bwd_warpgroups <= 4
+
+    @property
+    def pt_pad(self):
+        """Padding columns of each row part of the backward's dB/dC tile: 4 keeps the
+        reduction's 4-column loads 16-byte aligned and conflict-free, 1 the scalar ones."""
+        return 4 if self.bwd_vec_smem else 1
 
 
 def _softplus(x):
@@ -238,7 +265,7 @@ def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False, sync=_barrier
     filled by TMA: `issue(tile, slot)` starts the copies of a tile (arriving on bar[slot]),
     `body(tile, slot, carry)` consumes it. One barrier per tile (`sync`: of the warpgroup, or
     of the block where several warpgroups read the tiles) orders the reads of tile i - 1
-    before the copy that refills its slot."""
+    before the copy that refills its slot; sync=None where the body's last barrier does."""
     def tile_of(i):
         return n_tiles - 1 - i if reverse else i
 
@@ -247,7 +274,8 @@ def _ring(n_tiles, stages, issue, bar, body, carry, reverse=False, sync=_barrier
 
     def it(i, carry):
         slot = jax.lax.rem(i, stages)
-        sync()
+        if sync is not None:
+            sync()
         nxt = i + stages - 1
 
         @pl.when(nxt < n_tiles)
@@ -288,17 +316,17 @@ class _Ins:
     bc_f32: bool           # B, C already float32 (read from the TMA tiles directly)
 
 
-def _leader(w, fn):
-    """fn() in warpgroup 0 only (w is None: a one-warpgroup kernel)."""
+def _leader(w, fn, lead=0):
+    """fn() in warpgroup `lead` only (w is None: a one-warpgroup kernel)."""
     if w is None:
         fn()
     else:
-        pl.when(w == 0)(fn)
+        pl.when(w == lead)(fn)
 
 
-def _load_params(ins, refs, smem, pbar, cols, states, w=None):
-    """TMA of the per-channel parameters (issued by warpgroup 0); returns a2 (A log2(e) of
-    the `states`, a list of static or traced state indices), D, bias rows."""
+def _load_params(ins, refs, smem, pbar, cols, states, w=None, lead=0):
+    """TMA of the per-channel parameters (issued by warpgroup `lead`); returns a2 (A log2(e)
+    of the `states`, a list of static or traced state indices), D, bias rows."""
     a_ref, d_ref, bias_ref = refs
     a_s, d_s, bias_s = smem
 
@@ -309,7 +337,7 @@ def _load_params(ins, refs, smem, pbar, cols, states, w=None):
         if ins.bias:
             plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
 
-    _leader(w, copies)
+    _leader(w, copies, lead)
     plgpu.barrier_wait(pbar)
     # Column n of the (128, Np) tile: thread d reads A[d, n] (a strided load, once).
     a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in states]
@@ -493,13 +521,18 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         sync = functools.partial(_block_sync, sbar, W)
     K = len(states)
     CP = WIDTH // W                  # columns per part of the dB/dC tile
+    # The warpgroup issuing the TMA copies: with bwd_lean_sync, one that finalizes no output
+    # (output kind k: warpgroup k % W) and combines no dB/dC parts (warpgroup W - 1).
+    busy = {k % W for k in range(2 + int(ins.z))} | {W - 1}
+    idle = [v for v in range(W) if v not in busy]
+    lead = idle[0] if cfg.bwd_lean_sync and idle else 0
 
     tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
     def issue(k, slot):
-        _leader(w, lambda: tile_issue(k, slot))
+        _leader(w, lambda: tile_issue(k, slot), lead)
 
-    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, states, w)
+    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, states, w, lead)
     if ins.d and W > 1:
         dskip = dskip * jnp.where(w == 0, 1.0, 0.0)  # D dy and D u: in warpgroup 0's partials
     zero = _zeros()
@@ -561,7 +594,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         # (register loads issued a chunk ahead were sunk by the compiler to their use:
         # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
         _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
-                                                   hst_s.at[c % 2], hbar.at[c % 2]))
+                                                   hst_s.at[c % 2], hbar.at[c % 2]), lead)
 
     def recompute(t0, slot, base, i, h):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
@@ -571,8 +604,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         dtu = dt * u_s[slot, tl, :].astype(f32)
         bs = [bval(slot, tl, n) for n in states]      # before the stores: vector loads (mgpu7)
         p = [jnp.exp2(dt * a2[k]) * h[k] for k in range(K)]
-        for k, n in enumerate(states):
-            h_s[i, n, :] = p[k]
+        for k, n in enumerate(states):       # lane_states: one 16-byte store (adjacent k)
+            if cfg.lane_states:
+                h_s[wi, i, :, k] = p[k]
+            else:
+                h_s[i, n, :] = p[k]
         return tuple(p[k] + dtu * bs[k] for k in range(K))
 
     def put(ref, tg, ii, kind, val):
@@ -594,7 +630,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         dtu = dt * u
         bs = [bval(slot, tl, n) for n in states]
         cs = [cval(slot, tl, n) for n in states]
-        p = [h_s[i, n, :] for n in states]               # a_t h_{t-1}
+        p = ([h_s[wi, i, :, k] for k in range(K)] if cfg.lane_states   # a_t h_{t-1}
+             else [h_s[i, n, :] for n in states])
         a = [jnp.exp2(dt * a2[k]) for k in range(K)]
         h = [p[k] + dtu * bs[k] for k in range(K)]
         if ins.z:
@@ -710,9 +747,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
 
     g0 = tuple(dhl_ref[bi, n, cols] for n in states)
     issue_state(n_chunks - 1)
+    # bwd_lean_sync: no ring barrier; every read of a tile's slot precedes the barrier that
+    # opens its last reduction group, which the leader passes before refilling the slot.
     g, dat, dd, dbias = _ring(cfg.lp // T, cfg.bwd_stages, issue, bar, tile_body,
                               (g0, tuple(zero for _ in range(K)), zero, zero), reverse=True,
-                              sync=sync)
+                              sync=None if cfg.bwd_lean_sync else sync)
     if W > 1:        # the last group's dB/dC parts
         sync()
         pl.when(w == W - 1)(lambda: combine(0))
@@ -787,8 +826,10 @@ def _bwd_call(cfg, res, dout, dhl):
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
-    scratch += [plgpu.SMEM((cfg.save_every, np_, WIDTH), f32),            # a_t h_{t-1}
-                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + 1), f32),       # dB/dC terms
+    states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
+              else (cfg.save_every, np_, WIDTH))
+    scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
+                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + cfg.pt_pad), f32),  # dB/dC terms
                 plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
     if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
@@ -873,8 +914,9 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * 4)
     xch += 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
+    pad = 4 if bs.bwd_vec_smem else 1          # _Cfg.pt_pad
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
-            + 2 * WIDTH * 4 + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W) * 4
+            + 2 * WIDTH * 4 + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * pad) * 4
             + 2 * np_ * WIDTH * 4 + xch)
 
 
@@ -953,7 +995,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
-               bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile, tcfg=tcfg)
+               bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
+               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
