@@ -472,14 +472,14 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     written as per-warpgroup partial sums to shared memory, and after each reduction group
     (one block barrier) warpgroup k % W adds and stores output k (du, ddt, dz).
     dB_t, dC_t are sums over the block's channels (threads): each warpgroup writes its terms
-    as one row per (step, state) of its (128 / W, W, 128 / W + 1) shared tile (row, column
-    part, column), 64 / Np steps fill it, and then thread r sums part r % W of row r // W
-    (the padding column keeps both phases free of bank conflicts).
+    as one row per (dC | dB, step, state) of its (128 / W, W, 128 / W + pad) shared tile
+    (row, column part, column), 64 / Np steps fill it, and then thread r sums part r % W of
+    row r // W (the padding columns keep both phases free of bank conflicts).
     GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np)  [D, bias]
     hs: (B, Lp / chunk, Np, Dp)  dhL: (B, Np, Dp)
-    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (B, n_blocks, Lp * 2 Np) per-block partials
-    (per group of 64 / Np steps: (warpgroup, step, dC | dB, state of the warpgroup); W > 1:
-    the column parts added in the kernel by the last warpgroup, one group later)
+    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (2, B, n_blocks, Lp, Np) per-block partial sums of
+    dC | dB (W > 1: the warpgroups' column parts added in the kernel by the last warpgroup,
+    one group later), summed over the blocks of a group by XLA
     dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
@@ -642,11 +642,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             dy = dout * zt * sig
         else:
             dy = dout
-        row = ii * (2 * RP)
+        row = ii * RP                                  # rows (dC | dB, step, state)
         g = [g[k] + cs[k] * dy for k in range(K)]
         for k in range(K):
             pt_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
-            pt_s[wi, row + RP + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
+            pt_s[wi, UQ * RP + row + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
         gah = [g[k] * p[k] for k in range(K)]
         gb = _dot(g, bs)
         sa = _dot(gah, a2)
@@ -677,16 +677,20 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
                             tot = tot + xch_s[par, v, kind, ii, :]
                         ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
 
+    def store_dbc(gidx, tot):
+        # The group's 128 sums, lanes in (dC | dB, step, state) order.
+        dbc_ref[:, bi, j, pl.ds(gidx * UQ, UQ), :] = tot.reshape(2, UQ, NP)
+
     def combine(gidx):
-        # W > 1: group gidx's dB/dC sums (every warpgroup's (rows, parts) in comb_s) added
-        # over the parts: lane r = (warpgroup r // (128 / W), row r % (128 / W)).
-        tot = comb_s[gidx % 2, :, :, 0]
+        # W > 1: group gidx's dB/dC sums (every warpgroup's rows and parts in comb_s, as
+        # (dC | dB, step, warpgroup, state of the warpgroup, part)) added over the parts.
+        tot = comb_s[gidx % 2, :, :, :, :, 0]
         for q in range(1, W):
-            tot = tot + comb_s[gidx % 2, :, :, q]
-        dbc_ref[bi, j, pl.ds(gidx * WIDTH, WIDTH)] = tot.reshape(WIDTH)
+            tot = tot + comb_s[gidx % 2, :, :, :, :, q]
+        store_dbc(gidx, tot)
 
     def reduce_rows(tg0):
-        # Thread r: part r % W of row r // W (step tg0 + row // (2 RP), dC | dB, state).
+        # Thread r: part r % W of row r // W ((dC | dB, step, state), steps from tg0).
         sync()
         acc = [pt_s[wi, :, :, k] for k in range(4)]
         for k in range(4, CP):
@@ -694,13 +698,13 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         tot = (acc[0] + acc[1]) + (acc[2] + acc[3])
         gidx = tg0 // UQ
         if W == 1:
-            dbc_ref[bi, j, pl.ds(gidx * WIDTH, WIDTH)] = tot.reshape(WIDTH)
+            store_dbc(gidx, tot)
         else:
             # This group's parts to comb_s; the previous group's (every warpgroup wrote them
             # before this group's barrier) combined by the last warpgroup, which finalizes
             # nothing when W = 4 and z is off (the work between two block barriers sets the
             # pace: run mgpu20, combining in a rotating warpgroup cost 3.5% at W = 2).
-            comb_s[gidx % 2, w, :, :] = tot
+            comb_s[gidx % 2, :, :, w, :, :] = tot.reshape(2, UQ, RP, W)
             prev = gidx + 1
             pl.when((prev < cfg.lp // UQ) & (w == W - 1))(lambda: combine(prev))
             finalize(tg0)
@@ -821,7 +825,7 @@ def _bwd_call(cfg, res, dout, dhl):
     pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
-                + [jax.ShapeDtypeStruct((b, n_blocks, lp * 2 * np_), f32),
+                + [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
@@ -833,7 +837,7 @@ def _bwd_call(cfg, res, dout, dhl):
                 plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
     if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
-                    plgpu.SMEM((2, W, WIDTH // W, W), f32)]
+                    plgpu.SMEM((2, 2, WIDTH // (2 * np_), W, np_ // W, W), f32)]
     if cfg.bwd_dt_tile:   # the tile's dt [and sigmoid(x)]
         scratch += [plgpu.SMEM((T, WIDTH), f32)] * (1 + int(cfg.has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
@@ -877,14 +881,11 @@ def _scan_padded_bwd(cfg, res, cts):
         dz = outs[2] if z is not None else None
         dbc, dat, ddb, dh0 = outs[-4:]
         b, lp, _ = u.shape
-        g, np_, W = Bm.shape[2], cfg.np_, cfg.bwd_warpgroups
-        uq = WIDTH // (2 * np_)
-        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics):
-        # (b, G, blocks, group, warpgroup, step, dC | dB, state of the warpgroup)
-        # -> (b, Lp, G, dC | dB, state).
-        dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp // uq, W, uq, 2, np_ // W)
-        dbc = dbc.sum(2).transpose(0, 2, 4, 1, 5, 3, 6).reshape(b, lp, g, 2, np_)
-        dC, dB = dbc[..., 0, :].astype(Cm.dtype), dbc[..., 1, :].astype(Bm.dtype)
+        g = Bm.shape[2]
+        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics): one
+        # pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np) -> (b, Lp, G, Np).
+        dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
+        dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
         dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dAT.T,
             None if D is None else dD, None if bias is None else dbias,
@@ -894,7 +895,7 @@ def _scan_padded_bwd(cfg, res, cts):
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 
 
-SMEM_LIMIT = 220 * 1024    # H100: 227 KB of shared memory per block, some kept in reserve
+SMEM_LIMIT = 226 * 1024    # H100: 227 KB of shared memory per block; 1 KB for the barriers
 
 
 def _fwd_smem_bytes(stages, tile, np_, u, z, B):
@@ -912,7 +913,7 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
-                            + 2 * WIDTH * 4)
+                            + 2 * WIDTH * W * 4)
     xch += 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     pad = 4 if bs.bwd_vec_smem else 1          # _Cfg.pt_pad
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging + WIDTH * np_ * 4
