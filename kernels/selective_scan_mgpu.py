@@ -320,13 +320,25 @@ def _leader(w, fn, lead=0):
         pl.when(w == lead)(fn)
 
 
-def _load_params(ins, refs, cols, states):
-    """a2 (A log2(e) of the `states`, a list of static or traced state indices), D, bias rows,
-    read straight from global memory once per block (thread d: channel d; A's column n is a
-    strided load): no shared memory, no barrier."""
+def _load_params(ins, refs, smem, pbar, cols, states):
+    """TMA of the per-channel parameters (the forward); returns a2 (A log2(e) of the
+    `states`), D, bias rows. (Read straight from global memory instead, as the backward does
+    for want of shared memory, the forward measured 3-5% slower: session 7, run mgpu25.)"""
     a_ref, d_ref, bias_ref = refs
-    a2 = [a_ref[cols, n] * _LOG2E for n in states]
-    return a2, (d_ref[cols] if ins.d else None), (bias_ref[cols] if ins.bias else None)
+    a_s, d_s, bias_s = smem
+    plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
+    if ins.d:
+        plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
+    if ins.bias:
+        plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
+    plgpu.barrier_wait(pbar)
+    # Column n of the (128, Np) tile: thread d reads A[d, n] (a strided load, once).
+    a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in states]
+    return a2, (d_s[...] if ins.d else None), (bias_s[...] if ins.bias else None)
+
+
+def _par_count(ins):
+    return 1 + int(ins.d) + int(ins.bias)
 
 
 def _bc_reader(ins, b_s, c_s, stage):
@@ -360,7 +372,8 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     [D, delta_bias: (Dp,) float32]  [h0: (B, Np, Dp) float32]
     -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / save_every, Np, Dp)]
     SMEM scratch: u, dt, [z]: (stages, tile, 128)  B, C: (stages, tile, Np)
-    [B, C float32 staging: (tile, Np)]; barriers: one per stage.
+    [B, C float32 staging: (tile, Np)]  A: (128, Np)  D, bias: (128,)  [h0: (Np, 128)];
+    barriers: one per stage, one for the parameters.
     """
     it = iter(refs)
     nseq = 4 + int(ins.z)
@@ -371,7 +384,9 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     hs_ref = next(it) if save_states else None
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
-    bar = next(it)
+    par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
+    h0_s = next(it) if ins.h0 else None
+    bar, pbar = next(it), next(it)
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -381,9 +396,11 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
 
     issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
-    a2, dskip, bias = _load_params(ins, par_refs, cols, range(N))
+    if ins.h0:
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
+    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, range(N))
     zero = _zeros()
-    h = tuple(h0_ref[bi, n, cols] if ins.h0 else zero for n in range(N))
+    h = tuple(h0_s[n, :] if ins.h0 else zero for n in range(N))
     u_s, dt_s = seq_smem[0], seq_smem[1]
     z_s = seq_smem[2] if ins.z else None
     bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
@@ -507,7 +524,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     def issue(k, slot):
         _leader(w, lambda: tile_issue(k, slot), lead)
 
-    a2, dskip, bias = _load_params(ins, par_refs, cols, states)
+    # A, D, bias straight from global memory, once per block (no shared memory to spare).
+    a_ref, d_ref, bias_ref = par_refs
+    a2 = [a_ref[cols, n] * _LOG2E for n in states]
+    dskip = d_ref[cols] if ins.d else None
+    bias = bias_ref[cols] if ins.bias else None
     if ins.d and W > 1:
         dskip = dskip * jnp.where(w == 0, 1.0, 0.0)  # D dy and D u: in warpgroup 0's partials
     zero = _zeros()
@@ -826,7 +847,11 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((b, lp // cfg.save_every, np_, dp), f32))
     scratch = _common_scratch(ins, seq, T, S, np_, Bm)
-    scratch.append(plgpu.Barrier(num_arrivals=len(seq), num_barriers=S))
+    scratch += [plgpu.SMEM((WIDTH, np_), f32)]
+    scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
+    scratch += [plgpu.SMEM((np_, WIDTH), f32)] if ins.h0 else []
+    scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
+                plgpu.Barrier(num_arrivals=_par_count(ins) + int(ins.h0))]
     kern = plgpu.kernel(
         functools.partial(_fwd_kernel, cfg=cfg, ins=ins, save_states=save_states),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
@@ -923,7 +948,7 @@ def _fwd_smem_bytes(stages, tile, np_, u, z, B):
     seq = 2 * jnp.dtype(u.dtype).itemsize + (jnp.dtype(z.dtype).itemsize if z is not None else 0)
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
-    return stages * tile * (WIDTH * seq + bc) + staging
+    return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
 
 
 def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
