@@ -131,7 +131,6 @@ if MGPU:
         "mgpu_s6": MgpuBlockSizes(bwd_vec_smem=False, bwd_lean_sync=False),  # session 6's
         "mgpu_vec": MgpuBlockSizes(bwd_lean_sync=False),
         "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
-        "mgpu_fw1": MgpuBlockSizes(fwd_warpgroups=1),       # the forward before session 7
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

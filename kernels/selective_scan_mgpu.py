@@ -78,7 +78,6 @@ except Exception:  # pragma: no cover - depends on the installed jax
 
 _LOG2E = math.log2(math.e)
 WIDTH = 128         # channels per block: one warpgroup, one channel per thread
-FWD_GROUP = 8       # forward with 2 warpgroups: steps between exchanges of partial y
 TRITON_CHUNK = 16   # steps between saved states for the Triton backward (its chunk)
 MAX_MGPU_BWD_STATE = 16   # padded d_state up to which the Mosaic backward runs
 
@@ -116,11 +115,6 @@ class MgpuBlockSizes:
     # L; run mgpu16 (64-step tiles: half the conversions' barriers): equal at L (0.428-0.429)
     # and False faster at S (0.115 vs 0.121: the two XLA converts are ~5% of a short call).
     bc_f32: bool = False
-    # forward: warpgroups per block (1 or 2). 2: each runs half the states of the same 128
-    # channels (two warps per scheduler instead of one to cover the exp2 latency: session 7's
-    # profile had the forward at ~70% of the MUFU pipe with one warp per scheduler), partial
-    # y exchanged through shared memory every FWD_GROUP steps, dt once per tile.
-    fwd_warpgroups: int = 2
     # Mosaic backward: warpgroups per block (1 or 2). 2: each warpgroup runs the recurrences
     # of half the states of the same 128 channels (the states' recurrences are independent;
     # only the outputs du, ddt, dz sum over states: each warpgroup writes its partial sums to
@@ -171,9 +165,6 @@ class MgpuBlockSizes:
         if self.bwd_recompute_unroll < 1 or self.bwd_chunk % self.bwd_recompute_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
                              f" must divide bwd_chunk={self.bwd_chunk}")
-        if self.fwd_warpgroups not in (1, 2):
-            raise ValueError(f"MgpuBlockSizes.fwd_warpgroups={self.fwd_warpgroups} must be 1 "
-                             f"or 2")
         if self.bwd_warpgroups not in (1, 2, 4):
             raise ValueError(f"MgpuBlockSizes.bwd_warpgroups={self.bwd_warpgroups} must be 1, "
                              f"2 or 4")
@@ -189,7 +180,6 @@ class _Cfg:
     tile: int
     stages: int
     unroll: int
-    fwd_warpgroups: int
     save_every: int        # steps between the states the forward saves for the backward
     n_state: int           # true d_state (the loops' states)
     np_: int               # padded d_state (rows of h0 / hL / hs; B|C row = 2 np_)
@@ -270,18 +260,18 @@ def _params():
         unsafe_no_auto_barriers=True)
 
 
-def _ring(n_tiles, stages, issue, bar, body, carry, sync=_barrier):
+def _ring(n_tiles, stages, issue, bar, body, carry):
     """Tiles 0..n_tiles-1 through a `stages`-deep ring of shared-memory slots filled by TMA
     (the forward; the backward runs its own ring, in reverse): `issue(tile, slot)` starts the
     copies of a tile (arriving on bar[slot]), `body(tile, slot, carry)` consumes it. One
-    barrier per tile (`sync`: of the warpgroup, or of the block where several warpgroups read
-    the tiles) orders the reads of tile i - 1 before the copy that refills its slot."""
+    warpgroup barrier per tile orders the reads of tile i - 1 before the copy that refills
+    its slot."""
     for i in range(min(stages - 1, n_tiles)):
         issue(i, i)
 
     def it(i, carry):
         slot = jax.lax.rem(i, stages)
-        sync()
+        _barrier()
         nxt = i + stages - 1
 
         @pl.when(nxt < n_tiles)
@@ -330,8 +320,10 @@ def _leader(w, fn, lead=0):
         pl.when(w == lead)(fn)
 
 
-def _load_param_copies(ins, refs, smem, pbar, cols):
-    """TMA of the per-channel parameters (the forward) into their tiles, arriving on pbar."""
+def _load_params(ins, refs, smem, pbar, cols, states):
+    """TMA of the per-channel parameters (the forward); returns a2 (A log2(e) of the
+    `states`), D, bias rows. (Read straight from global memory instead, as the backward does
+    for want of shared memory, the forward measured 3-5% slower: session 7, run mgpu25.)"""
     a_ref, d_ref, bias_ref = refs
     a_s, d_s, bias_s = smem
     plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
@@ -339,13 +331,6 @@ def _load_param_copies(ins, refs, smem, pbar, cols):
         plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
     if ins.bias:
         plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
-
-
-def _read_params(ins, smem, pbar, states):
-    """After the copies: a2 (A log2(e) of the `states`, static or traced indices), D, bias.
-    (Read straight from global memory instead, as the backward does for want of shared
-    memory, the forward measured 3-5% slower: session 7, run mgpu25.)"""
-    a_s, d_s, bias_s = smem
     plgpu.barrier_wait(pbar)
     # Column n of the (128, Np) tile: thread d reads A[d, n] (a strided load, once).
     a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in states]
@@ -356,25 +341,17 @@ def _par_count(ins):
     return 1 + int(ins.d) + int(ins.bias)
 
 
-def _bc_reader(ins, b_s, c_s, stage, split=None):
+def _bc_reader(ins, b_s, c_s, stage):
     """(b(slot, t, n), c(slot, t, n), per-tile staging hook) over the B, C tiles. bf16 tiles
-    are converted to float32 once per tile into `stage` (one barrier), not at every use;
-    split = (w, W, block barrier): warpgroup w of W converts its share of the rows."""
+    are converted to float32 once per tile into `stage` (one barrier), not at every use."""
     if ins.bc_f32:
         return (lambda slot, t, n: b_s[slot, t, n]), (lambda slot, t, n: c_s[slot, t, n]), None
     bf_s, cf_s = stage
 
     def convert(slot):
-        if split is None:
-            bf_s[...] = b_s[slot].astype(jnp.float32)
-            cf_s[...] = c_s[slot].astype(jnp.float32)
-            _barrier()
-            return
-        w, W, sync = split
-        rows = pl.ds(w * (bf_s.shape[0] // W), bf_s.shape[0] // W)
-        bf_s[rows, :] = b_s[slot, rows, :].astype(jnp.float32)
-        cf_s[rows, :] = c_s[slot, rows, :].astype(jnp.float32)
-        sync()
+        bf_s[...] = b_s[slot].astype(jnp.float32)
+        cf_s[...] = c_s[slot].astype(jnp.float32)
+        _barrier()
 
     return (lambda slot, t, n: bf_s[t, n]), (lambda slot, t, n: cf_s[t, n]), convert
 
@@ -391,21 +368,13 @@ def _dot(xs, ys, extra=None):
 def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     """Forward of one (batch, 128-channel block): eq. 2a-2b, one channel per thread.
 
-    With W = fwd_warpgroups = 2, warpgroup w runs states [w Np/2, (w + 1) Np/2) of the same
-    channels (two warps per scheduler to cover the exp2 latency); each writes its partial
-    y_t = sum_n C_t h_t (warpgroup 0 adds D u) to shared memory, and after each group of
-    FWD_GROUP steps (one block barrier) warpgroup w adds and stores half of the group's rows.
-    dt (softplus, mask) is computed once per tile into shared memory, half the steps by each.
-
     GMEM refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np) float32
     [D, delta_bias: (Dp,) float32]  [h0: (B, Np, Dp) float32]
     -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / save_every, Np, Dp)]
     SMEM scratch: u, dt, [z]: (stages, tile, 128)  B, C: (stages, tile, Np)
-    [B, C float32 staging: (tile, Np)]  A: (128, Np)  D, bias: (128,)  [h0: (Np, 128)]
-    [W = 2: partial y (2, W, FWD_GROUP, 128), dt (tile, 128)]; barriers: one per stage, one
-    for the parameters [, interpret mode: the block barrier].
+    [B, C float32 staging: (tile, Np)]  A: (128, Np)  D, bias: (128,)  [h0: (Np, 128)];
+    barriers: one per stage, one for the parameters.
     """
-    W = cfg.fwd_warpgroups
     it = iter(refs)
     nseq = 4 + int(ins.z)
     seq_refs = [next(it) for _ in range(nseq)]       # u, dt, [z], B, C
@@ -417,144 +386,69 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     stage = None if ins.bc_f32 else (next(it), next(it))
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     h0_s = next(it) if ins.h0 else None
-    yx_s, dtf_s = (next(it), next(it)) if W > 1 else (None, None)
     bar, pbar = next(it), next(it)
-    sbar = next(it) if W > 1 and cfg.interpret else None
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * WIDTH, WIDTH)
     T, N, CH = cfg.tile, cfg.n_state, cfg.save_every
-    f32 = jnp.float32
-    if W == 1:
-        w, states, sync = None, list(range(N)), _barrier
-    else:
-        w = jax.lax.axis_index("wg")
-        RP = cfg.np_ // W        # this warpgroup's states (padded ones stay zero: cheap)
-        states = [w * RP + k for k in range(RP)]
-        sync = functools.partial(_block_sync, sbar, W)
-    K = len(states)
 
-    tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
+    issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
-    def issue(k, slot):
-        _leader(w, lambda: tile_issue(k, slot))
-
-    def params():
-        if ins.h0:
-            plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
-        _load_param_copies(ins, par_refs, par_smem, pbar, cols)
-
-    _leader(w, params)
-    a2, dskip, bias = _read_params(ins, par_smem, pbar, states)
-    if ins.d and W > 1:
-        dskip = dskip * jnp.where(w == 0, 1.0, 0.0)   # D u: in warpgroup 0's partial
+    if ins.h0:
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
+    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, range(N))
     zero = _zeros()
-    h = tuple(h0_s[n, :] if ins.h0 else zero for n in states)
+    h = tuple(h0_s[n, :] if ins.h0 else zero for n in range(N))
     u_s, dt_s = seq_smem[0], seq_smem[1]
     z_s = seq_smem[2] if ins.z else None
-    bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage,
-                                     None if W == 1 else (w, W, sync))
+    bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     masked = cfg.lp != cfg.length
 
-    def step_size(t0, slot, t):
-        x = dt_s[slot, t, :].astype(f32)
+    def step(t0, slot, t, h):
+        x = dt_s[slot, t, :].astype(jnp.float32)
         if ins.bias:
             x = x + bias
         dt = _softplus(x) if cfg.softplus else x
         if masked:
             dt = jnp.where(t0 + t < cfg.length, dt, 0.0)
-        return dt
-
-    def gate(y, slot, t):
-        if ins.z:
-            zt = z_s[slot, t, :].astype(f32)
-            y = y * zt * _sigmoid(zt)
-        return y
-
-    def step(t0, slot, t, h):
-        dt = step_size(t0, slot, t) if W == 1 else dtf_s[t, :]
-        u = u_s[slot, t, :].astype(f32)
+        u = u_s[slot, t, :].astype(jnp.float32)
         dtu = dt * u
         # B read inline (16 scalar loads): loading the B and C rows first (8 vector loads, 12
         # fewer instructions per step) measured 3-4% slower (run mgpu8).
-        out = [jnp.exp2(dt * a2[k]) * h[k] + dtu * bval(slot, t, n)
-               for k, n in enumerate(states)]
-        y = _dot(out, [cval(slot, t, n) for n in states], dskip * u if ins.d else None)
-        if W == 1:
-            y_ref[bi, t0 + t, cols] = gate(y, slot, t).astype(y_ref.dtype)
-        else:
-            yx_s[(t // FWD_GROUP) % 2, w, t % FWD_GROUP, :] = y
+        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
+        y = _dot(out, [cval(slot, t, n) for n in range(N)], dskip * u if ins.d else None)
+        if ins.z:
+            zt = z_s[slot, t, :].astype(jnp.float32)
+            y = y * zt * _sigmoid(zt)
+        y_ref[bi, t0 + t, cols] = y.astype(y_ref.dtype)
         return tuple(out)
 
-    def finalize(t0, slot, g0):
-        # W > 1: rows [w G / W, (w + 1) G / W) of the group at step g0 of the tile.
-        par = (g0 // FWD_GROUP) % 2
-        for ii in range(FWD_GROUP // W):
-            i = w * (FWD_GROUP // W) + ii
-            y = yx_s[par, 0, i, :]
-            for v in range(1, W):
-                y = y + yx_s[par, v, i, :]
-            y_ref[bi, t0 + g0 + i, cols] = gate(y, slot, g0 + i).astype(y_ref.dtype)
-
-    def dt_pass(t0, slot):
-        # W > 1: warpgroup w computes dt of steps [w T / W, (w + 1) T / W) of the tile.
-        TW = T // W
-
-        def one(i, _):
-            tl = i + w * TW
-            dtf_s[tl, :] = step_size(t0, slot, tl)
-            return _
-
-        jax.lax.fori_loop(0, TW, one, 0, unroll=2)
-
     # Saving states: loops of CH steps, the state stored before each; else one loop per tile
-    # (run mgpu5: 8-step loops cost the primal 9% at L). W > 1: loops of FWD_GROUP steps, the
-    # partial sums of y exchanged after each.
+    # (run mgpu5: 8-step loops cost the primal 9% at L).
     if not save_states:
         CH = T
-    G = CH if W == 1 else FWD_GROUP
 
     def tile_body(k, slot, h):
-        t0 = k * T
-        if W > 1:
-            dt_pass(t0, slot)
         if convert is not None:
-            convert(slot)            # W > 1: half the rows each, then a block barrier
-        elif W > 1:
-            sync()
-
-        def group(gi, h):
-            g0 = gi * G
-            h = jax.lax.fori_loop(0, G, lambda i, h: step(t0, slot, g0 + i, h), h,
-                                  unroll=min(cfg.unroll, G))
-            if W > 1:
-                sync()
-                finalize(t0, slot, g0)
-            return h
+            convert(slot)
+        t0 = k * T
 
         def chunk(q, h):
             if save_states:
                 c = k * (T // CH) + q
-                for kk, n in enumerate(states):
-                    hs_ref[bi, c, n, cols] = h[kk]
-                if W == 1:
-                    for n in range(N, cfg.np_):
-                        hs_ref[bi, c, n, cols] = zero
-            if G == CH:
-                return group(q, h)
-            return jax.lax.fori_loop(0, CH // G, lambda gi, h: group(q * (CH // G) + gi, h), h)
+                for n in range(cfg.np_):
+                    hs_ref[bi, c, n, cols] = h[n] if n < N else zero
+            return jax.lax.fori_loop(0, CH, lambda i, h: step(t0, slot, q * CH + i, h), h,
+                                     unroll=min(cfg.unroll, CH))
 
         # The chunks as a loop (one copy of their code; run mgpu13).
         return jax.lax.fori_loop(0, T // CH, chunk, h) if T // CH > 1 else chunk(0, h)
 
-    h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h, sync=sync)
-    for kk, n in enumerate(states):
-        hl_ref[bi, n, cols] = h[kk]
-    if W == 1:
-        for n in range(N, cfg.np_):
-            hl_ref[bi, n, cols] = zero
+    h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
+    for n in range(cfg.np_):
+        hl_ref[bi, n, cols] = h[n] if n < N else zero
 
 
 def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
@@ -952,23 +846,17 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
                 jax.ShapeDtypeStruct((b, np_, dp), f32)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((b, lp // cfg.save_every, np_, dp), f32))
-    W = cfg.fwd_warpgroups
     scratch = _common_scratch(ins, seq, T, S, np_, Bm)
     scratch += [plgpu.SMEM((WIDTH, np_), f32)]
     scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
     scratch += [plgpu.SMEM((np_, WIDTH), f32)] if ins.h0 else []
-    if W > 1:     # partial y of two groups; the tile's dt
-        scratch += [plgpu.SMEM((2, W, FWD_GROUP, WIDTH), f32), plgpu.SMEM((T, WIDTH), f32)]
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins) + int(ins.h0))]
-    if W > 1 and cfg.interpret:
-        scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
-    threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
         functools.partial(_fwd_kernel, cfg=cfg, ins=ins, save_states=save_states),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, dp // WIDTH), grid_names=("b", "d"), interpret=_interpret(cfg),
-        kernel_name="selective_scan_mgpu_fwd", **threads)
+        kernel_name="selective_scan_mgpu_fwd")
     return kern(*seq, *pars, *([h0] if ins.h0 else []))
 
 
@@ -1055,14 +943,12 @@ _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 SMEM_LIMIT = 225 * 1024    # H100: 227 KB per block; Pallas adds ~1 KB (seen: +1056 bytes)
 
 
-def _fwd_smem_bytes(stages, tile, np_, u, z, B, W=1):
+def _fwd_smem_bytes(stages, tile, np_, u, z, B):
     """Shared memory of the Mosaic forward (scratch of _fwd_call) in bytes."""
     seq = 2 * jnp.dtype(u.dtype).itemsize + (jnp.dtype(z.dtype).itemsize if z is not None else 0)
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
-    xch = 0 if W == 1 else (2 * W * FWD_GROUP + tile) * WIDTH * 4
-    return (stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
-            + xch)
+    return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
 
 
 def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
@@ -1125,16 +1011,14 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                   and _bwd_smem_bytes(bs, bwd_tile, bwd_wgs, np_, u, z, B) <= SMEM_LIMIT)
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
     # Likewise the forward's ring (f32 inputs, long tiles): fewer stages, then shorter tiles.
-    stages, tile, fwd_wgs = bs.stages, bs.tile, bs.fwd_warpgroups
-    while _fwd_smem_bytes(stages, tile, np_, u, z, B, fwd_wgs) > SMEM_LIMIT:
+    stages, tile = bs.stages, bs.tile
+    while _fwd_smem_bytes(stages, tile, np_, u, z, B) > SMEM_LIMIT:
         if stages > 2:
             stages -= 1
         elif tile > 16 and (tile // 2) % save_every == 0:
             tile //= 2
         else:
             break
-    if (tile * np_) % (WIDTH * fwd_wgs):
-        fwd_wgs = 1      # each warpgroup converts tile * Np / W of a B/C tile: whole vectors
     lp = _round_up(l, math.lcm(tile, bwd_tile, TRITON_CHUNK))
     tcfg = None
     if not mosaic_bwd:
@@ -1152,7 +1036,6 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                         fast_math=tbs.fast_math, carry_prefetch=tbs.carry_prefetch,
                         bc_shuffle=False, interpret=bool(interpret))
     cfg = _Cfg(length=l, lp=lp, tile=tile, stages=stages, unroll=bs.unroll,
-               fwd_warpgroups=fwd_wgs,
                save_every=save_every, n_state=n, np_=np_, blocks_per_group=cgp // WIDTH,
                softplus=bool(delta_softplus), has_z=z is not None,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
