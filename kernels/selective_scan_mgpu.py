@@ -473,8 +473,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (2, B, n_blocks, Lp, Np) per-block partial sums of
     dC | dB (W > 1: the warpgroups' column parts added in the kernel by the last warpgroup,
     one group later), summed over the blocks of a group by XLA
-    dpar: (B, Dp, Np + 2 W) per-batch partials: dA | dD (per warpgroup: the same in each)
-    | dbias (per warpgroup: partial sums over its states)  dh0: (B, Np, Dp)
+    dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
     nseq = 5 + int(ins.z)
@@ -483,7 +482,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     hs_ref, dhl_ref = next(it), next(it)
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if ins.z else None
-    dbc_ref, dpar_ref, dh0_ref = next(it), next(it), next(it)
+    dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     h_s, pt_s, hst_s = next(it), next(it), next(it)
@@ -808,13 +807,13 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         pl.when(w == W - 1)(lambda: combine(0))
     padded = range(N, NP) if W == 1 else ()
     for k, n in enumerate(states):
-        dpar_ref[bi, cols, n] = dat[k]
+        dat_ref[bi, n, cols] = dat[k]
         dh0_ref[bi, n, cols] = g[k]
     for n in padded:
-        dpar_ref[bi, cols, n] = zero
+        dat_ref[bi, n, cols] = zero
         dh0_ref[bi, n, cols] = zero
-    dpar_ref[bi, cols, NP + wi] = dd
-    dpar_ref[bi, cols, NP + W + wi] = dbias
+    ddb_ref[bi, wi, 0, cols] = dd
+    ddb_ref[bi, wi, 1, cols] = dbias
 
 
 def _interpret(cfg):
@@ -873,7 +872,8 @@ def _bwd_call(cfg, res, dout, dhl):
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
                 + [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32),
-                   jax.ShapeDtypeStruct((b, dp, np_ + 2 * W), f32),
+                   jax.ShapeDtypeStruct((b, np_, dp), f32),
+                   jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
     states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
@@ -920,23 +920,19 @@ def _scan_padded_bwd(cfg, res, cts):
         tres = (u, dt, z, Bm, Cm, A.T, zeros if D is None else D,
                 zeros if bias is None else bias, hs)
         du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
-        dA = dAT.T
     else:
         outs = _bwd_call(cfg, res, dy, dhl)
         du, ddt = outs[0], outs[1]
         dz = outs[2] if z is not None else None
-        dbc, dpar, dh0 = outs[-3:]
+        dbc, dat, ddb, dh0 = outs[-4:]
         b, lp, _ = u.shape
         g = Bm.shape[2]
         # Per-block partial sums of dC | dB reduced here (deterministic, no atomics): one
         # pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np) -> (b, Lp, G, Np).
         dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
         dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
-        # Per-batch (and per-warpgroup) partials of dA | dD | dbias: one reduction.
-        np_, W = cfg.np_, cfg.bwd_warpgroups
-        dpar = dpar.sum(0)
-        dA, dD, dbias = dpar[:, :np_], dpar[:, np_], dpar[:, np_ + W:].sum(1)
-    return (du, ddt, dz, dB, dC, dA,
+        dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
+    return (du, ddt, dz, dB, dC, dAT.T,
             None if D is None else dD, None if bias is None else dbias,
             None if h0 is None else dh0)
 
