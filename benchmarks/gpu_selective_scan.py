@@ -456,6 +456,15 @@ for vname in list(VARIANTS) + [v + "_again" for v in repeat]:
     worst = max((x for c in chk for k, x in c.items() if k != "ok"), default=float("nan"))
     print(f"{vname:16s} " + " ".join(f"{c:8.3f}" for c in cells) + f" {'y' if ok else 'N':>3s} "
           f"{worst:8.2e}")
+xla = [tm.get(f"{sname}/xla", {}).get(k) for sname in ("L", "S") for k in ("fwd", "fwd_bwd")]
+if all(xla):
+    # Speed-up over impl="xla" (jax.lax.associative_scan) measured in the same call.
+    print(f"\n=== speed-up over impl='xla' (same call) ===\n{'variant':16s} {'L fwd':>8s} "
+          f"{'L f+b':>8s} {'S fwd':>8s} {'S f+b':>8s}")
+    for vname in list(VARIANTS) + [v + "_again" for v in repeat]:
+        cells = [tm.get(f"{sname}/{vname}", {}).get(k, float("nan"))
+                 for sname in ("L", "S") for k in ("fwd", "fwd_bwd")]
+        print(f"{vname:16s} " + " ".join(f"{x / c:7.1f}x" for x, c in zip(xla, cells)))
 print("nan:", RESULTS["nan"].get(f"L{NAN_LEN}_all_finite"), " errors:", list(RESULTS["errors"]))
 log("done")
 sys.stdout.flush()
