@@ -27,8 +27,9 @@ chunk ahead), then runs the adjoint recurrence one channel per thread. A block i
 warpgroups (`bwd_warpgroups`; two where shared memory is short: z, 4-byte inputs), each
 running a quarter of the states of the same 128 channels (the per-state recurrences are
 independent; the outputs that sum over states are exchanged as partial sums), with the
-tile's dt computed once into shared memory (`bwd_dt_tile`). H100, runs mgpu20-22: fwd+bwd
-2.42 / 0.62 ms at L / S against 2.61 / 0.67 with one warpgroup. The sums
+tile's dt computed once into shared memory (`bwd_dt_tile`, the next tile's inside this one)
+and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, runs mgpu27 and mgpu30: fwd+bwd
+2.34 / 0.60 ms at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums
 over channels (dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each
 thread writes its terms as rows, and after 64 / Np steps the threads sum the rows. Where the
 time went with one warpgroup (Nsight Compute at the end of session 5,
@@ -131,14 +132,18 @@ class MgpuBlockSizes:
     # both the recompute and the adjoint step (and in both warpgroups). Run mgpu19, fwd+bwd
     # at L / S: 2 warpgroups + dt tile 2.479 / 0.648 ms (the default since); 1 warpgroup,
     # per step (session 5) 2.604 / 0.674; 2 warpgroups alone 2.627 / 0.683 (with adjoint
-    # unroll 2); the dt tile alone 2.689 / 0.691 (its shared memory halves the tile).
+    # unroll 2); the dt tile alone 2.689 / 0.691 (its shared memory halves the tile). Session 7
+    # (run mgpu26): with >= 2 stages the next tile's dt is computed inside this tile, before
+    # its last reduction barrier (a second dt buffer; no barrier of its own).
     bwd_dt_tile: bool = True
     # Mosaic backward: shared-memory layouts for 16-byte accesses. The dB/dC tile's rows are
     # padded by 4 columns (not 1), so each thread's reduction reads 4 columns per load; and
     # with <= 4 states per warpgroup the recomputed states a_t h_{t-1} are stored lane-major
     # (thread, state), one 16-byte store and load per step instead of one per state.
     # Nsight Compute (session 7, W = 4): shared-memory instructions were ~35 per warp and
-    # step of 147, "MIO throttle" 13% of the stall samples.
+    # step of 147, "MIO throttle" 13% of the stall samples. Run mgpu23: 147 -> 135
+    # instructions per warp and step; with bwd_lean_sync fwd+bwd 2.42 -> 2.37 ms at L
+    # (either alone 2.40 / 2.41).
     bwd_vec_smem: bool = True
     # Mosaic backward with several warpgroups: the TMA copies issued by a warpgroup that
     # finalizes nothing (W = 4 without z: warpgroup 2), and no ring barrier before a refill
