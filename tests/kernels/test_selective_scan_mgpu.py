@@ -54,6 +54,11 @@ CASES = [
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False, **W2)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **W2)),
+    # One stage: the dt tile computed at the tile's start (not inside the tile before), and
+    # session 6's shared-memory layouts and barriers (bwd_vec_smem, bwd_lean_sync off).
+    (31, 128, 16, None, jnp.bfloat16, dict(z=False), True,
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1, bwd_vec_smem=False,
+                    bwd_lean_sync=False, **MOSAIC)),
     # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit). Interpret
     # mode runs each simulated warpgroup as a CPU thread whose barrier waits block inside
     # XLA's CPU thread pool: with 4 of them on fewer than 8 CPU threads the pool can run dry
@@ -79,9 +84,10 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
     check_against_ref(fn, args, softplus, dtype)
 
 
-@pytest.mark.parametrize("warpgroups,dt_tile", [(1, False), (1, True), (2, False), (2, True),
-                                                (4, True)])
-def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile):
+@pytest.mark.parametrize("warpgroups,dt_tile,extra", [
+    (1, False, {}), (1, True, {}), (2, False, {}), (2, True, {}), (4, True, {}),
+    (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False))])
+def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
     # without saved states (primal), and the gradient: the forward saving states plus the
@@ -97,7 +103,8 @@ def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile):
                                    kw["delta_bias"], delta_softplus=True,
                                    initial_state=kw["initial_state"], return_final_state=True,
                                    block_sizes=MgpuBlockSizes(bwd_warpgroups=warpgroups,
-                                                              bwd_dt_tile=dt_tile, **MOSAIC),
+                                                              bwd_dt_tile=dt_tile, **extra,
+                                                              **MOSAIC),
                                    interpret=False)
 
     def loss(*vals):
