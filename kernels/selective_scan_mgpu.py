@@ -145,8 +145,8 @@ class MgpuBlockSizes:
     # instructions per warp and step; with bwd_lean_sync fwd+bwd 2.42 -> 2.37 ms at L
     # (either alone 2.40 / 2.41).
     bwd_vec_smem: bool = True
-    # Mosaic backward with several warpgroups: the TMA copies issued by a warpgroup that
-    # finalizes nothing (W = 4 without z: warpgroup 2), and no ring barrier before a refill
+    # Mosaic backward: with several warpgroups the TMA copies issued by a warpgroup that
+    # finalizes nothing (W = 4 without z: warpgroup 2); and no ring barrier before a refill
     # (the tile's last reduction barrier already orders every read of the slot). Session 7's
     # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
     # finalizes du, between two block barriers.
@@ -216,9 +216,13 @@ class _Cfg:
 
     @property
     def pt_pad(self):
-        """Padding columns of each row part of the backward's dB/dC tile: 4 keeps the
-        reduction's 4-column loads 16-byte aligned and conflict-free, 1 the scalar ones."""
-        return 4 if self.bwd_vec_smem else 1
+        return _pt_pad(self.bwd_vec_smem)
+
+
+def _pt_pad(vec_smem):
+    """Padding columns of each row part of the backward's dB/dC tile: 4 keeps the reduction's
+    4-column loads 16-byte aligned and conflict-free, 1 the scalar ones."""
+    return 4 if vec_smem else 1
 
 
 def _softplus(x):
@@ -568,9 +572,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             ddt = jnp.where(tg < cfg.length, ddt, 0.0)
         return ddt
 
-    def dt_pass(t0, slot, db):
+    def dt_pass(t0, slot, db, then_sync):
         # bwd_dt_tile: warpgroup w computes steps [w T / W, (w + 1) T / W) of the tile in
-        # `slot` into buffer db; a block barrier must follow before they are read.
+        # `slot` into buffer db; a block barrier must follow before they are read (then_sync:
+        # here; every thread reads only its own lane, so one warpgroup needs none).
         TW = T // W
 
         def one(i, _):
@@ -589,6 +594,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             return _
 
         jax.lax.fori_loop(0, TW, one, 0, unroll=2 if TW % 2 == 0 else 1)
+        if then_sync and W > 1:
+            sync()
 
     def issue_state(c):
         # The state entering chunk c by TMA into slot c % 2, a chunk ahead of its use
@@ -596,6 +603,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
         _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
                                                    hst_s.at[c % 2], hbar.at[c % 2]), lead)
+
+    def p_at(i, k, n):
+        # Where step i's a_t h_{t-1} of state n (k-th of this warpgroup) lives in h_s.
+        return (wi, i, slice(None), k) if cfg.lane_states else (i, n, slice(None))
 
     def recompute(t0, slot, db, base, i, h):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
@@ -606,10 +617,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         bs = [bval(slot, tl, n) for n in states]      # before the stores: vector loads (mgpu7)
         p = [jnp.exp2(dt * a2[k]) * h[k] for k in range(K)]
         for k, n in enumerate(states):       # lane_states: one 16-byte store (adjacent k)
-            if cfg.lane_states:
-                h_s[wi, i, :, k] = p[k]
-            else:
-                h_s[i, n, :] = p[k]
+            h_s[p_at(i, k, n)] = p[k]
         return tuple(p[k] + dtu * bs[k] for k in range(K))
 
     def put(ref, tg, ii, kind, val):
@@ -631,8 +639,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         dtu = dt * u
         bs = [bval(slot, tl, n) for n in states]
         cs = [cval(slot, tl, n) for n in states]
-        p = ([h_s[wi, i, :, k] for k in range(K)] if cfg.lane_states   # a_t h_{t-1}
-             else [h_s[i, n, :] for n in states])
+        p = [h_s[p_at(i, k, n)] for k, n in enumerate(states)]        # a_t h_{t-1}
         a = [jnp.exp2(dt * a2[k]) for k in range(K)]
         h = [p[k] + dtu * bs[k] for k in range(K)]
         if ins.z:
@@ -774,9 +781,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         k = tile_of(i)
         t0 = k * T
         if cfg.bwd_dt_tile and not ahead:
-            dt_pass(t0, slot, db)
-            if W > 1:
-                sync()       # every thread reads only its own lane: one warpgroup needs none
+            dt_pass(t0, slot, db, then_sync=True)
         hook = None
         if ahead:
             def hook():
@@ -784,7 +789,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
                 def _():
                     nslot = jax.lax.rem(i + 1, S)
                     plgpu.barrier_wait(bar.at[nslot])
-                    dt_pass(tile_of(i + 1) * T, nslot, 1 - db)
+                    dt_pass(tile_of(i + 1) * T, nslot, 1 - db, then_sync=False)
         # The chunks as a loop: one copy of their code. Unrolled (bwd_tile / bwd_chunk copies,
         # ~50 KB of loop code) it was 6% slower (run mgpu12: instruction-cache misses).
         if nq == 1:
@@ -802,9 +807,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         issue(tile_of(i), i)
     if ahead:            # the first tile's dt; each later tile's comes with the tile before
         plgpu.barrier_wait(bar.at[0])
-        dt_pass(tile_of(0) * T, 0, 0)
-        if W > 1:
-            sync()
+        dt_pass(tile_of(0) * T, 0, 0, then_sync=True)
     g, dat, dd, dbias = jax.lax.fori_loop(
         0, n_tiles, tile_iter, (g0, tuple(zero for _ in range(K)), zero, zero))
     if W > 1:        # the last group's dB/dC parts
@@ -965,9 +968,8 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * (W + 1) * 4)
     xch += 2 * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
-    pad = 4 if bs.bwd_vec_smem else 1          # _Cfg.pt_pad
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
-            + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * pad) * 4
+            + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
             + 2 * np_ * WIDTH * 4 + xch)
 
 
