@@ -131,10 +131,6 @@ if MGPU:
         "mgpu_s6": MgpuBlockSizes(bwd_vec_smem=False, bwd_lean_sync=False),  # session 6's
         "mgpu_vec": MgpuBlockSizes(bwd_lean_sync=False),
         "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
-        # Session 8: dB/dC summed by warp shuffles (bwd_shfl; the freed shared memory
-        # doubles the backward tile at L to 16 steps).
-        "mgpu_s7": MgpuBlockSizes(bwd_shfl=False),          # session 7's default
-        "mgpu_sh8": MgpuBlockSizes(bwd_tile=8),             # shuffles at session 7's tile
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

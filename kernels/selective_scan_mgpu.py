@@ -57,16 +57,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels import selective_scan_common as _common
 from kernels import selective_scan_triton as _triton
 
 try:  # jax 0.10.2 has plgpu, but not every piece used here (Lane semantics, interpret params).
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
-    from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
     from jax.experimental.pallas import mosaic_gpu as plgpu
     AVAILABLE = all(hasattr(plgpu, a) for a in (
@@ -78,7 +74,7 @@ try:  # jax 0.10.2 has plgpu, but not every piece used here (Lane semantics, int
         AVAILABLE = {"lowering_semantics", "unsafe_no_auto_barriers",
                      "approx_math"} <= _fields
 except Exception:  # pragma: no cover - depends on the installed jax
-    plgpu = mgpu = mgpu_utils = ir = arith = vector = None
+    plgpu = mgpu_utils = None
     AVAILABLE = False
 
 _LOG2E = math.log2(math.e)
@@ -155,16 +151,6 @@ class MgpuBlockSizes:
     # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
     # finalizes du, between two block barriers.
     bwd_lean_sync: bool = True
-    # Mosaic backward: the sums over channels dB_t, dC_t by warp shuffles (a butterfly that
-    # leaves each lane one of the warp's 2 Np / W sums: log2(2 Np / W) levels of exchanges, then
-    # the rest of the 5 as plain sums), one 128-byte shared-memory row per warp and step, and
-    # a 4-term sum per output over the warps, instead of each thread's 2 Np / W terms written
-    # as rows of a transposing tile and summed 32 columns at a time. Session 8's prediction
-    # from Nsight Compute (ncu_run7): the tile was ~16 of ~40 shared-memory wavefronts per
-    # warp and step (the backward is near that pipe's limit); the butterfly costs ~10
-    # shuffles, +15 ALU instructions, and frees the tile's 74 KB (the backward tile at L
-    # doubles to 16 steps).
-    bwd_shfl: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -215,7 +201,6 @@ class _Cfg:
     bwd_dt_tile: bool
     bwd_vec_smem: bool
     bwd_lean_sync: bool
-    bwd_shfl: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -389,64 +374,6 @@ def _dot(xs, ys, extra=None):
     return acc[0] if acc[1] is None else acc[0] + acc[1]
 
 
-def _butterfly(vals, bit, xor, select, add):
-    """The warp-sum butterfly on any representation: `vals` (a power of 2 <= 32 of them) ->
-    one value; lane l of each warp ends with the sum over the warp's 32 lanes of
-    vals[l % len(vals)]. Level d (1, 2, 4, ...) pairs vals (2i, 2i + 1): a lane with bit d
-    set keeps 2i + 1 and sends 2i to lane l ^ d, which keeps 2i; log2(len) levels halve the
-    values to one, the remaining levels up to 16 add lane l ^ d's partial sum."""
-    d = 1
-    while len(vals) > 1:
-        b = bit(d)
-        vals = [add(select(b, c, a), xor(select(b, a, c), d))
-                for a, c in zip(vals[0::2], vals[1::2])]
-        d *= 2
-    x = vals[0]
-    while d < 32:
-        x = add(x, xor(x, d))
-        d *= 2
-    return x
-
-
-def _warp_sums(vals, interpret):
-    """(128,) float32 arrays `vals` (a power of 2 <= 32 of them) -> one (128,) array: thread
-    32 p + l holds the sum over warp p's lanes of vals[l % len(vals)] (`_butterfly`).
-    Compiled: shfl.sync.bfly and selects in one inline Mosaic GPU block (len(vals) - 1 + 5 -
-    log2(len(vals)) shuffles). Interpret mode (no inline code): the same butterfly with the
-    exchange as a permutation of the warpgroup's array (identical sums, identical order)."""
-    if interpret:
-        lane = jax.lax.iota(jnp.int32, WIDTH) % 32
-        return _butterfly(list(vals), lambda d: (lane & d) != 0,
-                          lambda x, d: x.reshape(-1, 2, d)[:, ::-1].reshape(WIDTH),
-                          jnp.where, jnp.add)
-    layout = plgpu.Layout.WG_STRIDED((WIDTH,), vec_size=1)
-
-    @plgpu.inline_mgpu(arg_types=(layout,) * len(vals),
-                       return_type=plgpu.ShapeDtypeStruct((WIDTH,), jnp.float32, layout=layout))
-    def sums(ctx, *arrs):
-        del ctx
-        i32 = ir.IntegerType.get_signless(32)
-        lane = arith.andi(mgpu_utils.thread_idx(), mgpu_utils.c(31, i32))
-        zero = mgpu_utils.c(0, i32)
-
-        def bit(d):
-            return arith.cmpi(arith.CmpIPredicate.ne,
-                              arith.andi(lane, mgpu_utils.c(d, i32)), zero)
-
-        def scalar(a):
-            (reg,) = a.registers.flat
-            return vector.extract(reg, dynamic_position=[],
-                                  static_position=ir.DenseI64ArrayAttr.get([0]))
-
-        x = _butterfly([scalar(a) for a in arrs], bit, mgpu_utils.shfl_bfly, arith.select,
-                       arith.addf)
-        reg = vector.broadcast(ir.VectorType.get((1,), x.type), x)
-        return mgpu.FragmentedArray(_registers=np.array([reg]), _layout=arrs[0].layout,
-                                    _is_signed=None)
-
-    return sums(*vals)
-
-
 def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     """Forward of one (batch, 128-channel block): eq. 2a-2b, one channel per thread.
 
@@ -567,11 +494,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
     dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
+    h_s, pt_s, hst_s = next(it), next(it), next(it)
     W = cfg.bwd_warpgroups
-    shfl = cfg.bwd_shfl
-    h_s, red_s, hst_s = next(it), next(it), next(it)      # red_s: the dB/dC tile or rows
-    xch_s = next(it) if W > 1 else None
-    comb_s = next(it) if W > 1 and not shfl else None
+    xch_s, comb_s = (next(it), next(it)) if W > 1 else (None, None)
     has_sg = cfg.has_sg
     dtf_s = next(it) if cfg.bwd_dt_tile else None
     sgf_s = next(it) if has_sg else None
@@ -597,7 +522,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         sync = functools.partial(_block_sync, sbar, W)
     K = len(states)
     CP = WIDTH // W                  # columns per part of the dB/dC tile
-    PV = 2 * RP                      # bwd_shfl: dB/dC values per thread and step, padded
     # The warpgroup issuing the TMA copies: with bwd_lean_sync, one that finalizes no output
     # (output kind k: warpgroup k % W) and combines no dB/dC parts (warpgroup W - 1).
     busy = {k % W for k in range(2 + int(ins.z))} | {W - 1}
@@ -726,17 +650,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             dy = dout * zt * sig
         else:
             dy = dout
+        row = ii * RP                                  # rows (dC | dB, step, state)
         g = [g[k] + cs[k] * dy for k in range(K)]
-        if shfl:     # lane m of each warp: the warp's sum of term m (dC | dB, state)
-            pad = [zero] * (RP - K)
-            tot = _warp_sums([dy * h[k] for k in range(K)] + pad
-                             + [g[k] * dtu for k in range(K)] + pad, cfg.interpret)
-            red_s[(tg // UQ) % 2, ii * W + wi, pl.ds(0, WIDTH)] = tot
-        else:
-            row = ii * RP                              # rows (dC | dB, step, state)
-            for k in range(K):
-                red_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
-                red_s[wi, UQ * RP + row + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)
+        for k in range(K):
+            pt_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
+            pt_s[wi, UQ * RP + row + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
         gah = [g[k] * p[k] for k in range(K)]
         gb = _dot(g, bs)
         sa = _dot(gah, a2)
@@ -771,16 +689,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         # The group's 128 sums, lanes in (dC | dB, step, state) order.
         dbc_ref[:, bi, j, pl.ds(gidx * UQ, UQ), :] = tot.reshape(2, UQ, NP)
 
-    def sum_warps(gidx):
-        # bwd_shfl: group gidx's dB/dC sums from the warps' rows of red_s (row ii W + w: step
-        # ii of warpgroup w, 32 lanes per warp and PV padding columns). Thread t reads (row
-        # t // PV, term t % PV) of every warp: with the padding its 32 threads hit 32 banks.
-        buf = gidx % 2
-        tot = red_s[buf, :, pl.ds(0, PV)]
-        for p in range(1, WIDTH // 32):
-            tot = tot + red_s[buf, :, pl.ds(32 * p, PV)]
-        dbc_ref[bi, j, pl.ds(gidx * UQ, UQ)] = tot.reshape(UQ, W, 2, RP)
-
     def combine(gidx):
         # W > 1: group gidx's dB/dC sums (every warpgroup's rows and parts in comb_s, as
         # (dC | dB, step, warpgroup, state of the warpgroup, part + 1 padding: the loads of
@@ -791,20 +699,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         store_dbc(gidx, tot)
 
     def reduce_rows(tg0):
-        if shfl:
-            # Every warp's rows of the group written: summed over the warps by warpgroup
-            # W - 1 (see below), the partial du, ddt, dz finalized. The group after next
-            # rewrites these buffers, after a barrier that follows these reads.
-            sync()
-            _leader(w, lambda: sum_warps(tg0 // UQ), W - 1)
-            if W > 1:
-                finalize(tg0)
-            return
         # Thread r: part r % W of row r // W ((dC | dB, step, state), steps from tg0).
         sync()
-        acc = [red_s[wi, :, :, k] for k in range(4)]
+        acc = [pt_s[wi, :, :, k] for k in range(4)]
         for k in range(4, CP):
-            acc[k % 4] = acc[k % 4] + red_s[wi, :, :, k]
+            acc[k % 4] = acc[k % 4] + pt_s[wi, :, :, k]
         tot = (acc[0] + acc[1]) + (acc[2] + acc[3])
         gidx = tg0 // UQ
         if W == 1:
@@ -911,7 +810,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         dt_pass(tile_of(0) * T, 0, 0, then_sync=True)
     g, dat, dd, dbias = jax.lax.fori_loop(
         0, n_tiles, tile_iter, (g0, tuple(zero for _ in range(K)), zero, zero))
-    if W > 1 and not shfl:        # the last group's dB/dC parts
+    if W > 1:        # the last group's dB/dC parts
         sync()
         pl.when(w == W - 1)(lambda: combine(0))
     padded = range(N, NP) if W == 1 else ()
@@ -980,23 +879,19 @@ def _bwd_call(cfg, res, dout, dhl):
     pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
-                + [jax.ShapeDtypeStruct(_dbc_shape(cfg, b, n_blocks), f32),
+                + [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
     states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
               else (cfg.save_every, np_, WIDTH))
-    uq = WIDTH // (2 * np_)       # steps per dB/dC reduction group
-    red = ((2, uq * W, WIDTH + 2 * np_ // W) if cfg.bwd_shfl          # warps' dB/dC sums
-           else (W, WIDTH // W, W, WIDTH // W + cfg.pt_pad))            # dB/dC terms
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
-                plgpu.SMEM(red, f32),
+                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + cfg.pt_pad), f32),  # dB/dC terms
                 plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
-    if W > 1:     # partial du, ddt, [dz] [and dB/dC parts] of a group, double-buffered
-        scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), uq, WIDTH), f32)]
-        if not cfg.bwd_shfl:
-            scratch += [plgpu.SMEM((2, 2, uq, W, np_ // W, W + 1), f32)]
+    if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
+        scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
+                    plgpu.SMEM((2, 2, WIDTH // (2 * np_), W, np_ // W, W + 1), f32)]
     if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile and of the next one
         scratch += [plgpu.SMEM((2, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
@@ -1023,15 +918,6 @@ def _scan_padded_fwd(cfg, u, dt, z, Bm, Cm, A, D, bias, h0):
     return (y, hl), (u, dt, z, Bm, Cm, A, D, bias, h0, hs)
 
 
-def _dbc_shape(cfg, b, n_blocks):
-    """The backward's per-block dB/dC partial sums: bwd_shfl (b, blocks, Lp, W, dC | dB,
-    Np / W) (the order of the warps' sums), else (dC | dB, b, blocks, Lp, Np)."""
-    W = cfg.bwd_warpgroups
-    if cfg.bwd_shfl:
-        return (b, n_blocks, cfg.lp, W, 2, cfg.np_ // W)
-    return (2, b, n_blocks, cfg.lp, cfg.np_)
-
-
 def _scan_padded_bwd(cfg, res, cts):
     u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
     dy, dhl = cts
@@ -1050,16 +936,9 @@ def _scan_padded_bwd(cfg, res, cts):
         b, lp, _ = u.shape
         g = Bm.shape[2]
         # Per-block partial sums of dC | dB reduced here (deterministic, no atomics): one
-        # pass over the blocks of each group, -> (b, Lp, G, Np).
-        if cfg.bwd_shfl:     # (b, blocks, Lp, W, dC | dB, Np / W)
-            W = cfg.bwd_warpgroups
-            dbc = dbc.reshape(b, g, cfg.blocks_per_group, lp, W, 2, cfg.np_ // W).sum(2)
-            dC, dB = (jnp.swapaxes(dbc[..., k, :], 1, 2).reshape(b, lp, g, cfg.np_)
-                      .astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
-        else:                # (dC | dB, b, blocks, Lp, Np)
-            dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
-            dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype)
-                      for k, m in ((0, Cm), (1, Bm)))
+        # pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np) -> (b, Lp, G, Np).
+        dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
+        dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
         dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dAT.T,
             None if D is None else dD, None if bias is None else dbias,
@@ -1086,16 +965,12 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
     staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
-    uq = WIDTH // (2 * np_)
-    xch = 0 if W == 1 else 2 * W * (2 + int(z is not None)) * uq * WIDTH * 4
-    if bs.bwd_shfl:      # the warps' dB/dC rows
-        red = 2 * uq * W * (WIDTH + 2 * np_ // W) * 4
-    else:                # the dB/dC tile [and the parts' combine buffer]
-        red = WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
-        red += 0 if W == 1 else 2 * WIDTH * (W + 1) * 4
+    xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
+                            + 2 * WIDTH * (W + 1) * 4)
     xch += 2 * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
-            + bs.bwd_chunk * np_ * WIDTH * 4 + red + 2 * np_ * WIDTH * 4 + xch)
+            + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
+            + 2 * np_ * WIDTH * 4 + xch)
 
 
 def _round_up(x, m):
@@ -1174,8 +1049,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
-               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
-               bwd_shfl=bs.bwd_shfl, tcfg=tcfg)
+               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
