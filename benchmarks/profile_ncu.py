@@ -153,7 +153,7 @@ def _child(ops):
             # ss@key=value+key=value: selective_scan_mgpu with those MgpuBlockSizes fields.
             from kernels.selective_scan_mgpu import MgpuBlockSizes, selective_scan_mgpu
             kv = dict(f.split("=") for f in op[3:].split("+"))
-            bs = MgpuBlockSizes(**{k: type(getattr(MgpuBlockSizes(), k))(v)
+            bs = MgpuBlockSizes(**{k: _field(getattr(MgpuBlockSizes(), k), v)
                                    for k, v in kv.items()})
 
             def fn(**kw):
@@ -310,6 +310,15 @@ def summarize_source(path, top):
             rs = sorted(((_num(r[idx[h]]) or 0, h) for h in reasons), reverse=True)[:3]
             print(f"  {r[0]:>6s} {r[idx[src]][:60]:60s} {_num(r[idx[samp]]) or 0:7.0f}  "
                   + ", ".join(f"{h.replace('stall_', '')[:24]} {v:.0f}" for v, h in rs if v))
+
+
+def _field(default, text):
+    """A MgpuBlockSizes field from text, typed as its default ("False" is False, not True)."""
+    if isinstance(default, bool):
+        if text not in ("True", "False"):
+            raise ValueError(f"{text!r}: a bool field takes True or False")
+        return text == "True"
+    return type(default)(text)
 
 
 def main():
