@@ -151,14 +151,6 @@ class MgpuBlockSizes:
     # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
     # finalizes du, between two block barriers.
     bwd_lean_sync: bool = True
-    # Mosaic backward with several warpgroups: the work one warpgroup does for the others
-    # spread evenly, since every block barrier waits for the slowest: the finalize of the
-    # group's du, ddt, [dz] rows (row ii of output k: warpgroup (k UQ + ii) % W) and the TMA
-    # copies (a tile's copy r: warpgroup r % W; the chunk's state: nseq % W). Session 8
-    # (Nsight Compute run 7, W = 4, per 8-step tile of ~1010 instructions per warp): the
-    # extra work was warpgroup 0 81 instructions (du), 1 81 (ddt), 2 105 (all TMA), 3 26
-    # (the dB/dC combine); barrier stalls 8%.
-    bwd_balance: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -209,7 +201,6 @@ class _Cfg:
     bwd_dt_tile: bool
     bwd_vec_smem: bool
     bwd_lean_sync: bool
-    bwd_balance: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -302,19 +293,16 @@ def _ring(n_tiles, stages, issue, bar, body, carry):
     return jax.lax.fori_loop(0, n_tiles, it, carry)
 
 
-def _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, steps, by=None):
+def _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, steps):
     """`issue(k, slot)` for `_ring`: TMA copies of tile k (`steps` rows) of the per-channel
     sequences (all refs but the last two: this block's `cols`) and of B, C (the last two: the
-    block's group `grp`) into the slot's shared-memory buffers, arriving on bar[slot].
-    `by(r, fn)` (default: fn()) issues copy r, e.g. from a chosen warpgroup."""
-    by = by or (lambda r, fn: fn())
-
+    block's group `grp`) into the slot's shared-memory buffers, arriving on bar[slot]."""
     def issue(k, slot):
         rows = pl.ds(k * steps, steps)
-        for r, (ref, s_) in enumerate(zip(seq_refs, seq_smem)):
-            src = (ref.at[bi, rows, cols] if r < len(seq_refs) - 2
-                   else ref.at[bi, rows, grp, :])
-            by(r, functools.partial(plgpu.copy_gmem_to_smem, src, s_.at[slot], bar.at[slot]))
+        for r, s_ in zip(seq_refs[:-2], seq_smem[:-2]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, cols], s_.at[slot], bar.at[slot])
+        for r, s_ in zip(seq_refs[-2:], seq_smem[-2:]):
+            plgpu.copy_gmem_to_smem(r.at[bi, rows, grp, :], s_.at[slot], bar.at[slot])
     return issue
 
 
@@ -534,24 +522,16 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         sync = functools.partial(_block_sync, sbar, W)
     K = len(states)
     CP = WIDTH // W                  # columns per part of the dB/dC tile
-    # Who issues the TMA copies. bwd_balance: copy r of a tile warpgroup r % W, the chunk's
-    # state copy warpgroup nseq % W. Else with bwd_lean_sync all from one warpgroup that
-    # finalizes no output (output kind k: warpgroup k % W) and combines no dB/dC parts
-    # (warpgroup W - 1); else from warpgroup 0.
-    balance = cfg.bwd_balance and W > 1
+    # The warpgroup issuing the TMA copies: with bwd_lean_sync, one that finalizes no output
+    # (output kind k: warpgroup k % W) and combines no dB/dC parts (warpgroup W - 1).
     busy = {k % W for k in range(2 + int(ins.z))} | {W - 1}
     idle = [v for v in range(W) if v not in busy]
     lead = idle[0] if cfg.bwd_lean_sync and idle else 0
-    if balance:
-        tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T,
-                                  by=lambda r, fn: _leader(w, fn, r % W))
-        issue, state_lead = tile_issue, nseq % W
-    else:
-        tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
-        state_lead = lead
 
-        def issue(k, slot):
-            _leader(w, lambda: tile_issue(k, slot), lead)
+    tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
+
+    def issue(k, slot):
+        _leader(w, lambda: tile_issue(k, slot), lead)
 
     # A, D, bias straight from global memory, once per block (no shared memory to spare).
     a_ref, d_ref, bias_ref = par_refs
@@ -622,8 +602,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         # (register loads issued a chunk ahead were sunk by the compiler to their use:
         # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
         _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
-                                                   hst_s.at[c % 2], hbar.at[c % 2]),
-                state_lead)
+                                                   hst_s.at[c % 2], hbar.at[c % 2]), lead)
 
     def p_at(i, k, n):
         # Where step i's a_t h_{t-1} of state n (k-th of this warpgroup) lives in h_s.
@@ -689,25 +668,22 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
                 tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u, dbias + ddt)
 
     def finalize(tg0):
-        # W > 1: the group's du, ddt, dz rows from the W partials. bwd_balance: row ii of
-        # output kind k by warpgroup (k UQ + ii) % W (an even share each); else all rows of
-        # kind k by warpgroup k % W.
+        # W > 1: the group's du, ddt, dz (kind k: warpgroup k % W) from the W partials.
         par = (tg0 // UQ) % 2
         outs = [(du_ref, 0), (ddt_ref, 1)] + ([(dz_ref, 2)] if ins.z else [])
-        rows = [(ref, kind, ii) for ref, kind in outs for ii in range(UQ)]
         for who in range(W):
-            mine = [(ref, kind, ii) for x, (ref, kind, ii) in enumerate(rows)
-                    if (x if balance else kind) % W == who]
+            mine = [(ref, kind) for ref, kind in outs if kind % W == who]
             if not mine:
                 continue
 
             @pl.when(w == who)
             def _():
-                for ref, kind, ii in mine:
-                    tot = xch_s[par, 0, kind, ii, :]
-                    for v in range(1, W):
-                        tot = tot + xch_s[par, v, kind, ii, :]
-                    ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
+                for ref, kind in mine:
+                    for ii in range(UQ):
+                        tot = xch_s[par, 0, kind, ii, :]
+                        for v in range(1, W):
+                            tot = tot + xch_s[par, v, kind, ii, :]
+                        ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
 
     def store_dbc(gidx, tot):
         # The group's 128 sums, lanes in (dC | dB, step, state) order.
@@ -1073,8 +1049,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
-               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
-               bwd_balance=bs.bwd_balance, tcfg=tcfg)
+               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -86,7 +86,7 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
 
 @pytest.mark.parametrize("warpgroups,dt_tile,extra", [
     (1, False, {}), (1, True, {}), (2, False, {}), (2, True, {}), (4, True, {}),
-    (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False, bwd_balance=False))])
+    (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False))])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
