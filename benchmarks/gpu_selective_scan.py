@@ -131,9 +131,6 @@ if MGPU:
         "mgpu_s6": MgpuBlockSizes(bwd_vec_smem=False, bwd_lean_sync=False),  # session 6's
         "mgpu_vec": MgpuBlockSizes(bwd_lean_sync=False),
         "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
-        # Session 8: the next chunk's recompute inside this chunk's last reduction group.
-        "mgpu_s7": MgpuBlockSizes(bwd_overlap=False),      # session 7's default
-        "mgpu_ovu2": MgpuBlockSizes(bwd_unroll=2),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -151,16 +151,6 @@ class MgpuBlockSizes:
     # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
     # finalizes du, between two block barriers.
     bwd_lean_sync: bool = True
-    # Mosaic backward: the recompute of the next chunk's states interleaved with the
-    # adjoint of this chunk's last reduction group (r = bwd_chunk / group steps of it per
-    # adjoint step) instead of run alone before each chunk's adjoint. The recompute is
-    # MUFU-heavy (4 ex2 per step and warp), the adjoint FMA- and shared-memory-heavy: one
-    # warp's stream then mixes both. One state buffer still suffices: chunk c's steps are
-    # stored forwards or backwards by the parity of c, so step s of chunk c - 1 goes where
-    # this chunk's adjoint has already read. The next tile's dt pass (and its B converted to
-    # float32, a second staging buffer) moves to the chunk's first reduction group. Needs
-    # bwd_dt_tile, >= 2 stages and >= 2 reduction groups per chunk (d_state > 8); else off.
-    bwd_overlap: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -211,7 +201,6 @@ class _Cfg:
     bwd_dt_tile: bool
     bwd_vec_smem: bool
     bwd_lean_sync: bool
-    bwd_overlap: bool      # as MgpuBlockSizes, where it applies (see _overlap_applies)
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -559,27 +548,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         stage = (stage[0].at[w], stage[1].at[w])
     bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     n_chunks = cfg.lp // CH
-    fuse = cfg.bwd_overlap
-    convert_b = None
-    if fuse and stage is not None:
-        # bf16 B staged per tile parity db (the recompute reads the next tile's), C per tile.
-        bst, cst = stage
-        b_s, c_s = seq_smem[-2], seq_smem[-1]
-
-        def convert(slot):
-            cst[...] = c_s[slot].astype(f32)
-            _barrier()
-
-        def convert_b(slot, db):     # a barrier must follow before the reads
-            bst[db] = b_s[slot].astype(f32)
-
-    def bget(slot, db, tl, n):
-        return bst[db, tl, n] if convert_b is not None else bval(slot, tl, n)
-
-    def pos(par, i):
-        # bwd_overlap: where step i of a chunk of parity par lives in h_s (forwards, or
-        # backwards for odd chunks); else step i at i.
-        return i + par * (CH - 1 - 2 * i) if fuse else i
 
     def step_size(slot, db, tl, tg):
         # (x = dt + bias, dt after softplus and mask) of step tl of the tile; with
@@ -640,16 +608,16 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         # Where step i's a_t h_{t-1} of state n (k-th of this warpgroup) lives in h_s.
         return (wi, i, slice(None), k) if cfg.lane_states else (i, n, slice(None))
 
-    def recompute(t0, slot, db, base, i, h, at):
+    def recompute(t0, slot, db, base, i, h):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
-        # g a_t h_{t-1} = g p_t) at position `at`, then advance to h_t.
+        # g a_t h_{t-1} = g p_t), then advance to h_t.
         tl = base + i
         _, dt = step_size(slot, db, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
-        bs = [bget(slot, db, tl, n) for n in states]  # before the stores: vector loads (mgpu7)
+        bs = [bval(slot, tl, n) for n in states]      # before the stores: vector loads (mgpu7)
         p = [jnp.exp2(dt * a2[k]) * h[k] for k in range(K)]
         for k, n in enumerate(states):       # lane_states: one 16-byte store (adjacent k)
-            h_s[p_at(at, k, n)] = p[k]
+            h_s[p_at(i, k, n)] = p[k]
         return tuple(p[k] + dtu * bs[k] for k in range(K))
 
     def put(ref, tg, ii, kind, val):
@@ -660,9 +628,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         else:
             xch_s[(tg // UQ) % 2, w, kind, ii, :] = val
 
-    def adjoint(t0, slot, db, base, gbase, i, carry, at):
-        # Step base + i of the tile (i: index in the chunk, its a_t h_{t-1} at position
-        # `at`), in the reduction group at gbase.
+    def adjoint(t0, slot, db, base, gbase, i, carry):
+        # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
         g, dat, dd, dbias = carry
         tl, tg = base + i, t0 + base + i
         ii = base + i - gbase
@@ -670,9 +637,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         u = u_s[slot, tl, :].astype(f32)
         dout = do_s[slot, tl, :].astype(f32)
         dtu = dt * u
-        bs = [bget(slot, db, tl, n) for n in states]
+        bs = [bval(slot, tl, n) for n in states]
         cs = [cval(slot, tl, n) for n in states]
-        p = [h_s[p_at(at, k, n)] for k, n in enumerate(states)]       # a_t h_{t-1}
+        p = [h_s[p_at(i, k, n)] for k, n in enumerate(states)]        # a_t h_{t-1}
         a = [jnp.exp2(dt * a2[k]) for k in range(K)]
         h = [p[k] + dtu * bs[k] for k in range(K)]
         if ins.z:
@@ -752,68 +719,34 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             finalize(tg0)
         _barrier()
 
-    def recompute_chunk(t0, slot, db, base, h, par):
-        return jax.lax.fori_loop(
-            0, CH, lambda i, h: recompute(t0, slot, db, base, i, h, pos(par, i)), h,
-            unroll=cfg.bwd_recompute_unroll)
-
-    def chunk(k, t0, slot, db, q, carry, hook, nxt):
-        # Chunk q of tile k; hook() runs before the chunk's last reduction barrier (with
-        # bwd_overlap, its first). nxt: (t0, slot, db, base) of chunk c - 1 (bwd_overlap).
+    def chunk(k, t0, slot, db, q, carry, hook):
+        # Chunk q of tile k; hook() runs before the chunk's last reduction barrier.
         base = q * CH
         c = k * (T // CH) + q
-        par = jax.lax.rem(c, 2)
-        G = CH // UQ
-        if not fuse:
-            plgpu.barrier_wait(hbar.at[c % 2])
-            h_entry = tuple(hst_s[c % 2, n, :] for n in states)
+        plgpu.barrier_wait(hbar.at[c % 2])
+        h_entry = tuple(hst_s[c % 2, n, :] for n in states)
 
-            # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's
-            # start; every thread has since passed the reduction barriers of chunk c + 1).
-            @pl.when(c > 0)
-            def _():
-                issue_state(c - 1)
+        # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's start;
+        # every thread has since passed the reduction barriers of chunk c + 1).
+        @pl.when(c > 0)
+        def _():
+            issue_state(c - 1)
 
-            recompute_chunk(t0, slot, db, base, h_entry, par)
-
-        def adjoint_at(gbase, ii, cr):
-            i = gbase - base + UQ - 1 - ii
-            return adjoint(t0, slot, db, base, gbase, i, cr, pos(par, i))
+        jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, db, base, i, h), h_entry,
+                          unroll=cfg.bwd_recompute_unroll)
 
         def group(gq, carry):     # UQ steps, then their dB/dC reduction
             gbase = base + gq * UQ
-            if fuse and gq == 0:
-                # The last group: each adjoint step then G steps of chunk c - 1's recompute
-                # (from its entry state, TMA'd a chunk ahead; c = 0: stale data, unused).
-                nt0, nslot, ndb, nbase = nxt
-                npar = 1 - par
-
-                @pl.when(c >= 2)      # every read of slot c % 2 (chunk c's state) is done
-                def _():
-                    issue_state(c - 2)
-
-                pl.when(c > 0)(lambda: plgpu.barrier_wait(hbar.at[npar]))
-                h = tuple(hst_s[npar, n, :] for n in states)
-
-                def body(ii, cr):
-                    cr, h = cr
-                    cr = adjoint_at(gbase, ii, cr)
-                    for m in range(G):
-                        st = ii * G + m
-                        h = recompute(nt0, nslot, ndb, nbase, st, h, pos(npar, st))
-                    return cr, h
-
-                carry, _ = jax.lax.fori_loop(0, UQ, body, (carry, h),
-                                             unroll=min(cfg.bwd_unroll, UQ))
-            else:
-                carry = jax.lax.fori_loop(0, UQ, lambda ii, cr: adjoint_at(gbase, ii, cr),
-                                          carry, unroll=min(cfg.bwd_unroll, UQ))
-            if gq == (G - 1 if fuse else 0) and hook is not None:
+            carry = jax.lax.fori_loop(
+                0, UQ, lambda ii, cr: adjoint(t0, slot, db, base, gbase,
+                                              gbase - base + UQ - 1 - ii, cr),
+                carry, unroll=min(cfg.bwd_unroll, UQ))
+            if gq == 0 and hook is not None:
                 hook()
             reduce_rows(t0 + gbase)
             return carry
 
-        for gq in reversed(range(G)):   # unrolled: as a loop 1-3% slower (mgpu13-14)
+        for gq in reversed(range(CH // UQ)):   # unrolled: as a loop 1-3% slower (mgpu13-14)
             carry = group(gq, carry)
         return carry
 
@@ -850,52 +783,31 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
         if cfg.bwd_dt_tile and not ahead:
             dt_pass(t0, slot, db, then_sync=True)
         hook = None
-        nslot = jax.lax.rem(i + 1, S)
         if ahead:
             def hook():
                 @pl.when(i + 1 < n_tiles)
                 def _():
+                    nslot = jax.lax.rem(i + 1, S)
                     plgpu.barrier_wait(bar.at[nslot])
                     dt_pass(tile_of(i + 1) * T, nslot, 1 - db, then_sync=False)
-                    if convert_b is not None:
-                        convert_b(nslot, 1 - db)
-
-        def nxt(q):
-            # (t0, slot, db, base) of the chunk after chunk q in the reverse walk: q - 1 of
-            # this tile, or the next tile's last (stale past the end: its recompute is unused).
-            last = ((n_tiles - 2 - i) * T, nslot, 1 - db, (nq - 1) * CH)
-            if nq == 1:
-                return last
-            return tuple(jnp.where(q == 0, a, b) for a, b in
-                         zip(last, (t0, slot, db, (q - 1) * CH)))
         # The chunks as a loop: one copy of their code. Unrolled (bwd_tile / bwd_chunk copies,
         # ~50 KB of loop code) it was 6% slower (run mgpu12: instruction-cache misses).
         if nq == 1:
-            return chunk(k, t0, slot, db, 0, carry, hook, nxt(0))
+            return chunk(k, t0, slot, db, 0, carry, hook)
 
         def chunk_it(qi, cr):
             q = nq - 1 - qi
             return chunk(k, t0, slot, db, q, cr,
-                         None if hook is None else (lambda: pl.when(q == 0)(hook)), nxt(q))
+                         None if hook is None else (lambda: pl.when(q == 0)(hook)))
         return jax.lax.fori_loop(0, nq, chunk_it, carry)
 
     g0 = tuple(dhl_ref[bi, n, cols] for n in states)
     issue_state(n_chunks - 1)
-    if fuse and n_chunks > 1:
-        issue_state(n_chunks - 2)
     for i in range(min(S - 1, n_tiles)):
         issue(tile_of(i), i)
     if ahead:            # the first tile's dt; each later tile's comes with the tile before
         plgpu.barrier_wait(bar.at[0])
         dt_pass(tile_of(0) * T, 0, 0, then_sync=True)
-    if fuse:             # the first chunk's recompute; each later one's with the chunk before
-        if convert_b is not None:
-            convert_b(0, 0)
-            _barrier()
-        c0 = n_chunks - 1
-        plgpu.barrier_wait(hbar.at[c0 % 2])
-        recompute_chunk(tile_of(0) * T, 0, 0, (nq - 1) * CH,
-                        tuple(hst_s[c0 % 2, n, :] for n in states), c0 % 2)
     g, dat, dd, dbias = jax.lax.fori_loop(
         0, n_tiles, tile_iter, (g0, tuple(zero for _ in range(K)), zero, zero))
     if W > 1:        # the last group's dB/dC parts
@@ -921,14 +833,13 @@ def _ins(z, Bm, D, bias, h0):
                 bc_f32=Bm.dtype == jnp.float32)
 
 
-def _common_scratch(ins, seq, T, S, np_, Bm, W=1, b_bufs=1):
+def _common_scratch(ins, seq, T, S, np_, Bm, W=1):
     f32 = jnp.float32
     scratch = [plgpu.SMEM((S, T, WIDTH), x.dtype) for x in seq[:-2]]
     scratch += [plgpu.SMEM((S, T, np_), Bm.dtype), plgpu.SMEM((S, T, np_), Bm.dtype)]
-    if not ins.bc_f32:   # float32 B [b_bufs of them], C staging: one per warpgroup
+    if not ins.bc_f32:   # float32 B, C staging: one per warpgroup
         shape = (T, np_) if W == 1 else (W, T, np_)
-        bshape = shape if b_bufs == 1 else shape[:-2] + (b_bufs,) + shape[-2:]
-        scratch += [plgpu.SMEM(bshape, f32), plgpu.SMEM(shape, f32)]
+        scratch += [plgpu.SMEM(shape, f32), plgpu.SMEM(shape, f32)]
     return scratch
 
 
@@ -972,7 +883,7 @@ def _bwd_call(cfg, res, dout, dhl):
                    jax.ShapeDtypeStruct((b, np_, dp), f32),
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
-    scratch = _common_scratch(ins, seq, T, S, np_, Bm, W, b_bufs=2 if cfg.bwd_overlap else 1)
+    scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
     states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
               else (cfg.save_every, np_, WIDTH))
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
@@ -1053,22 +964,13 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     isz = jnp.dtype(u.dtype).itemsize
     seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
-    staging = (0 if jnp.dtype(B.dtype) == jnp.float32
-               else W * tile * np_ * 4 * (3 if _overlap_applies(bs, np_) else 2))
+    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * (W + 1) * 4)
     xch += 2 * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
             + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
             + 2 * np_ * WIDTH * 4 + xch)
-
-
-def _overlap_applies(bs, np_):
-    """MgpuBlockSizes.bwd_overlap where it can run: the next tile's dt computed a tile ahead
-    (bwd_dt_tile, >= 2 stages) and >= 2 dB/dC reduction groups of 128 / (2 Np) steps per
-    chunk (the first computes that dt, the last recomputes the next chunk)."""
-    return (bs.bwd_overlap and bs.bwd_dt_tile and bs.bwd_stages >= 2
-            and bs.bwd_chunk // (WIDTH // (2 * np_)) >= 2)
 
 
 def _round_up(x, m):
@@ -1147,8 +1049,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
-               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
-               bwd_overlap=_overlap_applies(bs, np_), tcfg=tcfg)
+               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

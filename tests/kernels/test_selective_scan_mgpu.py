@@ -59,16 +59,6 @@ CASES = [
     (31, 128, 16, None, jnp.bfloat16, dict(z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1, bwd_vec_smem=False,
                     bwd_lean_sync=False, **MOSAIC)),
-    # The next chunk's recompute inside this chunk's last reduction group (bwd_overlap, the
-    # default where it applies: d_state > 8, >= 2 stages, dt per tile) on one warpgroup,
-    # two chunks per tile: bf16 B staged per tile parity with z; float32 B read from the TMA
-    # slots, groups and no softplus. Then the same off.
-    (37, 128, 16, None, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=1)),
-    (42, 40, 13, 2, jnp.float32, dict(z=False), False,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=1, bwd_recompute_unroll=1)),
-    (37, 128, 16, None, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=1, bwd_overlap=False)),
     # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit). Interpret
     # mode runs each simulated warpgroup as a CPU thread whose barrier waits block inside
     # XLA's CPU thread pool: with 4 of them on fewer than 8 CPU threads the pool can run dry
@@ -96,8 +86,7 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
 
 @pytest.mark.parametrize("warpgroups,dt_tile,extra", [
     (1, False, {}), (1, True, {}), (2, False, {}), (2, True, {}), (4, True, {}),
-    (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False)),
-    (4, True, dict(bwd_overlap=False))])
+    (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False))])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
