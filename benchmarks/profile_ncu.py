@@ -10,6 +10,7 @@ pipes, shared-memory wavefronts and bank conflicts, DRAM use and the largest war
 reasons (cycles per issued instruction). `--summarize FILE.csv` re-prints a saved CSV.
 
     python3 benchmarks/profile_ncu.py --ops ss --source 'selective_scan_mgpu'
+    PROFILE_SHAPE=S python3 benchmarks/profile_ncu.py --ops ss     # the scan at shape S
 
 instead samples warp stalls per SASS instruction (ncu's source page) of the kernels whose
 name matches the regex, writes $OUT/ncu_source_<ops>.csv and prints each kernel's hottest
@@ -112,6 +113,8 @@ def _known(ncu):
 # ---------------------------------------------------------------------------------------------
 TINY = os.environ.get("PROFILE_TINY") == "1"   # CPU dry run of the child (interpret mode)
 SS_L = (2, 128, 128, 16) if TINY else (8, 4096, 2048, 16)
+if os.environ.get("PROFILE_SHAPE") == "S":     # the shape S instead of L
+    SS_L = (2, 128, 128, 16) if TINY else (64, 1024, 256, 16)
 
 
 def _child(ops):

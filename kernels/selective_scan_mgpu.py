@@ -151,7 +151,6 @@ class MgpuBlockSizes:
     # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
     # finalizes du, between two block barriers.
     bwd_lean_sync: bool = True
-    bwd_chain: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -202,7 +201,6 @@ class _Cfg:
     bwd_dt_tile: bool
     bwd_vec_smem: bool
     bwd_lean_sync: bool
-    bwd_chain: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -667,12 +665,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins):
             pt_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
             pt_s[wi, UQ * RP + row + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
         gah = [g[k] * p[k] for k in range(K)]
-        if cfg.bwd_chain:    # one FMA chain each, sa in units of A: 3 instructions fewer
-            gb = _chain(g, bs)
-            sa = _chain(gah, a_raw)
-        else:
-            gb = _dot(g, bs)
-            sa = _dot(gah, a2) * (1.0 / _LOG2E)
+        # One FMA chain each and sa in units of A (not of A log2(e)): 3 instructions per step
+        # fewer than two chains and a rescale (session 8, run mgpu34: -0.3% fwd+bwd at L).
+        gb = _chain(g, bs)
+        sa = _chain(gah, a_raw)
         du = dt * gb
         if ins.d:
             du = du + dskip * dy
@@ -1064,8 +1060,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
-               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
-               bwd_chain=bs.bwd_chain, tcfg=tcfg)
+               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
