@@ -491,7 +491,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (2, B, n_blocks, Lp, Np) per-block partial sums of
     dC | dB (W > 1: the warpgroups' column parts added in the kernel by the last warpgroup,
     one group later), summed over the blocks of a group by XLA
-    dpar: (B, Np + 2, Dp) rows dA^T, dD, dbias (summed over the batch by XLA)  dh0: (B, Np, Dp)
+    dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
     nseq = 5 + int(ins.z)
@@ -501,7 +501,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     dhl_ref = next(it) if has_dhl else None
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if ins.z else None
-    dbc_ref, dpar_ref, dh0_ref = next(it), next(it), next(it)
+    dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     h_s, pt_s, hst_s = next(it), next(it), next(it)
@@ -823,31 +823,18 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         dt_pass(tile_of(0) * T, 0, 0, then_sync=True)
     g, dat, dd, dbias = jax.lax.fori_loop(
         0, n_tiles, tile_iter, (g0, tuple(zero for _ in range(K)), zero, zero))
-    if W > 1:
-        # dbias: the warpgroups' partial sums added by warpgroup 0 (through xch_s buffer 1,
-        # whose last reads, group 1's finalize, precede group 0's barrier); dD: any
-        # warpgroup's (dd does not depend on the states). Then the last group's dB/dC parts.
-        xch_s[1, w, 0, 0, :] = dbias
+    if W > 1:        # the last group's dB/dC parts
         sync()
         pl.when(w == W - 1)(lambda: combine(0))
-
-        @pl.when(w == 0)
-        def _():
-            tot = xch_s[1, 0, 0, 0, :]
-            for v in range(1, W):
-                tot = tot + xch_s[1, v, 0, 0, :]
-            dpar_ref[bi, NP + 1, cols] = tot
-            dpar_ref[bi, NP, cols] = dd
-    else:
-        dpar_ref[bi, NP, cols] = dd
-        dpar_ref[bi, NP + 1, cols] = dbias
     padded = range(N, NP) if W == 1 else ()
     for k, n in enumerate(states):
-        dpar_ref[bi, n, cols] = dat[k]
+        dat_ref[bi, n, cols] = dat[k]
         dh0_ref[bi, n, cols] = g[k]
     for n in padded:
-        dpar_ref[bi, n, cols] = zero
+        dat_ref[bi, n, cols] = zero
         dh0_ref[bi, n, cols] = zero
+    ddb_ref[bi, wi, 0, cols] = dd
+    ddb_ref[bi, wi, 1, cols] = dbias
 
 
 def _interpret(cfg):
@@ -907,7 +894,8 @@ def _bwd_call(cfg, res, dout, dhl):
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
                 + [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32),
-                   jax.ShapeDtypeStruct((b, np_ + 2, dp), f32),
+                   jax.ShapeDtypeStruct((b, np_, dp), f32),
+                   jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
     states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
@@ -969,16 +957,14 @@ def _scan_padded_bwd(cfg, res, cts):
         outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
         du, ddt = outs[0], outs[1]
         dz = outs[2] if z is not None else None
-        dbc, dpar, dh0 = outs[-3:]
+        dbc, dat, ddb, dh0 = outs[-4:]
         b, lp, _ = u.shape
         g = Bm.shape[2]
         # Per-block partial sums of dC | dB reduced here (deterministic, no atomics): one
         # pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np) -> (b, Lp, G, Np).
         dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
         dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
-        # dA^T, dD, dbias: one sum over the batch of one (b, Np + 2, Dp) partial array.
-        dpar = dpar.sum(0)
-        dAT, dD, dbias = dpar[:cfg.np_], dpar[cfg.np_], dpar[cfg.np_ + 1]
+        dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dAT.T,
             None if D is None else dD, None if bias is None else dbias,
             None if h0 is None else dh0)
