@@ -28,10 +28,11 @@ warpgroups (`bwd_warpgroups`; two where shared memory is short: z, 4-byte inputs
 running a quarter of the states of the same 128 channels (the per-state recurrences are
 independent; the outputs that sum over states are exchanged as partial sums), with the
 tile's dt computed once into shared memory (`bwd_dt_tile`, the next tile's inside this one)
-and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, runs mgpu27 and mgpu30: fwd+bwd
-2.34 / 0.60 ms at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums
-over channels (dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each
-thread writes its terms as rows, and after 64 / Np steps the threads sum the rows. Where the
+and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu35: fwd+bwd 2.32 / 0.60 ms
+at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums over channels
+(dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each thread writes
+its terms as rows, and after 64 / Np steps the threads sum the rows (warp shuffles instead
+were 2% slower: session 8, run mgpu31). Where the
 time went with one warpgroup (Nsight Compute at the end of session 5,
 benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU ops per step), the adjoint
 ~48% (~290 instructions per step, issue-bound with one warp per scheduler), the dB/dC
