@@ -216,10 +216,6 @@ class _Cfg:
         Np / W), each thread's states in one 16-byte (or 8-byte) run; else (chunk, Np, 128)."""
         return self.bwd_vec_smem and self.np_ // self.bwd_warpgroups <= 4
 
-    @property
-    def pt_pad(self):
-        return _pt_pad(self.bwd_vec_smem)
-
 
 def _pt_pad(vec_smem):
     """Padding columns of each row part of the backward's dB/dC tile: 4 keeps the reduction's
@@ -902,7 +898,8 @@ def _bwd_call(cfg, res, dout, dhl):
     states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
               else (cfg.save_every, np_, WIDTH))
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
-                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + cfg.pt_pad), f32),  # dB/dC terms
+                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem)),
+                           f32),                                           # dB/dC terms
                 plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
     if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
@@ -938,16 +935,16 @@ def _scan_padded_fwd(cfg, *args):
 def _scan_padded_bwd(cfg, res, cts):
     u, dt, z, Bm, Cm, A, D, bias, h0, hs = res
     dy, dhl = cts
-    # Symbolic zeros (symbolic_zeros=True): the final state's cotangent is one whenever the
-    # caller uses y only (jax.grad of a loss on y): the Mosaic backward then starts from
-    # g = 0 instead of reading an XLA-filled zero array (~4 us per call, session 8, ncu run
-    # 11 at S). A zero dy (a loss on the final state only) is materialized.
+    # Symbolic zeros (symbolic_zeros=True): the final state's cotangent is a SymbolicZero
+    # whenever the caller uses y only (jax.grad of a loss on y): the Mosaic backward then
+    # starts from g = 0 instead of reading an XLA-filled zero array (~4 us per call, session
+    # 8, ncu run 11 at S). A zero dy (a loss on the final state only) is materialized.
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros(u.shape, u.dtype)
-    if isinstance(dhl, SymbolicZero) and not cfg.mosaic_bwd:
-        dhl = jnp.zeros(hs.shape[:1] + hs.shape[2:], jnp.float32)
-    cts = dy, dhl
     if not cfg.mosaic_bwd:
+        if isinstance(dhl, SymbolicZero):
+            dhl = jnp.zeros(hs.shape[:1] + hs.shape[2:], jnp.float32)
+        cts = dy, dhl
         # The Triton backward of kernels/selective_scan_triton.py on the same padded layout.
         f32 = jnp.float32
         zeros = jnp.zeros((A.shape[0],), f32)

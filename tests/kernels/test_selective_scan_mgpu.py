@@ -88,7 +88,7 @@ def test_mgpu_matches_reference(l, di, n, g, dtype, opts, softplus, bs):
 def test_mgpu_grad_of_one_output_only(backward):
     # A loss on y alone (the usual jax.grad) leaves the final state's cotangent a symbolic
     # zero (the Mosaic backward then reads no dhL), and a loss on the final state alone
-    # leaves dy one (materialized): both against the reference's gradients.
+    # leaves dy a symbolic zero (materialized): both against the reference's gradients.
     args = make_inputs(3, 2, 29, 136, 16, dtype=jnp.float32)
     names = [k for k in FLOAT_ARGS if args[k] is not None]
     bs = MgpuBlockSizes(tile=16, bwd_tile=16, bwd_warpgroups=1, backward=backward)
