@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
 from kernels import selective_scan_common as _common
 from kernels import selective_scan_triton as _triton
@@ -153,6 +154,10 @@ class MgpuBlockSizes:
     # profile: the TMA issue (~100 instructions per tile) ran in warpgroup 0, which also
     # finalizes du, between two block barriers.
     bwd_lean_sync: bool = True
+    # Mosaic backward: the sums across blocks (dB, dC over a group's channel blocks; dA, dD,
+    # dbias over the batch) in one Triton launch (`_bwd_sums`) instead of XLA's four
+    # kernels, three of them launch-bound (session 8, ncu run 11 at S: 9.0 + 11.6 us).
+    bwd_fused_sums: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -203,6 +208,7 @@ class _Cfg:
     bwd_dt_tile: bool
     bwd_vec_smem: bool
     bwd_lean_sync: bool
+    bwd_fused_sums: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -919,6 +925,87 @@ def _bwd_call(cfg, res, dout, dhl):
     return kern(*seq, *pars, hs, *([] if dhl is None else [dhl.astype(f32)]))
 
 
+SUMS_CHANNELS = 16   # _bwd_sums: channels per program of the sums over the batch
+SUMS_BATCH = 8       # _bwd_sums: batch rows per load of those sums
+
+
+def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbias_ref, *,
+                 n_small, n_lt, rows, groups, bpg):
+    """The backward's cross-block sums in one launch (Triton backend).
+
+    Programs [0, n_small): SUMS_CHANNELS channels each, summed over the batch (masked in
+    SUMS_BATCH-row loads): dA (stored transposed, (Dp, Np)), dD (warpgroup 0's dy u) and
+    dbias (every warpgroup's). Programs [n_small, ...): (batch, group, `rows` steps): dC and
+    dB, the group's bpg per-block partial sums added in a fixed order (deterministic).
+    """
+    pid = pl.program_id(0)
+    cb, bb = SUMS_CHANNELS, SUMS_BATCH
+    n_batch = dat_ref.shape[0]
+    f32 = jnp.float32
+
+    @pl.when(pid < n_small)
+    def _():
+        cols = pl.ds(pid * cb, cb)
+
+        def body(i, acc):
+            a, d, s = acc
+            r = pl.ds(i * bb, bb)
+            ok = (i * bb + jax.lax.broadcasted_iota(jnp.int32, (bb,), 0)) < n_batch
+            v = dat_ref.at[r, :, cols]
+            a = a + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None, None], v.shape),
+                                      other=0.0), axis=0)
+            zero, one = jnp.int32(0), jnp.int32(1)   # (Python ints trip the interpret-mode load)
+            v = ddb_ref.at[r, zero, zero, cols]
+            d = d + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None], v.shape),
+                                      other=0.0), axis=0)
+            v = ddb_ref.at[r, :, one, cols]
+            s = s + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None, None], v.shape),
+                                      other=0.0), axis=(0, 1))
+            return a, d, s
+
+        zc = jnp.zeros((cb,), f32)
+        a, d, s = jax.lax.fori_loop(0, pl.cdiv(n_batch, bb), body,
+                                    (jnp.zeros((dat_ref.shape[1], cb), f32), zc, zc))
+        da_ref[cols, :] = a.T
+        dd_ref[cols] = d
+        dbias_ref[cols] = s
+
+    @pl.when(pid >= n_small)
+    def _():
+        q = pid - n_small
+        lt, rest = q % n_lt, q // n_lt
+        gi, bi = rest % groups, rest // groups
+        t = pl.ds(lt * rows, rows)
+        for k, out in ((0, dc_ref), (1, db_ref)):
+            acc = dbc_ref[k, bi, gi * bpg, t, :]
+            for m in range(1, bpg):
+                acc = acc + dbc_ref[k, bi, gi * bpg + m, t, :]
+            out[bi, t, gi, :] = acc.astype(out.dtype)
+
+
+def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
+    """dC, dB (B, Lp, G, Np), dA (Dp, Np), dD, dbias (Dp,) from the Mosaic backward's
+    per-block partials (dbc: (2, B, blocks, Lp, Np)  dat: (B, Np, Dp)  ddb: (B, W, 2, Dp)),
+    one Triton launch in place of XLA's four reductions (session 9)."""
+    _, b, n_blocks, lp, np_ = dbc.shape
+    dp = dat.shape[2]
+    bpg = cfg.blocks_per_group
+    groups = n_blocks // bpg
+    rows = 64 if bpg <= 4 else 32           # Lp is a multiple of the 64-step forward tile
+    n_small, n_lt = dp // SUMS_CHANNELS, lp // rows
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((b, lp, groups, np_), c_dtype),
+                 jax.ShapeDtypeStruct((b, lp, groups, np_), b_dtype),
+                 jax.ShapeDtypeStruct((dp, np_), f32),
+                 jax.ShapeDtypeStruct((dp,), f32), jax.ShapeDtypeStruct((dp,), f32))
+    return pl.pallas_call(
+        functools.partial(_sums_kernel, n_small=n_small, n_lt=n_lt, rows=rows,
+                          groups=groups, bpg=bpg),
+        out_shape=out_shape, grid=(n_small + b * groups * n_lt,),
+        compiler_params=_triton._compiler_params(4, 1), interpret=cfg.interpret,
+        name="selective_scan_mgpu_bwd_sums")(dbc, dat, ddb)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan_padded(cfg, u, dt, z, Bm, Cm, A, D, bias, h0):
     y, hl = _fwd_call(cfg, False, u, dt, z, Bm, Cm, A, D, bias, h0)
@@ -951,19 +1038,23 @@ def _scan_padded_bwd(cfg, res, cts):
         tres = (u, dt, z, Bm, Cm, A.T, zeros if D is None else D,
                 zeros if bias is None else bias, hs)
         du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
+        dA = dAT.T
     else:
         outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
         du, ddt = outs[0], outs[1]
         dz = outs[2] if z is not None else None
         dbc, dat, ddb, dh0 = outs[-4:]
-        b, lp, _ = u.shape
-        g = Bm.shape[2]
-        # Per-block partial sums of dC | dB reduced here (deterministic, no atomics): one
-        # pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np) -> (b, Lp, G, Np).
-        dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
-        dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
-        dAT, dD, dbias = dat.sum(0), ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
-    return (du, ddt, dz, dB, dC, dAT.T,
+        if cfg.bwd_fused_sums:
+            dC, dB, dA, dD, dbias = _bwd_sums(cfg, dbc, dat, ddb, Cm.dtype, Bm.dtype)
+        else:
+            # XLA: one pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np)
+            # -> (b, Lp, G, Np), and three small reductions over the batch.
+            b, lp, _ = u.shape
+            g = Bm.shape[2]
+            dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
+            dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
+            dA, dD, dbias = dat.sum(0).T, ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
+    return (du, ddt, dz, dB, dC, dA,
             None if D is None else dD, None if bias is None else dbias,
             None if h0 is None else dh0)
 
@@ -1072,7 +1163,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
-               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync, tcfg=tcfg)
+               bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
+               bwd_fused_sums=bs.bwd_fused_sums, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.skipif(
 # dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile), the ninth (two
 # warpgroups, dt per step) and the last (four, the default on the GPU).
 MOSAIC = dict(backward="mosaic")
+H100 = jax.sharding.AbstractMesh(     # the target of cross-lowering (Triton needs a GPU kind)
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
 W2 = dict(bwd_warpgroups=2)     # interpret mode: 2 simulated warpgroups (see the W = 4 case)
 CASES = [
     (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**W2, **MOSAIC)),
@@ -140,9 +142,13 @@ def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
 
     vals = [args[k] for k in names]
     grad = jax.grad(loss, argnums=tuple(range(len(names))))
-    for fn, kernels in ((f, 1), (grad, 2)):     # forward; forward + Mosaic backward
-        text = jax.jit(fn).trace(*vals).lower(lowering_platforms=("cuda",)).as_text()
+    # forward; forward + Mosaic backward + the Triton kernel of its cross-block sums, which
+    # jax 0.11.2 lowers to Triton IR on CPU only for a named abstract GPU.
+    for fn, kernels, triton in ((f, 1, 0), (grad, 2, 1)):
+        with jax.sharding.use_abstract_mesh(H100):
+            text = jax.jit(fn).trace(*vals).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("custom_call @mosaic_gpu") == kernels
+        assert text.count("custom_call @__gpu$xla.gpu.triton") == triton
 
 
 def test_block_sizes_validate():
