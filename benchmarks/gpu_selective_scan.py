@@ -131,6 +131,11 @@ if MGPU:
         "mgpu_s6": MgpuBlockSizes(bwd_vec_smem=False, bwd_lean_sync=False),  # session 6's
         "mgpu_vec": MgpuBlockSizes(bwd_lean_sync=False),
         "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
+        # Session 9: the cross-block sums in one Triton launch (bwd_fused_sums) and dB/dC
+        # added over the blocks by TMA reductions in the kernel (bwd_dbc_atomic).
+        "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False),  # session 8's
+        "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
+        "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

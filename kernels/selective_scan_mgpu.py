@@ -158,6 +158,11 @@ class MgpuBlockSizes:
     # dbias over the batch) in one Triton launch (`_bwd_sums`) instead of XLA's four
     # kernels, three of them launch-bound (session 8, ncu run 11 at S: 9.0 + 11.6 us).
     bwd_fused_sums: bool = True
+    # Mosaic backward: dB, dC added over a group's channel blocks in the kernel, by TMA
+    # reductions (cp.reduce.async.bulk .add) into a zeroed (2, B, G, Lp, Np) float32 array,
+    # instead of per-block partial sums (n_blocks times the bytes) summed afterwards. The
+    # order of the additions varies between runs: dB, dC are not bitwise reproducible.
+    bwd_dbc_atomic: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -209,6 +214,7 @@ class _Cfg:
     bwd_vec_smem: bool
     bwd_lean_sync: bool
     bwd_fused_sums: bool
+    bwd_dbc_atomic: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -491,9 +497,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     row r // W (the padding columns keep both phases free of bank conflicts).
     GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np)  [D, bias]
     hs: (B, Lp / chunk, Np, Dp)  [dhL: (B, Np, Dp); absent when it is a symbolic zero]
-    -> du, ddt, [dz]: (B, Lp, Dp)  dbc: (2, B, n_blocks, Lp, Np) per-block partial sums of
+    [bwd_dbc_atomic: dbc, the zeroed (2, B, G, Lp, Np) sums of dC | dB, added into in place]
+    -> du, ddt, [dz]: (B, Lp, Dp)  [dbc: (2, B, n_blocks, Lp, Np) per-block partial sums of
     dC | dB (W > 1: the warpgroups' column parts added in the kernel by the last warpgroup,
-    one group later), summed over the blocks of a group by XLA
+    one group later), summed over the blocks of a group afterwards]
     dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
@@ -502,9 +509,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     par_refs = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     hs_ref = next(it)
     dhl_ref = next(it) if has_dhl else None
+    acc_ref = next(it) if cfg.bwd_dbc_atomic else None     # zeroed (2, B, G, Lp, Np), in place
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if ins.z else None
-    dbc_ref, dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it), next(it)
+    dbc_ref = acc_ref if cfg.bwd_dbc_atomic else next(it)
+    dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     h_s, pt_s, hst_s = next(it), next(it), next(it)
@@ -515,6 +524,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     sgf_s = next(it) if has_sg else None
     bar, hbar = next(it), next(it)
     sbar = next(it) if W > 1 and cfg.interpret else None
+    stg_s = next(it) if cfg.bwd_dbc_atomic and not cfg.interpret else None
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -702,8 +712,22 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
                         ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
 
     def store_dbc(gidx, tot):
-        # The group's 128 sums, lanes in (dC | dB, step, state) order.
-        dbc_ref[:, bi, j, pl.ds(gidx * UQ, UQ), :] = tot.reshape(2, UQ, NP)
+        # The group's 128 sums, lanes in (dC | dB, step, state) order: this block's row of
+        # the partials, or (bwd_dbc_atomic) added to the group's sums by a TMA reduction.
+        tot = tot.reshape(2, UQ, NP)
+        if not cfg.bwd_dbc_atomic:
+            dbc_ref[:, bi, j, pl.ds(gidx * UQ, UQ), :] = tot
+            return
+        dst = (slice(None), bi, grp, pl.ds(gidx * UQ, UQ), slice(None))
+        if cfg.interpret:   # no TMA reductions there; its blocks run one after another
+            dbc_ref[dst] = dbc_ref[dst] + tot
+            return
+        # The staging tile's previous reduction has read it: every group ends with _barrier(),
+        # whose wait covers the bulk reads of the issuing thread.
+        stg_s[...] = tot
+        plgpu.commit_smem()
+        _barrier()
+        plgpu.copy_smem_to_gmem(stg_s, dbc_ref.at[dst], reduction_op="add")
 
     def combine(gidx):
         # W > 1: group gidx's dB/dC sums (every warpgroup's rows and parts in comb_s, as
@@ -829,6 +853,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     if W > 1:        # the last group's dB/dC parts
         sync()
         pl.when(w == W - 1)(lambda: combine(0))
+    if stg_s is not None:
+        plgpu.wait_smem_to_gmem(0)
     padded = range(N, NP) if W == 1 else ()
     for k, n in enumerate(states):
         dat_ref[bi, n, cols] = dat[k]
@@ -896,8 +922,9 @@ def _bwd_call(cfg, res, dout, dhl):
     pars = [A] + ([D] if ins.d else []) + ([bias] if ins.bias else [])
     out_type = ([jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
-                + [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32),
-                   jax.ShapeDtypeStruct((b, np_, dp), f32),
+                + ([] if cfg.bwd_dbc_atomic else
+                   [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32)])
+                + [jax.ShapeDtypeStruct((b, np_, dp), f32),
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
@@ -916,13 +943,21 @@ def _bwd_call(cfg, res, dout, dhl):
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if W > 1 and cfg.interpret:
         scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
+    if cfg.bwd_dbc_atomic and not cfg.interpret:
+        scratch.append(plgpu.SMEM((2, WIDTH // (2 * np_), np_), f32))   # TMA reduction source
     threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
         functools.partial(_bwd_kernel, cfg=cfg, ins=ins, has_dhl=dhl is not None),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg),
         kernel_name="selective_scan_mgpu_bwd", **threads)
-    return kern(*seq, *pars, hs, *([] if dhl is None else [dhl.astype(f32)]))
+    acc = []
+    if cfg.bwd_dbc_atomic:     # the sums of dC | dB per group, added into in place
+        acc = [jax.new_ref(jnp.zeros((2, b, n_blocks // cfg.blocks_per_group, lp, np_), f32))]
+    outs = kern(*seq, *pars, hs, *([] if dhl is None else [dhl.astype(f32)]), *acc)
+    if cfg.bwd_dbc_atomic:
+        outs = (*outs[:-3], jax.ref.freeze(acc[0]), *outs[-3:])
+    return outs
 
 
 SUMS_CHANNELS = 16   # _bwd_sums: channels per program of the sums over the batch
@@ -985,12 +1020,13 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
 
 def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
     """dC, dB (B, Lp, G, Np), dA (Dp, Np), dD, dbias (Dp,) from the Mosaic backward's
-    per-block partials (dbc: (2, B, blocks, Lp, Np)  dat: (B, Np, Dp)  ddb: (B, W, 2, Dp)),
+    partials (dbc: (2, B, blocks, Lp, Np), or (2, B, G, Lp, Np) with bwd_dbc_atomic;
+    dat: (B, Np, Dp)  ddb: (B, W, 2, Dp)),
     one Triton launch in place of XLA's four reductions (session 9)."""
-    _, b, n_blocks, lp, np_ = dbc.shape
+    _, b, n_rows, lp, np_ = dbc.shape
     dp = dat.shape[2]
-    bpg = cfg.blocks_per_group
-    groups = n_blocks // bpg
+    bpg = 1 if cfg.bwd_dbc_atomic else cfg.blocks_per_group
+    groups = n_rows // bpg
     rows = 64 if bpg <= 4 else 32           # Lp is a multiple of the 64-step forward tile
     n_small, n_lt = dp // SUMS_CHANNELS, lp // rows
     f32 = jnp.float32
@@ -1051,7 +1087,7 @@ def _scan_padded_bwd(cfg, res, cts):
             # -> (b, Lp, G, Np), and three small reductions over the batch.
             b, lp, _ = u.shape
             g = Bm.shape[2]
-            dbc = dbc.reshape(2, b, g, cfg.blocks_per_group, lp, cfg.np_).sum(3)
+            dbc = dbc.reshape(2, b, g, -1, lp, cfg.np_).sum(3)
             dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
             dA, dD, dbias = dat.sum(0).T, ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dA,
@@ -1164,7 +1200,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
-               bwd_fused_sums=bs.bwd_fused_sums, tcfg=tcfg)
+               bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
