@@ -960,21 +960,19 @@ def _bwd_call(cfg, res, dout, dhl):
     return outs
 
 
-SUMS_CHANNELS = 16   # _bwd_sums: channels per program of the sums over the batch
-SUMS_BATCH = 8       # _bwd_sums: batch rows per load of those sums
+SUMS_ELEMS = 4096   # _bwd_sums: elements of dA^T per load of the sums over the batch
 
 
 def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbias_ref, *,
-                 n_small, n_lt, rows, groups, bpg):
+                 n_small, n_lt, rows, groups, bpg, cb, bb):
     """The backward's cross-block sums in one launch (Triton backend).
 
-    Programs [0, n_small): SUMS_CHANNELS channels each, summed over the batch (masked in
-    SUMS_BATCH-row loads): dA (stored transposed, (Dp, Np)), dD (warpgroup 0's dy u) and
-    dbias (every warpgroup's). Programs [n_small, ...): (batch, group, `rows` steps): dC and
+    Programs [0, n_small): cb channels each, summed over the batch (in masked loads of bb
+    rows: one load for batches up to 64): dA (stored transposed, (Dp, Np)), dD (warpgroup
+    0's dy u) and dbias (every warpgroup's). Programs [n_small, ...): (batch, group, `rows` steps): dC and
     dB, the group's bpg per-block partial sums added in a fixed order (deterministic).
     """
     pid = pl.program_id(0)
-    cb, bb = SUMS_CHANNELS, SUMS_BATCH
     n_batch = dat_ref.shape[0]
     f32 = jnp.float32
 
@@ -1028,7 +1026,9 @@ def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
     bpg = 1 if cfg.bwd_dbc_atomic else cfg.blocks_per_group
     groups = n_rows // bpg
     rows = 64 if bpg <= 4 else 32           # Lp is a multiple of the 64-step forward tile
-    n_small, n_lt = dp // SUMS_CHANNELS, lp // rows
+    bb = min(_common._next_pow2(b), 64)
+    cb = min(max(SUMS_ELEMS // (bb * np_), 1), WIDTH)   # a power of 2: divides Dp
+    n_small, n_lt = dp // cb, lp // rows
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((b, lp, groups, np_), c_dtype),
                  jax.ShapeDtypeStruct((b, lp, groups, np_), b_dtype),
@@ -1036,7 +1036,7 @@ def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
                  jax.ShapeDtypeStruct((dp,), f32), jax.ShapeDtypeStruct((dp,), f32))
     return pl.pallas_call(
         functools.partial(_sums_kernel, n_small=n_small, n_lt=n_lt, rows=rows,
-                          groups=groups, bpg=bpg),
+                          groups=groups, bpg=bpg, cb=cb, bb=bb),
         out_shape=out_shape, grid=(n_small + b * groups * n_lt,),
         compiler_params=_triton._compiler_params(4, 1), interpret=cfg.interpret,
         name="selective_scan_mgpu_bwd_sums")(dbc, dat, ddb)
