@@ -136,6 +136,7 @@ if MGPU:
         "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False),  # session 8's
         "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
         "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False),
+        "mgpu_red": MgpuBlockSizes(bwd_dbc_atomic="red"),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

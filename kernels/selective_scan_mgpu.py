@@ -67,6 +67,8 @@ from kernels import selective_scan_triton as _triton
 
 try:  # jax 0.10.2 has plgpu, but not every piece used here (Lane semantics, interpret params).
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm, vector
     from jax.experimental.pallas import mosaic_gpu as plgpu
     AVAILABLE = all(hasattr(plgpu, a) for a in (
         "kernel", "copy_gmem_to_smem", "barrier_wait", "barrier_arrive", "wait_smem_to_gmem",
@@ -162,7 +164,7 @@ class MgpuBlockSizes:
     # reductions (cp.reduce.async.bulk .add) into a zeroed (2, B, G, Lp, Np) float32 array,
     # instead of per-block partial sums (n_blocks times the bytes) summed afterwards. The
     # order of the additions varies between runs: dB, dC are not bitwise reproducible.
-    bwd_dbc_atomic: bool = True
+    bwd_dbc_atomic: str = "tma"
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -214,7 +216,7 @@ class _Cfg:
     bwd_vec_smem: bool
     bwd_lean_sync: bool
     bwd_fused_sums: bool
-    bwd_dbc_atomic: bool
+    bwd_dbc_atomic: str
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -271,6 +273,31 @@ def _block_sync(sbar, warpgroups):
                               convergent=True)
 
     bar_sync_all()
+
+
+def _red_add(dst, val):
+    """dst[...] += val (float32, 128 elements, one per thread of the warpgroup, the Lane
+    layout of a 128-element array) by one `red.global.add.f32` per thread: no shared memory,
+    no barrier, fire and forget."""
+    shape = val.shape
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_STRIDED(shape, vec_size=1)))
+    def red(ctx, ref, v):
+        del ctx
+        i64 = ir.IntegerType.get_signless(64)
+        strides, _ = ir.MemRefType(ref.type).get_strides_and_offset()
+        rem = arith.extui(i64, arith.remui(mgpu_utils.thread_idx(), mgpu_utils.c(WIDTH,
+                                           ir.IntegerType.get_signless(32))))
+        off = mgpu_utils.c(0, i64)
+        for dim, stride in reversed(list(zip(shape, strides))):    # flat index -> offset
+            idx = arith.remui(rem, mgpu_utils.c(dim, i64))
+            rem = arith.divui(rem, mgpu_utils.c(dim, i64))
+            off = arith.addi(off, arith.muli(idx, mgpu_utils.c(stride * 4, i64)))
+        addr = arith.addi(llvm.ptrtoint(i64, mgpu_utils.memref_ptr(ref)), off)
+        x = vector.extract(v.registers.flat[0], dynamic_position=[], static_position=[0])
+        mgpu_utils.inline_ptx("red.global.add.f32 [$0], $1;", addr, x, has_side_effects=True)
+
+    red(dst, val)
 
 
 def _params():
@@ -524,7 +551,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     sgf_s = next(it) if has_sg else None
     bar, hbar = next(it), next(it)
     sbar = next(it) if W > 1 and cfg.interpret else None
-    stg_s = next(it) if cfg.bwd_dbc_atomic and not cfg.interpret else None
+    stg_s = next(it) if cfg.bwd_dbc_atomic == "tma" and not cfg.interpret else None
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -721,6 +748,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         dst = (slice(None), bi, grp, pl.ds(gidx * UQ, UQ), slice(None))
         if cfg.interpret:   # no TMA reductions there; its blocks run one after another
             dbc_ref[dst] = dbc_ref[dst] + tot
+            return
+        if cfg.bwd_dbc_atomic == "red":
+            _red_add(dbc_ref.at[dst], tot)
             return
         # The staging tile's previous reduction has read it: every group ends with _barrier(),
         # whose wait covers the bulk reads of the issuing thread.
@@ -943,7 +973,7 @@ def _bwd_call(cfg, res, dout, dhl):
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if W > 1 and cfg.interpret:
         scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
-    if cfg.bwd_dbc_atomic and not cfg.interpret:
+    if cfg.bwd_dbc_atomic == "tma" and not cfg.interpret:
         scratch.append(plgpu.SMEM((2, WIDTH // (2 * np_), np_), f32))   # TMA reduction source
     threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
