@@ -132,11 +132,10 @@ if MGPU:
         "mgpu_vec": MgpuBlockSizes(bwd_lean_sync=False),
         "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
         # Session 9: the cross-block sums in one Triton launch (bwd_fused_sums) and dB/dC
-        # added over the blocks by TMA reductions in the kernel (bwd_dbc_atomic).
+        # added over the blocks by red.global in the kernel (bwd_dbc_atomic).
         "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False),  # session 8's
         "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
         "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False),
-        "mgpu_red": MgpuBlockSizes(bwd_dbc_atomic="red"),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

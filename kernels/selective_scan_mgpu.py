@@ -160,11 +160,16 @@ class MgpuBlockSizes:
     # dbias over the batch) in one Triton launch (`_bwd_sums`) instead of XLA's four
     # kernels, three of them launch-bound (session 8, ncu run 11 at S: 9.0 + 11.6 us).
     bwd_fused_sums: bool = True
-    # Mosaic backward: dB, dC added over a group's channel blocks in the kernel, by TMA
-    # reductions (cp.reduce.async.bulk .add) into a zeroed (2, B, G, Lp, Np) float32 array,
-    # instead of per-block partial sums (n_blocks times the bytes) summed afterwards. The
-    # order of the additions varies between runs: dB, dC are not bitwise reproducible.
-    bwd_dbc_atomic: str = "tma"
+    # Mosaic backward: dB, dC added over a group's channel blocks in the kernel, one
+    # `red.global.add.f32` per thread and reduction group into a zeroed (2, B, G, Lp, Np)
+    # float32 array, instead of per-block partial sums (blocks-per-group times the bytes)
+    # summed afterwards. Session 9, run mgpu38 and ncu run 14: fwd+bwd at L 2.308 vs
+    # 2.327 ms (the 26 us block sum gone, +5 us in the backward); the same through shared
+    # memory and TMA reductions (cp.reduce.async.bulk, a barrier and a bulk-read wait per
+    # group in the combining warpgroup; run mgpu37, ncu run 13) cost +19 us in the backward
+    # (2.320). The order of the additions varies between runs: dB, dC are not bitwise
+    # reproducible (False is).
+    bwd_dbc_atomic: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -216,7 +221,7 @@ class _Cfg:
     bwd_vec_smem: bool
     bwd_lean_sync: bool
     bwd_fused_sums: bool
-    bwd_dbc_atomic: str
+    bwd_dbc_atomic: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -551,7 +556,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     sgf_s = next(it) if has_sg else None
     bar, hbar = next(it), next(it)
     sbar = next(it) if W > 1 and cfg.interpret else None
-    stg_s = next(it) if cfg.bwd_dbc_atomic == "tma" and not cfg.interpret else None
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
@@ -740,24 +744,15 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
 
     def store_dbc(gidx, tot):
         # The group's 128 sums, lanes in (dC | dB, step, state) order: this block's row of
-        # the partials, or (bwd_dbc_atomic) added to the group's sums by a TMA reduction.
+        # the partials, or (bwd_dbc_atomic) added to the group's sums in global memory.
         tot = tot.reshape(2, UQ, NP)
         if not cfg.bwd_dbc_atomic:
             dbc_ref[:, bi, j, pl.ds(gidx * UQ, UQ), :] = tot
-            return
-        dst = (slice(None), bi, grp, pl.ds(gidx * UQ, UQ), slice(None))
-        if cfg.interpret:   # no TMA reductions there; its blocks run one after another
+        elif cfg.interpret:   # no inline PTX there; its blocks run one after another
+            dst = (slice(None), bi, grp, pl.ds(gidx * UQ, UQ), slice(None))
             dbc_ref[dst] = dbc_ref[dst] + tot
-            return
-        if cfg.bwd_dbc_atomic == "red":
-            _red_add(dbc_ref.at[dst], tot)
-            return
-        # The staging tile's previous reduction has read it: every group ends with _barrier(),
-        # whose wait covers the bulk reads of the issuing thread.
-        stg_s[...] = tot
-        plgpu.commit_smem()
-        _barrier()
-        plgpu.copy_smem_to_gmem(stg_s, dbc_ref.at[dst], reduction_op="add")
+        else:
+            _red_add(dbc_ref.at[:, bi, grp, pl.ds(gidx * UQ, UQ), :], tot)
 
     def combine(gidx):
         # W > 1: group gidx's dB/dC sums (every warpgroup's rows and parts in comb_s, as
@@ -883,8 +878,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     if W > 1:        # the last group's dB/dC parts
         sync()
         pl.when(w == W - 1)(lambda: combine(0))
-    if stg_s is not None:
-        plgpu.wait_smem_to_gmem(0)
     padded = range(N, NP) if W == 1 else ()
     for k, n in enumerate(states):
         dat_ref[bi, n, cols] = dat[k]
@@ -973,8 +966,6 @@ def _bwd_call(cfg, res, dout, dhl):
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if W > 1 and cfg.interpret:
         scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
-    if cfg.bwd_dbc_atomic == "tma" and not cfg.interpret:
-        scratch.append(plgpu.SMEM((2, WIDTH // (2 * np_), np_), f32))   # TMA reduction source
     threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
         functools.partial(_bwd_kernel, cfg=cfg, ins=ins, has_dhl=dhl is not None),
