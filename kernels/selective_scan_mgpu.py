@@ -1046,7 +1046,7 @@ def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
     dp = dat.shape[2]
     bpg = 1 if cfg.bwd_dbc_atomic else cfg.blocks_per_group
     groups = n_rows // bpg
-    rows = 64 if bpg <= 4 else 32           # Lp is a multiple of the 64-step forward tile
+    rows = math.gcd(lp, 64 if bpg <= 4 else 32)     # a power of 2 >= 16 (Lp: of TRITON_CHUNK)
     bb = min(_common._next_pow2(b), 64)
     cb = min(max(SUMS_ELEMS // (bb * np_), 1), WIDTH)   # a power of 2: divides Dp
     n_small, n_lt = dp // cb, lp // rows
