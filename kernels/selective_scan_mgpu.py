@@ -28,11 +28,13 @@ warpgroups (`bwd_warpgroups`; two where shared memory is short: z, 4-byte inputs
 running a quarter of the states of the same 128 channels (the per-state recurrences are
 independent; the outputs that sum over states are exchanged as partial sums), with the
 tile's dt computed once into shared memory (`bwd_dt_tile`, the next tile's inside this one)
-and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu35: fwd+bwd 2.32 / 0.60 ms
+and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu39: fwd+bwd 2.31 / 0.60 ms
 at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums over channels
 (dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each thread writes
 its terms as rows, and after 64 / Np steps the threads sum the rows (warp shuffles instead
-were 2% slower: session 8, run mgpu31). Where the
+were 2% slower: session 8, run mgpu31) and add the sums into the group's with
+`red.global.add` (`bwd_dbc_atomic`); the sums across blocks left (dA, dD, dbias over the
+batch) and the casts run in one Triton launch after it (`bwd_fused_sums`). Where the
 time went with one warpgroup (Nsight Compute at the end of session 5,
 benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU ops per step), the adjoint
 ~48% (~290 instructions per step, issue-bound with one warp per scheduler), the dB/dC
@@ -159,6 +161,8 @@ class MgpuBlockSizes:
     # Mosaic backward: the sums across blocks (dB, dC over a group's channel blocks; dA, dD,
     # dbias over the batch) in one Triton launch (`_bwd_sums`) instead of XLA's four
     # kernels, three of them launch-bound (session 8, ncu run 11 at S: 9.0 + 11.6 us).
+    # Session 9, ncu run 14 (with bwd_dbc_atomic): 6.2 / 11.4 us at L / S against XLA's
+    # 16.2 / 18.0.
     bwd_fused_sums: bool = True
     # Mosaic backward: dB, dC added over a group's channel blocks in the kernel, one
     # `red.global.add.f32` per thread and reduction group into a zeroed (2, B, G, Lp, Np)
