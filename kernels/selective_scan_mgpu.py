@@ -994,8 +994,9 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
 
     Programs [0, n_small): cb channels each, summed over the batch (in masked loads of bb
     rows: one load for batches up to 64): dA (stored transposed, (Dp, Np)), dD (warpgroup
-    0's dy u) and dbias (every warpgroup's). Programs [n_small, ...): (batch, group, `rows` steps): dC and
-    dB, the group's bpg per-block partial sums added in a fixed order (deterministic).
+    0's dy u) and dbias (every warpgroup's). Programs [n_small, ...): (batch, group, `rows`
+    steps): dC and dB, cast to their dtypes after adding the group's bpg per-block partial
+    sums in a fixed order (bpg = 1 with bwd_dbc_atomic).
     """
     pid = pl.program_id(0)
     n_batch = dat_ref.shape[0]
@@ -1044,8 +1045,7 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
 def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
     """dC, dB (B, Lp, G, Np), dA (Dp, Np), dD, dbias (Dp,) from the Mosaic backward's
     partials (dbc: (2, B, blocks, Lp, Np), or (2, B, G, Lp, Np) with bwd_dbc_atomic;
-    dat: (B, Np, Dp)  ddb: (B, W, 2, Dp)),
-    one Triton launch in place of XLA's four reductions (session 9)."""
+    dat: (B, Np, Dp); ddb: (B, W, 2, Dp)): one Triton launch in place of XLA's four."""
     _, b, n_rows, lp, np_ = dbc.shape
     dp = dat.shape[2]
     bpg = 1 if cfg.bwd_dbc_atomic else cfg.blocks_per_group

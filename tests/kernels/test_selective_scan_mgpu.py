@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 # dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile), the ninth (two
 # warpgroups, dt per step) and the last (four, the default on the GPU). dB / dC as per-block
 # partials (bwd_dbc_atomic=False) in the second, the XLA sums (bwd_fused_sums=False) in the
-# fifth; the others add dB / dC into one array (a TMA reduction compiled; here, where blocks
+# fifth; the others add dB / dC into one array (red.global.add compiled; here, where blocks
 # run one at a time, a read-add-write) and sum across blocks in one Triton kernel.
 MOSAIC = dict(backward="mosaic")
 H100 = jax.sharding.AbstractMesh(     # the target of cross-lowering (Triton needs a GPU kind)
