@@ -450,26 +450,29 @@ print("\n=== selective scan, ms (mean of 50 jit calls); worst rel err over S, L[
 print(f"{'variant':16s} {'L fwd':>8s} {'L f+b':>8s} {'S fwd':>8s} {'S f+b':>8s} {'ok':>3s} "
       f"{'worst':>8s}")
 tm = RESULTS["time_ms"]
-for vname in list(VARIANTS) + [v + "_again" for v in repeat]:
+ROWS = list(VARIANTS) + [v + "_again" for v in repeat]
+
+
+def cells(vname):
+    """L fwd, L fwd+bwd, S fwd, S fwd+bwd of a variant (ms; nan where not timed)."""
+    return [tm.get(f"{sname}/{vname}", {}).get(k, float("nan"))
+            for sname in ("L", "S") for k in ("fwd", "fwd_bwd")]
+
+
+for vname in ROWS:
     base = vname.replace("_again", "")
-    cells = []
-    for sname in ("L", "S"):
-        t = tm.get(f"{sname}/{vname}", {})
-        cells += [t.get("fwd", float("nan")), t.get("fwd_bwd", float("nan"))]
     chk = [v for k, v in RESULTS["check"].items() if k.endswith("/" + base)]
     ok = all(c["ok"] for c in chk) and len(chk) == (3 if base in ODD_VARIANTS else 2)
     worst = max((x for c in chk for k, x in c.items() if k != "ok"), default=float("nan"))
-    print(f"{vname:16s} " + " ".join(f"{c:8.3f}" for c in cells) + f" {'y' if ok else 'N':>3s} "
-          f"{worst:8.2e}")
-xla = [tm.get(f"{sname}/xla", {}).get(k) for sname in ("L", "S") for k in ("fwd", "fwd_bwd")]
-if all(xla):
+    print(f"{vname:16s} " + " ".join(f"{c:8.3f}" for c in cells(vname))
+          + f" {'y' if ok else 'N':>3s} {worst:8.2e}")
+xla = cells("xla")
+if not np.isnan(xla).any():
     # Speed-up over impl="xla" (jax.lax.associative_scan) measured in the same call.
     print(f"\n=== speed-up over impl='xla' (same call) ===\n{'variant':16s} {'L fwd':>8s} "
           f"{'L f+b':>8s} {'S fwd':>8s} {'S f+b':>8s}")
-    for vname in list(VARIANTS) + [v + "_again" for v in repeat]:
-        cells = [tm.get(f"{sname}/{vname}", {}).get(k, float("nan"))
-                 for sname in ("L", "S") for k in ("fwd", "fwd_bwd")]
-        print(f"{vname:16s} " + " ".join(f"{x / c:7.1f}x" for x, c in zip(xla, cells)))
+    for vname in ROWS:
+        print(f"{vname:16s} " + " ".join(f"{x / c:7.1f}x" for x, c in zip(xla, cells(vname))))
 print("nan:", RESULTS["nan"].get(f"L{NAN_LEN}_all_finite"), " errors:", list(RESULTS["errors"]))
 log("done")
 sys.stdout.flush()

@@ -1002,6 +1002,8 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
     n_batch = dat_ref.shape[0]
     f32 = jnp.float32
 
+    zero, one = jnp.int32(0), jnp.int32(1)   # (Python ints trip the interpret-mode load)
+
     @pl.when(pid < n_small)
     def _():
         cols = pl.ds(pid * cb, cb)
@@ -1013,7 +1015,6 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
             v = dat_ref.at[r, :, cols]
             a = a + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None, None], v.shape),
                                       other=0.0), axis=0)
-            zero, one = jnp.int32(0), jnp.int32(1)   # (Python ints trip the interpret-mode load)
             v = ddb_ref.at[r, zero, zero, cols]
             d = d + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None], v.shape),
                                       other=0.0), axis=0)
