@@ -133,17 +133,11 @@ if MGPU:
         "mgpu_lean": MgpuBlockSizes(bwd_vec_smem=False),
         # Session 9: the cross-block sums in one Triton launch (bwd_fused_sums) and dB/dC
         # added over the blocks by red.global in the kernel (bwd_dbc_atomic).
-        "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False,  # session 8's
-                                  bwd_par_atomic=False, fwd_zeroes=False),
-        "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False, bwd_par_atomic=False,
-                                    fwd_zeroes=False),
-        "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False, bwd_par_atomic=False,
-                                    fwd_zeroes=False),
-        # Session 10: dA, dD, dbias added over the batch in the kernel (bwd_par_atomic) and
-        # the accumulators zeroed by the state-saving forward (fwd_zeroes).
-        "mgpu_s9": MgpuBlockSizes(bwd_par_atomic=False, fwd_zeroes=False),   # session 9's
-        "mgpu_par": MgpuBlockSizes(fwd_zeroes=False),
-        "mgpu_fz": MgpuBlockSizes(bwd_par_atomic=False),
+        "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False),  # session 8's
+        "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
+        "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False, fwd_zeroes=False),
+        # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes).
+        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False),                     # session 9's
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

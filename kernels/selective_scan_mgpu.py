@@ -174,17 +174,10 @@ class MgpuBlockSizes:
     # (2.320). The order of the additions varies between runs: dB, dC are not bitwise
     # reproducible (False is).
     bwd_dbc_atomic: bool = True
-    # Mosaic backward: dA, dD, dbias added over the batch in the kernel (at the block's end,
-    # one `red.global.add.f32` per thread and row) into a zeroed (Np + 1 + W, Dp) float32
-    # array (rows: dA^T, dD, each warpgroup's dbias) instead of (B, Np, Dp) and (B, W, 2, Dp)
-    # partial outputs summed over the batch afterwards (the sums kernel's 64-row loads: most
-    # of its 11.4 us at S, ncu run 14). The order of the additions varies between runs: not
-    # bitwise reproducible (False is).
-    bwd_par_atomic: bool = True
-    # The forward that saves states for the Mosaic backward also zeroes the backward's
-    # accumulators (those of bwd_dbc_atomic and bwd_par_atomic: a few 512-byte rows per
-    # block, stored after its scan) instead of XLA filling them before the backward (one
-    # more launch: 4.0 / 5.2 us at L / S, ncu run 14). They travel as residuals.
+    # With bwd_dbc_atomic: the forward that saves states for the backward also zeroes the
+    # dB/dC sums (a 512-byte row per block every few tiles) instead of XLA filling them
+    # before the backward (one more launch: 4.0 / 5.2 us at L / S, ncu run 14); they travel
+    # as a residual.
     fwd_zeroes: bool = True
 
     def __post_init__(self):
@@ -238,7 +231,6 @@ class _Cfg:
     bwd_lean_sync: bool
     bwd_fused_sums: bool
     bwd_dbc_atomic: bool
-    bwd_par_atomic: bool
     fwd_zeroes: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
@@ -249,13 +241,8 @@ class _Cfg:
 
     @property
     def zero_dbc(self):
-        """The state-saving forward zeroes the dB/dC sums (bwd_dbc_atomic)."""
+        """The state-saving forward zeroes the backward's dB/dC sums (fwd_zeroes)."""
         return self.mosaic_bwd and self.fwd_zeroes and self.bwd_dbc_atomic
-
-    @property
-    def zero_par(self):
-        """The state-saving forward zeroes the dA, dD, dbias sums (bwd_par_atomic)."""
-        return self.mosaic_bwd and self.fwd_zeroes and self.bwd_par_atomic
 
     @property
     def lane_states(self):
@@ -457,10 +444,9 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
 
     GMEM refs: u, dt, [z]: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np) float32
     [D, delta_bias: (Dp,) float32]  [h0: (B, Np, Dp) float32]
-    -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / save_every, Np, Dp)
-    [zeroed for the backward (cfg.zero_dbc, cfg.zero_par): (2, B, G, Lp Np / 128, 128)
-    (dB/dC sums, rows of each (batch, group) split between the group's blocks), (Np + 1 + W,
-    Dp) (dA^T, dD, dbias: zeroed by the blocks of batch 0)]]
+    -> y: (B, Lp, Dp)  hL: (B, Np, Dp)  [hs: (B, Lp / save_every, Np, Dp)  [cfg.zero_dbc:
+    the backward's dB/dC sums zeroed, (2, B, G, Lp Np / 128, 128): the rows of a (batch,
+    group) split between the group's blocks, a few per tile]]
     SMEM scratch: u, dt, [z]: (stages, tile, 128)  B, C: (stages, tile, Np)
     [B, C float32 staging: (tile, Np)]  A: (128, Np)  D, bias: (128,)  [h0: (Np, 128)];
     barriers: one per stage, one for the parameters.
@@ -473,7 +459,6 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     y_ref, hl_ref = next(it), next(it)
     hs_ref = next(it) if save_states else None
     zd_ref = next(it) if save_states and cfg.zero_dbc else None
-    zp_ref = next(it) if save_states and cfg.zero_par else None
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
@@ -522,10 +507,29 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     if not save_states:
         CH = T
 
+    if zd_ref is not None:
+        # Block jj of the group zeroes rows jj, jj + bpg, ... of its (batch, group), per_tile
+        # of them in each tile (stores issued between steps cost nothing measurable; the same
+        # stores after the scan cost 3.7 us at L, ncu run 15).
+        bpg, n_rows = cfg.blocks_per_group, zd_ref.shape[3]
+        mine = -(-n_rows // bpg)
+        per_tile = -(-mine // (cfg.lp // T))
+
+        def zero_rows(k):
+            for q in range(per_tile):
+                r = j % bpg + (k * per_tile + q) * bpg
+
+                @pl.when(r < n_rows)
+                def _():
+                    zd_ref[0, bi, grp, r, :] = zero
+                    zd_ref[1, bi, grp, r, :] = zero
+
     def tile_body(k, slot, h):
         if convert is not None:
             convert(slot)
         t0 = k * T
+        if zd_ref is not None:
+            zero_rows(k)
 
         def chunk(q, h):
             if save_states:
@@ -541,25 +545,6 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
     for n in range(cfg.np_):
         hl_ref[bi, n, cols] = h[n] if n < N else zero
-    if zd_ref is not None:    # rows jj, jj + bpg, ... of this (batch, group): block jj's
-        bpg, n_rows = cfg.blocks_per_group, zd_ref.shape[3]
-        jj = j % bpg
-
-        def zero_row(i, c):
-            r = jj + i * bpg
-
-            @pl.when(r < n_rows)
-            def _():
-                zd_ref[0, bi, grp, r, :] = zero
-                zd_ref[1, bi, grp, r, :] = zero
-            return c
-
-        jax.lax.fori_loop(0, -(-n_rows // bpg), zero_row, 0)
-    if zp_ref is not None:
-        @pl.when(bi == 0)
-        def _():
-            for r in range(zp_ref.shape[0]):
-                zp_ref[r, cols] = zero
 
 
 def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
@@ -582,12 +567,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     GMEM refs: u, dt, [z], dout: (B, Lp, Dp)  B, C: (B, Lp, G, Np)  A: (Dp, Np)  [D, bias]
     hs: (B, Lp / chunk, Np, Dp)  [dhL: (B, Np, Dp); absent when it is a symbolic zero]
     [bwd_dbc_atomic: dbc, the zeroed (2, B, G, Lp, Np) sums of dC | dB, added into in place]
-    [bwd_par_atomic: par, the zeroed (Np + 1 + W, Dp) sums over the batch of dA^T (rows
-    0..Np-1), dD (row Np) and dbias (row Np + 1 + w: warpgroup w's), added into in place]
     -> du, ddt, [dz]: (B, Lp, Dp)  [dbc: (2, B, n_blocks, Lp, Np) per-block partial sums of
     dC | dB (W > 1: the warpgroups' column parts added in the kernel by the last warpgroup,
     one group later), summed over the blocks of a group afterwards]
-    [dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp): without bwd_par_atomic]  dh0: (B, Np, Dp)
+    dA^T: (B, Np, Dp)  dD, dbias: (B, W, 2, Dp)  dh0: (B, Np, Dp)
     """
     it = iter(refs)
     nseq = 5 + int(ins.z)
@@ -596,12 +579,10 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     hs_ref = next(it)
     dhl_ref = next(it) if has_dhl else None
     acc_ref = next(it) if cfg.bwd_dbc_atomic else None     # zeroed (2, B, G, Lp, Np), in place
-    par_ref = next(it) if cfg.bwd_par_atomic else None     # zeroed (Np + 1 + W, Dp), in place
     du_ref, ddt_ref = next(it), next(it)
     dz_ref = next(it) if ins.z else None
     dbc_ref = acc_ref if cfg.bwd_dbc_atomic else next(it)
-    dat_ref, ddb_ref = (None, None) if cfg.bwd_par_atomic else (next(it), next(it))
-    dh0_ref = next(it)
+    dat_ref, ddb_ref, dh0_ref = next(it), next(it), next(it)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     h_s, pt_s, hst_s = next(it), next(it), next(it)
@@ -798,23 +779,17 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
                             tot = tot + xch_s[par, v, kind, ii, :]
                         ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
 
-    def add_to(ref, idx, val):
-        # ref[idx] += val across blocks: red.global.add, or in interpret mode (no inline PTX;
-        # its blocks run one after another; warpgroups add to disjoint elements) a
-        # read-add-write.
-        if cfg.interpret:
-            ref[idx] = ref[idx] + val
-        else:
-            _red_add(ref.at[idx], val)
-
     def store_dbc(gidx, tot):
         # The group's 128 sums, lanes in (dC | dB, step, state) order: this block's row of
         # the partials, or (bwd_dbc_atomic) added to the group's sums in global memory.
         tot = tot.reshape(2, UQ, NP)
         if not cfg.bwd_dbc_atomic:
             dbc_ref[:, bi, j, pl.ds(gidx * UQ, UQ), :] = tot
+        elif cfg.interpret:   # no inline PTX there; its blocks run one after another
+            dst = (slice(None), bi, grp, pl.ds(gidx * UQ, UQ), slice(None))
+            dbc_ref[dst] = dbc_ref[dst] + tot
         else:
-            add_to(dbc_ref, (slice(None), bi, grp, pl.ds(gidx * UQ, UQ), slice(None)), tot)
+            _red_add(dbc_ref.at[:, bi, grp, pl.ds(gidx * UQ, UQ), :], tot)
 
     def combine(gidx):
         # W > 1: group gidx's dB/dC sums (every warpgroup's rows and parts in comb_s, as
@@ -942,24 +917,13 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         pl.when(w == W - 1)(lambda: combine(0))
     padded = range(N, NP) if W == 1 else ()
     for k, n in enumerate(states):
+        dat_ref[bi, n, cols] = dat[k]
         dh0_ref[bi, n, cols] = g[k]
     for n in padded:
+        dat_ref[bi, n, cols] = zero
         dh0_ref[bi, n, cols] = zero
-    if par_ref is None:
-        for k, n in enumerate(states):
-            dat_ref[bi, n, cols] = dat[k]
-        for n in padded:
-            dat_ref[bi, n, cols] = zero
-        ddb_ref[bi, wi, 0, cols] = dd
-        ddb_ref[bi, wi, 1, cols] = dbias
-    else:      # the batch sums in place (padded states' rows stay zero)
-        for k, n in enumerate(states):
-            add_to(par_ref, (n, cols), dat[k])
-        if W == 1:
-            add_to(par_ref, (NP, cols), dd)
-        else:        # warpgroup 0's dy u (every warpgroup's is the same)
-            pl.when(w == 0)(lambda: add_to(par_ref, (NP, cols), dd))
-        add_to(par_ref, (NP + 1 + wi, cols), dbias)
+    ddb_ref[bi, wi, 0, cols] = dd
+    ddb_ref[bi, wi, 1, cols] = dbias
 
 
 def _interpret(cfg):
@@ -992,11 +956,9 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
                 jax.ShapeDtypeStruct((b, np_, dp), f32)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((b, lp // cfg.save_every, np_, dp), f32))
+    if save_states and cfg.zero_dbc:   # (Lp: a multiple of 16, Np of 8: whole 128-wide rows)
         groups = dp // (WIDTH * cfg.blocks_per_group)
-        if cfg.zero_dbc:      # (Lp: a multiple of 16, Np of 8: whole 128-element rows)
-            out_type.append(jax.ShapeDtypeStruct((2, b, groups, lp * np_ // WIDTH, WIDTH), f32))
-        if cfg.zero_par:
-            out_type.append(jax.ShapeDtypeStruct((np_ + 1 + cfg.bwd_warpgroups, dp), f32))
+        out_type.append(jax.ShapeDtypeStruct((2, b, groups, lp * np_ // WIDTH, WIDTH), f32))
     scratch = _common_scratch(ins, seq, T, S, np_, Bm)
     scratch += [plgpu.SMEM((WIDTH, np_), f32)]
     scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
@@ -1012,10 +974,7 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
 
 
 def _bwd_call(cfg, res, dout, dhl):
-    """The Mosaic backward; dhl None: the final state's cotangent is zero (not read).
-    Returns du, ddt, dz (or None), dbc (the dC | dB sums or per-block partials), the batch
-    sums (the (Np + 1 + W, Dp) array with bwd_par_atomic, else the partials (dA^T, dDb))
-    and dh0."""
+    """The Mosaic backward; dhl None: the final state's cotangent is zero (not read)."""
     u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed = res
     ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
@@ -1028,10 +987,9 @@ def _bwd_call(cfg, res, dout, dhl):
                 + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if ins.z else [])
                 + ([] if cfg.bwd_dbc_atomic else
                    [jax.ShapeDtypeStruct((2, b, n_blocks, lp, np_), f32)])
-                + ([] if cfg.bwd_par_atomic else
-                   [jax.ShapeDtypeStruct((b, np_, dp), f32),
-                    jax.ShapeDtypeStruct((b, W, 2, dp), f32)])
-                + [jax.ShapeDtypeStruct((b, np_, dp), f32)])
+                + [jax.ShapeDtypeStruct((b, np_, dp), f32),
+                   jax.ShapeDtypeStruct((b, W, 2, dp), f32),
+                   jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
     states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
               else (cfg.save_every, np_, WIDTH))
@@ -1054,58 +1012,37 @@ def _bwd_call(cfg, res, dout, dhl):
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg),
         kernel_name="selective_scan_mgpu_bwd", **threads)
-    # The sums added into in place: zeroed by the forward (cfg.zero_dbc, zero_par) or here.
-    zeroed, acc = iter(zeroed), []
-    if cfg.bwd_dbc_atomic:     # dC | dB per group
+    acc = []
+    if cfg.bwd_dbc_atomic:     # the sums of dC | dB per group (zeroed by the forward or here)
         shape = (2, b, n_blocks // cfg.blocks_per_group, lp, np_)
-        acc.append(next(zeroed).reshape(shape) if cfg.zero_dbc else jnp.zeros(shape, f32))
-    if cfg.bwd_par_atomic:     # dA^T, dD, dbias over the batch
-        shape = (np_ + 1 + W, dp)
-        acc.append(next(zeroed) if cfg.zero_par else jnp.zeros(shape, f32))
-    acc = [jax.new_ref(x) for x in acc]
-    outs = iter(kern(*seq, *pars, hs, *([] if dhl is None else [dhl.astype(f32)]), *acc))
-    acc = iter([jax.ref.freeze(x) for x in acc])
-    du, ddt = next(outs), next(outs)
-    dz = next(outs) if ins.z else None
-    dbc = next(acc) if cfg.bwd_dbc_atomic else next(outs)
-    sums = next(acc) if cfg.bwd_par_atomic else (next(outs), next(outs))
-    return du, ddt, dz, dbc, sums, next(outs)
+        acc = [jax.new_ref(zeroed[0].reshape(shape) if cfg.zero_dbc else jnp.zeros(shape, f32))]
+    outs = kern(*seq, *pars, hs, *([] if dhl is None else [dhl.astype(f32)]), *acc)
+    if cfg.bwd_dbc_atomic:
+        outs = (*outs[:-3], jax.ref.freeze(acc[0]), *outs[-3:])
+    return outs
 
 
 SUMS_ELEMS = 4096   # _bwd_sums: elements of dA^T per load of the sums over the batch
 
 
-def _sums_kernel(dbc_ref, *refs, n_small, n_lt, rows, groups, bpg, cb, bb, par):
+def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbias_ref, *,
+                 n_small, n_lt, rows, groups, bpg, cb, bb):
     """The backward's cross-block sums in one launch (Triton backend).
 
-    Programs [0, n_small): cb channels each: dA (stored transposed, (Dp, Np)), dD (warpgroup
-    0's dy u) and dbias (every warpgroup's), summed over the batch (in masked loads of bb
-    rows: one load for batches up to 64) or, with `par` (bwd_par_atomic), read from the
-    kernel's sums (Np + 1 + W, Dp). Programs [n_small, ...): (batch, group, `rows` steps):
-    dC and dB, cast to their dtypes after adding the group's bpg per-block partial sums in a
-    fixed order (bpg = 1 with bwd_dbc_atomic).
+    Programs [0, n_small): cb channels each, summed over the batch (in masked loads of bb
+    rows: one load for batches up to 64): dA (stored transposed, (Dp, Np)), dD (warpgroup
+    0's dy u) and dbias (every warpgroup's). Programs [n_small, ...): (batch, group, `rows`
+    steps): dC and dB, cast to their dtypes after adding the group's bpg per-block partial
+    sums in a fixed order (bpg = 1 with bwd_dbc_atomic).
     """
-    if par:
-        par_ref, dc_ref, db_ref, da_ref, dd_ref, dbias_ref = refs
-    else:
-        dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbias_ref = refs
     pid = pl.program_id(0)
+    n_batch = dat_ref.shape[0]
     f32 = jnp.float32
 
     zero, one = jnp.int32(0), jnp.int32(1)   # (Python ints trip the interpret-mode load)
 
-    def from_par():
-        cols = pl.ds(pid * cb, cb)
-        np_ = da_ref.shape[1]
-        da_ref[cols, :] = par_ref[pl.ds(0, np_), cols].T
-        dd_ref[cols] = par_ref[np_, cols]
-        s = par_ref[np_ + 1, cols]
-        for w in range(np_ + 2, par_ref.shape[0]):
-            s = s + par_ref[w, cols]
-        dbias_ref[cols] = s
-
-    def over_batch():
-        n_batch = dat_ref.shape[0]
+    @pl.when(pid < n_small)
+    def _():
         cols = pl.ds(pid * cb, cb)
 
         def body(i, acc):
@@ -1130,8 +1067,6 @@ def _sums_kernel(dbc_ref, *refs, n_small, n_lt, rows, groups, bpg, cb, bb, par):
         dd_ref[cols] = d
         dbias_ref[cols] = s
 
-    pl.when(pid < n_small)(from_par if par else over_batch)
-
     @pl.when(pid >= n_small)
     def _():
         q = pid - n_small
@@ -1145,19 +1080,17 @@ def _sums_kernel(dbc_ref, *refs, n_small, n_lt, rows, groups, bpg, cb, bb, par):
             out[bi, t, gi, :] = acc.astype(out.dtype)
 
 
-def _bwd_sums(cfg, dbc, sums, c_dtype, b_dtype):
+def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
     """dC, dB (B, Lp, G, Np), dA (Dp, Np), dD, dbias (Dp,) from the Mosaic backward's
-    partials (dbc: (2, B, blocks, Lp, Np), or (2, B, G, Lp, Np) with bwd_dbc_atomic; sums:
-    (dA^T (B, Np, Dp), dDb (B, W, 2, Dp)), or (Np + 1 + W, Dp) with bwd_par_atomic): one
-    Triton launch in place of XLA's four."""
+    partials (dbc: (2, B, blocks, Lp, Np), or (2, B, G, Lp, Np) with bwd_dbc_atomic;
+    dat: (B, Np, Dp); ddb: (B, W, 2, Dp)): one Triton launch in place of XLA's four."""
     _, b, n_rows, lp, np_ = dbc.shape
-    par = cfg.bwd_par_atomic
-    dp = sums.shape[1] if par else sums[0].shape[2]
+    dp = dat.shape[2]
     bpg = 1 if cfg.bwd_dbc_atomic else cfg.blocks_per_group
     groups = n_rows // bpg
     rows = math.gcd(lp, 64 if bpg <= 4 else 32)     # a power of 2 >= 16 (Lp: of TRITON_CHUNK)
     bb = min(_common._next_pow2(b), 64)
-    cb = WIDTH if par else min(max(SUMS_ELEMS // (bb * np_), 1), WIDTH)  # divides Dp
+    cb = min(max(SUMS_ELEMS // (bb * np_), 1), WIDTH)   # a power of 2: divides Dp
     n_small, n_lt = dp // cb, lp // rows
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((b, lp, groups, np_), c_dtype),
@@ -1166,10 +1099,10 @@ def _bwd_sums(cfg, dbc, sums, c_dtype, b_dtype):
                  jax.ShapeDtypeStruct((dp,), f32), jax.ShapeDtypeStruct((dp,), f32))
     return pl.pallas_call(
         functools.partial(_sums_kernel, n_small=n_small, n_lt=n_lt, rows=rows,
-                          groups=groups, bpg=bpg, cb=cb, bb=bb, par=par),
+                          groups=groups, bpg=bpg, cb=cb, bb=bb),
         out_shape=out_shape, grid=(n_small + b * groups * n_lt,),
         compiler_params=_triton._compiler_params(4, 1), interpret=cfg.interpret,
-        name="selective_scan_mgpu_bwd_sums")(dbc, *([sums] if par else sums))
+        name="selective_scan_mgpu_bwd_sums")(dbc, dat, ddb)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -1206,23 +1139,20 @@ def _scan_padded_bwd(cfg, res, cts):
         du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
         dA = dAT.T
     else:
-        du, ddt, dz, dbc, sums, dh0 = _bwd_call(
-            cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
+        outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
+        du, ddt = outs[0], outs[1]
+        dz = outs[2] if z is not None else None
+        dbc, dat, ddb, dh0 = outs[-4:]
         if cfg.bwd_fused_sums:
-            dC, dB, dA, dD, dbias = _bwd_sums(cfg, dbc, sums, Cm.dtype, Bm.dtype)
+            dC, dB, dA, dD, dbias = _bwd_sums(cfg, dbc, dat, ddb, Cm.dtype, Bm.dtype)
         else:
             # XLA: one pass over the blocks of each group, (dC | dB, b, G, blocks, Lp, Np)
-            # -> (b, Lp, G, Np), and three small reductions over the batch (or slices of
-            # the kernel's sums).
+            # -> (b, Lp, G, Np), and three small reductions over the batch.
             b, lp, _ = u.shape
-            g, np_ = Bm.shape[2], cfg.np_
-            dbc = dbc.reshape(2, b, g, -1, lp, np_).sum(3)
+            g = Bm.shape[2]
+            dbc = dbc.reshape(2, b, g, -1, lp, cfg.np_).sum(3)
             dC, dB = (jnp.swapaxes(dbc[k], 1, 2).astype(m.dtype) for k, m in ((0, Cm), (1, Bm)))
-            if cfg.bwd_par_atomic:
-                dA, dD, dbias = sums[:np_].T, sums[np_], sums[np_ + 1:].sum(0)
-            else:
-                dat, ddb = sums
-                dA, dD, dbias = dat.sum(0).T, ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
+            dA, dD, dbias = dat.sum(0).T, ddb[:, 0, 0].sum(0), ddb[:, :, 1].sum((0, 1))
     return (du, ddt, dz, dB, dC, dA,
             None if D is None else dD, None if bias is None else dbias,
             None if h0 is None else dh0)
@@ -1334,7 +1264,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
-               bwd_par_atomic=bs.bwd_par_atomic, fwd_zeroes=bs.fwd_zeroes, tcfg=tcfg)
+               fwd_zeroes=bs.fwd_zeroes, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

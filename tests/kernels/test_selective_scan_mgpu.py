@@ -27,12 +27,11 @@ pytestmark = pytest.mark.skipif(
 # backward in the sixth (asked for) and the eighth (d_state 24 > 16 falls back to it).
 # Backward blocks of two warpgroups with dt per tile but in the second case (one warpgroup,
 # dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile), the ninth (two
-# warpgroups, dt per step) and the last (four, the default on the GPU). The cross-block sums
-# as per-block partials (bwd_dbc_atomic=False: dB / dC; bwd_par_atomic=False: dA, dD, dbias
-# per batch) in the second, the XLA sums (bwd_fused_sums=False) and accumulators zeroed by
-# XLA (fwd_zeroes=False) in the fifth; the others zero the accumulators in the forward, add
-# into them (red.global.add compiled; here, where blocks run one at a time, a
-# read-add-write) and cast / transpose them in one Triton kernel.
+# warpgroups, dt per step) and the last (four, the default on the GPU). dB / dC as per-block
+# partials (bwd_dbc_atomic=False) in the second, the XLA sums (bwd_fused_sums=False) and the
+# sums zeroed by XLA (fwd_zeroes=False) in the fifth; the others add dB / dC into one array
+# zeroed by the state-saving forward (red.global.add compiled; here, where blocks run one at
+# a time, a read-add-write) and sum across blocks in one Triton kernel.
 MOSAIC = dict(backward="mosaic")
 H100 = jax.sharding.AbstractMesh(     # the target of cross-lowering (Triton needs a GPU kind)
     (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
@@ -41,8 +40,7 @@ CASES = [
     (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**W2, **MOSAIC)),
     (29, 24, 16, 3, jnp.bfloat16, dict(), True,
      MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1,
-                    bwd_dt_tile=False, bwd_dbc_atomic=False, bwd_par_atomic=False,
-                    **MOSAIC)),
+                    bwd_dt_tile=False, bwd_dbc_atomic=False, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, **W2, **MOSAIC)),
@@ -123,7 +121,7 @@ def test_mgpu_grad_of_one_output_only(backward):
     (1, False, {}), (1, True, {}), (2, False, {}), (2, True, {}), (4, True, {}),
     (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False)),
     (4, True, dict(bwd_dbc_atomic=False)), (2, True, dict(bwd_fused_sums=False)),
-    (4, True, dict(bwd_par_atomic=False, fwd_zeroes=False))])
+    (4, True, dict(fwd_zeroes=False))])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
