@@ -138,6 +138,7 @@ if MGPU:
         "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False, fwd_zeroes=False),
         # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes).
         "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False),                     # session 9's
+        "mgpu_sa2": MgpuBlockSizes(bwd_sa_log2=True),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -85,6 +85,7 @@ except Exception:  # pragma: no cover - depends on the installed jax
     AVAILABLE = False
 
 _LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 WIDTH = 128         # channels per block: one warpgroup, one channel per thread
 TRITON_CHUNK = 16   # steps between saved states for the Triton backward (its chunk)
 MAX_MGPU_BWD_STATE = 16   # padded d_state up to which the Mosaic backward runs
@@ -179,6 +180,10 @@ class MgpuBlockSizes:
     # before the backward (one more launch: 4.0 / 5.2 us at L / S, ncu run 14); they travel
     # as a residual.
     fwd_zeroes: bool = True
+    # Mosaic backward: sum_n g a_t h_{t-1} A (the ddt term) in units of A log2(e), rescaled
+    # once per step (one multiply more), so that A itself is not kept in registers next to
+    # A log2(e) (4 of the 128 a thread has at four warpgroups).
+    bwd_sa_log2: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -232,6 +237,7 @@ class _Cfg:
     bwd_fused_sums: bool
     bwd_dbc_atomic: bool
     fwd_zeroes: bool
+    bwd_sa_log2: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -751,7 +757,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         # One FMA chain each and sa in units of A (not of A log2(e)): 3 instructions per step
         # fewer than two chains and a rescale (session 8, run mgpu34: -0.3% fwd+bwd at L).
         gb = _chain(g, bs)
-        sa = _chain(gah, a_raw)
+        sa = _chain(gah, a2) * _LN2 if cfg.bwd_sa_log2 else _chain(gah, a_raw)
         du = dt * gb
         if ins.d:
             du = du + dskip * dy
@@ -1264,7 +1270,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
-               fwd_zeroes=bs.fwd_zeroes, tcfg=tcfg)
+               fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
