@@ -136,9 +136,11 @@ if MGPU:
         "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False),  # session 8's
         "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
         "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False, fwd_zeroes=False),
-        # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes).
-        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False),                     # session 9's
-        "mgpu_sa2": MgpuBlockSizes(bwd_sa_log2=True),
+        # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes), the
+        # ddt term in log2 units (bwd_sa_log2: A not held in registers).
+        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False),  # session 9's
+        "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False),
+        "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -182,8 +182,10 @@ class MgpuBlockSizes:
     fwd_zeroes: bool = True
     # Mosaic backward: sum_n g a_t h_{t-1} A (the ddt term) in units of A log2(e), rescaled
     # once per step (one multiply more), so that A itself is not kept in registers next to
-    # A log2(e) (4 of the 128 a thread has at four warpgroups).
-    bwd_sa_log2: bool = False
+    # A log2(e): 4 of the 128 a thread has at four warpgroups (ptxas: 128, no spills either
+    # way). Session 10, ncu run 17 at L: backward 1776.7 vs 1788.9 us with 0.8% more
+    # instructions; run mgpu42: fwd+bwd 2.304 vs 2.311 / 2.314 ms at L.
+    bwd_sa_log2: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -754,8 +756,8 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
             pt_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
             pt_s[wi, UQ * RP + row + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
         gah = [g[k] * p[k] for k in range(K)]
-        # One FMA chain each and sa in units of A (not of A log2(e)): 3 instructions per step
-        # fewer than two chains and a rescale (session 8, run mgpu34: -0.3% fwd+bwd at L).
+        # One FMA chain each (session 8, run mgpu34); sa in units of A log2(e) and rescaled
+        # (bwd_sa_log2), or of A (A then held in registers too).
         gb = _chain(g, bs)
         sa = _chain(gah, a2) * _LN2 if cfg.bwd_sa_log2 else _chain(gah, a_raw)
         du = dt * gb

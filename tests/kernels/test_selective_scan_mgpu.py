@@ -28,10 +28,11 @@ pytestmark = pytest.mark.skipif(
 # Backward blocks of two warpgroups with dt per tile but in the second case (one warpgroup,
 # dt per step: session 5's kernel), the fifth (one warpgroup, dt per tile), the ninth (two
 # warpgroups, dt per step) and the last (four, the default on the GPU). dB / dC as per-block
-# partials (bwd_dbc_atomic=False) in the second, the XLA sums (bwd_fused_sums=False) and the
-# sums zeroed by XLA (fwd_zeroes=False) in the fifth; the others add dB / dC into one array
-# zeroed by the state-saving forward (red.global.add compiled; here, where blocks run one at
-# a time, a read-add-write) and sum across blocks in one Triton kernel.
+# partials (bwd_dbc_atomic=False; and ddt's A term in units of A, bwd_sa_log2=False) in the
+# second, the XLA sums (bwd_fused_sums=False) and the sums zeroed by XLA (fwd_zeroes=False)
+# in the fifth; the others add dB / dC into one array zeroed by the state-saving forward
+# (red.global.add compiled; here, where blocks run one at a time, a read-add-write) and sum
+# across blocks in one Triton kernel.
 MOSAIC = dict(backward="mosaic")
 H100 = jax.sharding.AbstractMesh(     # the target of cross-lowering (Triton needs a GPU kind)
     (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
@@ -40,7 +41,7 @@ CASES = [
     (37, 130, 5, None, jnp.float32, dict(), True, MgpuBlockSizes(**W2, **MOSAIC)),
     (29, 24, 16, 3, jnp.bfloat16, dict(), True,
      MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1,
-                    bwd_dt_tile=False, bwd_dbc_atomic=False, **MOSAIC)),
+                    bwd_dt_tile=False, bwd_dbc_atomic=False, bwd_sa_log2=False, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, **W2, **MOSAIC)),
