@@ -28,15 +28,15 @@ warpgroups (`bwd_warpgroups`; two where shared memory is short: z, 4-byte inputs
 running a quarter of the states of the same 128 channels (the per-state recurrences are
 independent; the outputs that sum over states are exchanged as partial sums), with the
 tile's dt computed once into shared memory (`bwd_dt_tile`, the next tile's inside this one)
-and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu39: fwd+bwd 2.31 / 0.60 ms
+and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu43: fwd+bwd 2.30 / 0.60 ms
 at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums over channels
 (dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each thread writes
 its terms as rows, and after 64 / Np steps the threads sum the rows (warp shuffles instead
 were 2% slower: session 8, run mgpu31) and add the sums into the group's with
-`red.global.add` (`bwd_dbc_atomic`); the sums across blocks left (dA, dD, dbias over the
-batch) and the casts run in one Triton launch after it (`bwd_fused_sums`). Where the
-time went with one warpgroup (Nsight Compute at the end of session 5,
-benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU ops per step), the adjoint
+`red.global.add` (`bwd_dbc_atomic`; zeroed by the state-saving forward, `fwd_zeroes`); the
+sums across blocks left (dA, dD, dbias over the batch) and the casts run in one Triton
+launch after it (`bwd_fused_sums`). Where the time went with one warpgroup (Nsight Compute
+at the end of session 5, benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU ops per step), the adjoint
 ~48% (~290 instructions per step, issue-bound with one warp per scheduler), the dB/dC
 reductions ~16%. "triton" (and
 d_state > 16): the forward saves the state entering every 16 steps in the layout of
@@ -176,9 +176,10 @@ class MgpuBlockSizes:
     # reproducible (False is).
     bwd_dbc_atomic: bool = True
     # With bwd_dbc_atomic: the forward that saves states for the backward also zeroes the
-    # dB/dC sums (a 512-byte row per block every few tiles) instead of XLA filling them
-    # before the backward (one more launch: 4.0 / 5.2 us at L / S, ncu run 14); they travel
-    # as a residual.
+    # dB/dC sums (a few 512-byte rows per block and tile) instead of XLA filling them before
+    # the backward; they travel as a residual. Session 10 (ncu runs 16-17): the 5.2 us fill
+    # gone at S for nothing in the forward; at L the 4.0 us fill for +3.3 us in the forward
+    # (stored after the scan instead: +3.7).
     fwd_zeroes: bool = True
     # Mosaic backward: sum_n g a_t h_{t-1} A (the ddt term) in units of A log2(e), rescaled
     # once per step (one multiply more), so that A itself is not kept in registers next to
@@ -517,8 +518,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
 
     if zd_ref is not None:
         # Block jj of the group zeroes rows jj, jj + bpg, ... of its (batch, group), per_tile
-        # of them in each tile (stores issued between steps cost nothing measurable; the same
-        # stores after the scan cost 3.7 us at L, ncu run 15).
+        # of them in each tile (ncu runs 15-17 at L: +3.3 us; all after the scan: +3.7).
         bpg, n_rows = cfg.blocks_per_group, zd_ref.shape[3]
         mine = -(-n_rows // bpg)
         per_tile = -(-mine // (cfg.lp // T))
