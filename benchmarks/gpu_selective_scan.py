@@ -135,7 +135,7 @@ if MGPU:
         # added over the blocks by red.global in the kernel (bwd_dbc_atomic).
         "mgpu_s8": MgpuBlockSizes(bwd_fused_sums=False, bwd_dbc_atomic=False),  # session 8's
         "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
-        "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False, fwd_zeroes=False),
+        "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False),
         # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes), the
         # ddt term in log2 units (bwd_sa_log2: A not held in registers).
         "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False),  # session 9's

@@ -36,9 +36,9 @@ were 2% slower: session 8, run mgpu31) and add the sums into the group's with
 `red.global.add` (`bwd_dbc_atomic`; zeroed by the state-saving forward, `fwd_zeroes`); the
 sums across blocks left (dA, dD, dbias over the batch) and the casts run in one Triton
 launch after it (`bwd_fused_sums`). Where the time went with one warpgroup (Nsight Compute
-at the end of session 5, benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU ops per step), the adjoint
-~48% (~290 instructions per step, issue-bound with one warp per scheduler), the dB/dC
-reductions ~16%. "triton" (and
+at the end of session 5, benchmarks/NOTES_selective_scan.md): the recompute ~31% (18 MUFU
+ops per step), the adjoint ~48% (~290 instructions per step, issue-bound with one warp per
+scheduler), the dB/dC reductions ~16%. "triton" (and
 d_state > 16): the forward saves the state entering every 16 steps in the layout of
 kernels/selective_scan_triton.py and its Triton backward (v5) runs on the same padded layout.
 
@@ -517,7 +517,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         CH = T
 
     if zd_ref is not None:
-        # Block jj of the group zeroes rows jj, jj + bpg, ... of its (batch, group), per_tile
+        # Block jj = j % bpg zeroes rows jj, jj + bpg, ... of its (batch, group), per_tile
         # of them in each tile (ncu runs 15-17 at L: +3.3 us; all after the scan: +3.7).
         bpg, n_rows = cfg.blocks_per_group, zd_ref.shape[3]
         mine = -(-n_rows // bpg)
