@@ -137,13 +137,10 @@ if MGPU:
         "mgpu_fsum": MgpuBlockSizes(bwd_dbc_atomic=False),
         "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False),
         # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes), the
-        # ddt term in log2 units (bwd_sa_log2: A not held in registers), delta_bias and
-        # dbias off the adjoint's registers (bwd_lean_regs).
-        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False,     # session 9's
-                                  bwd_lean_regs=False),
-        "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False, bwd_lean_regs=False),
-        "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False, bwd_lean_regs=False),
-        "mgpu_nolr": MgpuBlockSizes(bwd_lean_regs=False),                # run mgpu43's
+        # ddt term in log2 units (bwd_sa_log2: A not held in registers).
+        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False),  # session 9's
+        "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False),
+        "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

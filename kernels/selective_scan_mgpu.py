@@ -187,11 +187,6 @@ class MgpuBlockSizes:
     # way). Session 10, ncu run 17 at L: backward 1776.7 vs 1788.9 us with 0.8% more
     # instructions; run mgpu42: fwd+bwd 2.304 vs 2.311 / 2.314 ms at L.
     bwd_sa_log2: bool = True
-    # Mosaic backward, two more registers off the adjoint: delta_bias read in each tile's
-    # dt pass (not held from the kernel's start), and with several warpgroups dbias summed
-    # by the warpgroup that finalizes ddt (its totals, into a shared-memory row once per
-    # reduction group) instead of by every warpgroup at every step.
-    bwd_lean_regs: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -246,18 +241,12 @@ class _Cfg:
     bwd_dbc_atomic: bool
     fwd_zeroes: bool
     bwd_sa_log2: bool
-    bwd_lean_regs: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
     def has_sg(self):
         """bwd_dt_tile stores the ddt factor too: sigmoid(x) (softplus) and/or the length mask."""
         return self.bwd_dt_tile and (self.softplus or self.lp != self.length)
-
-    @property
-    def dbias_smem(self):
-        """bwd_lean_regs with several warpgroups: dbias summed in the ddt finalize."""
-        return self.bwd_lean_regs and self.bwd_warpgroups > 1
 
     @property
     def zero_dbc(self):
@@ -610,7 +599,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     has_sg = cfg.has_sg
     dtf_s = next(it) if cfg.bwd_dt_tile else None
     sgf_s = next(it) if has_sg else None
-    dbs_s = next(it) if cfg.dbias_smem else None
     bar, hbar = next(it), next(it)
     sbar = next(it) if W > 1 and cfg.interpret else None
 
@@ -649,8 +637,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     a_raw = [a_ref[cols, n] for n in states]
     a2 = [a * _LOG2E for a in a_raw]
     dskip = d_ref[cols] if ins.d else None
-    # (bwd_lean_regs with the dt tile: delta_bias is read by each dt pass instead.)
-    bias = bias_ref[cols] if ins.bias and not (cfg.bwd_lean_regs and cfg.bwd_dt_tile) else None
+    bias = bias_ref[cols] if ins.bias else None
     if ins.d and W > 1:
         dskip = dskip * jnp.where(w == 0, 1.0, 0.0)  # D dy and D u: in warpgroup 0's partials
     zero = _zeros()
@@ -690,13 +677,12 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         # `slot` into buffer db; a block barrier must follow before they are read (then_sync:
         # here; every thread reads only its own lane, so one warpgroup needs none).
         TW = T // W
-        tbias = bias_ref[cols] if ins.bias and bias is None else bias
 
         def one(i, _):
             tl = i + wi * TW
             x = dt_s[slot, tl, :].astype(f32)
             if ins.bias:
-                x = x + tbias
+                x = x + bias
             dt = _softplus(x) if cfg.softplus else x
             if masked:
                 keep = t0 + tl < cfg.length
@@ -781,8 +767,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         put(du_ref, tg, ii, 0, du)
         put(ddt_ref, tg, ii, 1, ddt)
         return (tuple(g[k] * a[k] for k in range(K)),
-                tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u,
-                dbias if cfg.dbias_smem else dbias + ddt)
+                tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u, dbias + ddt)
 
     def finalize(tg0):
         # W > 1: the group's du, ddt, dz (kind k: warpgroup k % W) from the W partials.
@@ -796,15 +781,11 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
             @pl.when(w == who)
             def _():
                 for ref, kind in mine:
-                    tots = []
                     for ii in range(UQ):
                         tot = xch_s[par, 0, kind, ii, :]
                         for v in range(1, W):
                             tot = tot + xch_s[par, v, kind, ii, :]
                         ref[bi, tg0 + ii, cols] = tot.astype(ref.dtype)
-                        tots.append(tot)
-                    if kind == 1 and dbs_s is not None:     # dbias: the group's ddt totals
-                        dbs_s[...] = dbs_s[...] + functools.reduce(jnp.add, tots)
 
     def store_dbc(gidx, tot):
         # The group's 128 sums, lanes in (dC | dB, step, state) order: this block's row of
@@ -931,11 +912,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         return jax.lax.fori_loop(0, nq, chunk_it, carry)
 
     g0 = tuple((dhl_ref[bi, n, cols] if has_dhl else zero) for n in states)
-    if dbs_s is not None:     # read and written by the ddt-finalizing warpgroup only
-        @pl.when(w == 1 % W)
-        def _():
-            dbs_s[...] = zero
-
     issue_state(n_chunks - 1)
     for i in range(min(S - 1, n_tiles)):
         issue(tile_of(i), i)
@@ -955,10 +931,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         dat_ref[bi, n, cols] = zero
         dh0_ref[bi, n, cols] = zero
     ddb_ref[bi, wi, 0, cols] = dd
-    if dbs_s is None:
-        ddb_ref[bi, wi, 1, cols] = dbias
-    else:       # (the block barrier after the loop orders the last finalize before this)
-        ddb_ref[bi, wi, 1, cols] = jnp.where(w == 1 % W, dbs_s[...], 0.0)
+    ddb_ref[bi, wi, 1, cols] = dbias
 
 
 def _interpret(cfg):
@@ -1037,8 +1010,6 @@ def _bwd_call(cfg, res, dout, dhl):
                     plgpu.SMEM((2, 2, WIDTH // (2 * np_), W, np_ // W, W + 1), f32)]
     if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile and of the next one
         scratch += [plgpu.SMEM((2, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
-    if cfg.dbias_smem:    # dbias of the block
-        scratch.append(plgpu.SMEM((WIDTH,), f32))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if W > 1 and cfg.interpret:
@@ -1218,7 +1189,6 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * (W + 1) * 4)
     xch += 2 * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
-    xch += WIDTH * 4 if bs.bwd_lean_regs and W > 1 else 0     # dbias (cfg.dbias_smem)
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
             + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
             + 2 * np_ * WIDTH * 4 + xch)
@@ -1302,8 +1272,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
-               fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
-               bwd_lean_regs=bs.bwd_lean_regs, tcfg=tcfg)
+               fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

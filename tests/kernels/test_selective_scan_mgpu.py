@@ -32,8 +32,7 @@ pytestmark = pytest.mark.skipif(
 # second, the XLA sums (bwd_fused_sums=False) and the sums zeroed by XLA (fwd_zeroes=False)
 # in the fifth; the others add dB / dC into one array zeroed by the state-saving forward
 # (red.global.add compiled; here, where blocks run one at a time, a read-add-write) and sum
-# across blocks in one Triton kernel. delta_bias held in registers and dbias summed by every
-# warpgroup (bwd_lean_regs=False) in the fourth.
+# across blocks in one Triton kernel.
 MOSAIC = dict(backward="mosaic")
 H100 = jax.sharding.AbstractMesh(     # the target of cross-lowering (Triton needs a GPU kind)
     (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
@@ -47,8 +46,7 @@ CASES = [
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, **W2, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
-     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, bwd_lean_regs=False,
-                    **W2, **MOSAIC)),
+     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **W2, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_warpgroups=1,
                     bwd_fused_sums=False, fwd_zeroes=False, **MOSAIC)),
