@@ -1053,21 +1053,20 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
     def _():
         cols = pl.ds(pid * cb, cb)
 
-        def load(v, ok):
-            mask = jnp.broadcast_to(ok.reshape(ok.shape + (1,) * (len(v.shape) - 1)), v.shape)
-            return pltr.load(v, mask=mask, other=0.0)
-
         def body(i, acc):
-            # The three loads issued before any sum: a sum's cross-warp barrier would order
-            # the next load after it (one memory round trip each).
             a, d, s = acc
             r = pl.ds(i * bb, bb)
             ok = (i * bb + jax.lax.broadcasted_iota(jnp.int32, (bb,), 0)) < n_batch
-            va = load(dat_ref.at[r, :, cols], ok)
-            vd = load(ddb_ref.at[r, zero, zero, cols], ok)
-            vs = load(ddb_ref.at[r, :, one, cols], ok)
-            return (a + jnp.sum(va, axis=0), d + jnp.sum(vd, axis=0),
-                    s + jnp.sum(vs, axis=(0, 1)))
+            v = dat_ref.at[r, :, cols]
+            a = a + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None, None], v.shape),
+                                      other=0.0), axis=0)
+            v = ddb_ref.at[r, zero, zero, cols]
+            d = d + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None], v.shape),
+                                      other=0.0), axis=0)
+            v = ddb_ref.at[r, :, one, cols]
+            s = s + jnp.sum(pltr.load(v, mask=jnp.broadcast_to(ok[:, None, None], v.shape),
+                                      other=0.0), axis=(0, 1))
+            return a, d, s
 
         zc = jnp.zeros((cb,), f32)
         a, d, s = jax.lax.fori_loop(0, pl.cdiv(n_batch, bb), body,
@@ -1082,11 +1081,11 @@ def _sums_kernel(dbc_ref, dat_ref, ddb_ref, dc_ref, db_ref, da_ref, dd_ref, dbia
         lt, rest = q % n_lt, q // n_lt
         gi, bi = rest % groups, rest // groups
         t = pl.ds(lt * rows, rows)
-        # Every load before the first store (a store may alias a later load for the
-        # compiler, which then keeps them in order: two memory round trips instead of one).
-        parts = [[dbc_ref[k, bi, gi * bpg + m, t, :] for m in range(bpg)] for k in (0, 1)]
-        for out, terms in zip((dc_ref, db_ref), parts):
-            out[bi, t, gi, :] = functools.reduce(jnp.add, terms).astype(out.dtype)
+        for k, out in ((0, dc_ref), (1, db_ref)):
+            acc = dbc_ref[k, bi, gi * bpg, t, :]
+            for m in range(1, bpg):
+                acc = acc + dbc_ref[k, bi, gi * bpg + m, t, :]
+            out[bi, t, gi, :] = acc.astype(out.dtype)
 
 
 def _bwd_sums(cfg, dbc, dat, ddb, c_dtype, b_dtype):
