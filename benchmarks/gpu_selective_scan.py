@@ -103,6 +103,7 @@ if MGPU:
         "mgpu_ru1": MgpuBlockSizes(bwd_recompute_unroll=1),       # run mgpu10's default
         "mgpu_ru4": MgpuBlockSizes(bwd_recompute_unroll=4),
         "mgpu_ru8": MgpuBlockSizes(bwd_recompute_unroll=8),
+        "mgpu_ru2": MgpuBlockSizes(bwd_recompute_unroll=2),       # run mgpu45's default
         "mgpu_u2": MgpuBlockSizes(bwd_unroll=2),   # the adjoint unrolled (run mgpu12: +33%)
         "mgpu_t16": MgpuBlockSizes(bwd_tile=16),
         "mgpu_fu4": MgpuBlockSizes(unroll=4),                     # forward unroll 4 (mgpu13)
@@ -138,7 +139,8 @@ if MGPU:
         "mgpu_atom": MgpuBlockSizes(bwd_fused_sums=False),
         # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes), the
         # ddt term in log2 units (bwd_sa_log2: A not held in registers).
-        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False),  # session 9's
+        "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False,   # session 9's
+                                  bwd_recompute_unroll=2),
         "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False),
         "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False),
         "pallas": "pallas",

@@ -52,7 +52,8 @@ CASES = [
                     bwd_fused_sums=False, fwd_zeroes=False, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
-    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True, MgpuBlockSizes(bc_f32=True, **W2)),
+    (48, 128, 16, None, jnp.bfloat16, dict(z=False), True,
+     MgpuBlockSizes(bc_f32=True, bwd_recompute_unroll=2, **W2)),
     (21, 20, 24, None, jnp.bfloat16, dict(), True, MgpuBlockSizes(**MOSAIC)),
     # Every optional input, bf16 B/C staged per warpgroup; then d_state 5 (padded to 8: 4
     # states per warpgroup, 3 of them padding in the second), float32, groups, no z, no
