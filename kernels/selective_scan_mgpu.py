@@ -28,7 +28,7 @@ warpgroups (`bwd_warpgroups`; two where shared memory is short: z, 4-byte inputs
 running a quarter of the states of the same 128 channels (the per-state recurrences are
 independent; the outputs that sum over states are exchanged as partial sums), with the
 tile's dt computed once into shared memory (`bwd_dt_tile`, the next tile's inside this one)
-and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu43: fwd+bwd 2.30 / 0.60 ms
+and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu48: fwd+bwd 2.28 / 0.59 ms
 at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums over channels
 (dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each thread writes
 its terms as rows, and after 64 / Np steps the threads sum the rows (warp shuffles instead
