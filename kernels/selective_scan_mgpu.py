@@ -987,7 +987,7 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
 
 def _bwd_call(cfg, res, dout, dhl):
     """The Mosaic backward; dhl None: the final state's cotangent is zero (not read)."""
-    u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed = res
+    u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed = res     # zeroed: cfg.zero_dbc, else None
     ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
     np_, T, S, W = cfg.np_, cfg.bwd_tile, cfg.bwd_stages, cfg.bwd_warpgroups
@@ -1027,7 +1027,7 @@ def _bwd_call(cfg, res, dout, dhl):
     acc = []
     if cfg.bwd_dbc_atomic:     # the sums of dC | dB per group (zeroed by the forward or here)
         shape = (2, b, n_blocks // cfg.blocks_per_group, lp, np_)
-        acc = [jax.new_ref(zeroed[0].reshape(shape) if cfg.zero_dbc else jnp.zeros(shape, f32))]
+        acc = [jax.new_ref(jnp.zeros(shape, f32) if zeroed is None else zeroed.reshape(shape))]
     outs = kern(*seq, *pars, hs, *([] if dhl is None else [dhl.astype(f32)]), *acc)
     if cfg.bwd_dbc_atomic:
         outs = (*outs[:-3], jax.ref.freeze(acc[0]), *outs[-3:])
@@ -1127,7 +1127,8 @@ def _scan_padded_fwd(cfg, *args):
     # symbolic_zeros: the arguments come as CustomVJPPrimal records.
     u, dt, z, Bm, Cm, A, D, bias, h0 = custom_vjp_primal_tree_values(args)
     y, hl, hs, *zeroed = _fwd_call(cfg, True, u, dt, z, Bm, Cm, A, D, bias, h0)
-    return (y, hl), (u, dt, z, Bm, Cm, A, D, bias, h0, hs, tuple(zeroed))
+    zeroed = zeroed[0] if zeroed else None           # the dB/dC sums (cfg.zero_dbc)
+    return (y, hl), (u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed)
 
 
 def _scan_padded_bwd(cfg, res, cts):
