@@ -143,11 +143,21 @@ if MGPU:
                                   bwd_recompute_unroll=2),
         "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False),
         "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False),
+        # Session 11: B/C converted to f32 by XLA for the backward (bwd_bc_f32: no per-tile
+        # conversion in the backward), a_t h_{t-1} stored for every other step (bwd_p_pairs:
+        # half the recomputed states' shared-memory traffic); both together free the shared
+        # memory of a 16-step backward tile (mgpu_ppb; mgpu_ppb8 keeps 8).
+        "mgpu_bbf": MgpuBlockSizes(bwd_bc_f32=True),
+        "mgpu_pp": MgpuBlockSizes(bwd_p_pairs=True),                # 16-step tiles fit
+        "mgpu_pp8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8),
+        "mgpu_ppb": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=True),
+        "mgpu_ppb8": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=True, bwd_tile=8),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4",
+                    "mgpu_ppb")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

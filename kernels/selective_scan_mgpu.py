@@ -190,6 +190,17 @@ class MgpuBlockSizes:
     # way). Session 10, ncu run 17 at L: backward 1776.7 vs 1788.9 us with 0.8% more
     # instructions; run mgpu42: fwd+bwd 2.304 vs 2.311 / 2.314 ms at L.
     bwd_sa_log2: bool = True
+    # Mosaic backward: B and C converted to float32 by XLA for the backward only (the forward
+    # still reads the caller's bf16 tiles): no per-tile conversion pass and barrier in each
+    # warpgroup, and no staging tiles (W bwd_tile Np 8 bytes) in its shared memory.
+    bwd_bc_f32: bool = False
+    # Mosaic backward: the recompute stores a_t h_{t-1} (p_t) of the even steps of a chunk
+    # only; the adjoint runs the steps in pairs (odd, then even) and derives the odd step's
+    # from the even one's, p_{t+1} = a_{t+1} (p_t + dt_t u_t B_t), whose h_t the even step
+    # reuses: half the shared-memory traffic of the recomputed states (the backward is near
+    # the shared-memory pipe's limit: ncu run 17, 78% of its wavefronts) and half their buffer,
+    # for one multiply per state and pair.
+    bwd_p_pairs: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -245,6 +256,8 @@ class _Cfg:
     bwd_dbc_atomic: bool
     fwd_zeroes: bool
     bwd_sa_log2: bool
+    bwd_bc_f32: bool
+    bwd_p_pairs: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -708,20 +721,22 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
                                                    hst_s.at[c % 2], hbar.at[c % 2]), lead)
 
-    def p_at(i, k, n):
-        # Where step i's a_t h_{t-1} of state n (k-th of this warpgroup) lives in h_s.
-        return (wi, i, slice(None), k) if cfg.lane_states else (i, n, slice(None))
+    def p_at(ps, k, n):
+        # Where the a_t h_{t-1} of state n (k-th of this warpgroup) stored in slot ps (the
+        # step in the chunk; bwd_p_pairs: half the even step) lives in h_s.
+        return (wi, ps, slice(None), k) if cfg.lane_states else (ps, n, slice(None))
 
-    def recompute(t0, slot, db, base, i, h):
+    def recompute(t0, slot, db, base, i, h, ps):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
-        # g a_t h_{t-1} = g p_t), then advance to h_t.
+        # g a_t h_{t-1} = g p_t) in slot ps (None: not stored), then advance to h_t.
         tl = base + i
         _, dt = step_size(slot, db, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
         bs = [bval(slot, tl, n) for n in states]      # before the stores: vector loads (mgpu7)
         p = [jnp.exp2(dt * a2[k]) * h[k] for k in range(K)]
-        for k, n in enumerate(states):       # lane_states: one 16-byte store (adjacent k)
-            h_s[p_at(i, k, n)] = p[k]
+        if ps is not None:
+            for k, n in enumerate(states):   # lane_states: one 16-byte store (adjacent k)
+                h_s[p_at(ps, k, n)] = p[k]
         return tuple(p[k] + dtu * bs[k] for k in range(K))
 
     def put(ref, tg, ii, kind, val):
@@ -732,20 +747,35 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         else:
             xch_s[(tg // UQ) % 2, w, kind, ii, :] = val
 
-    def adjoint(t0, slot, db, base, gbase, i, carry):
+    def step_inputs(slot, db, tl, tg):
+        x, dt = step_size(slot, db, tl, tg)
+        u = u_s[slot, tl, :].astype(f32)
+        return x, dt, u, dt * u, [bval(slot, tl, n) for n in states]
+
+    def adjoint(t0, slot, db, base, gbase, i, carry, given=None):
         # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
+        # given (bwd_p_pairs): the step's inputs, p as a function of a_t, and h_t or None.
         g, dat, dd, dbias = carry
         tl, tg = base + i, t0 + base + i
         ii = base + i - gbase
-        x, dt = step_size(slot, db, tl, tg)
-        u = u_s[slot, tl, :].astype(f32)
+        if given is None:
+            x, dt = step_size(slot, db, tl, tg)
+            u = u_s[slot, tl, :].astype(f32)
+        else:
+            (x, dt, u, dtu, bs), p_of, h = given
         dout = do_s[slot, tl, :].astype(f32)
-        dtu = dt * u
-        bs = [bval(slot, tl, n) for n in states]
+        if given is None:
+            dtu = dt * u
+            bs = [bval(slot, tl, n) for n in states]
         cs = [cval(slot, tl, n) for n in states]
-        p = [h_s[p_at(i, k, n)] for k, n in enumerate(states)]        # a_t h_{t-1}
-        a = [jnp.exp2(dt * a2[k]) for k in range(K)]
-        h = [p[k] + dtu * bs[k] for k in range(K)]
+        if given is None:
+            p = [h_s[p_at(i, k, n)] for k, n in enumerate(states)]    # a_t h_{t-1}
+            a = [jnp.exp2(dt * a2[k]) for k in range(K)]
+            h = [p[k] + dtu * bs[k] for k in range(K)]
+        else:
+            a = [jnp.exp2(dt * a2[k]) for k in range(K)]
+            p = p_of(a)
+            h = h or [p[k] + dtu * bs[k] for k in range(K)]
         if ins.z:
             zt = z_s[slot, tl, :].astype(f32)
             sig = _sigmoid(zt)
@@ -772,6 +802,18 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         put(ddt_ref, tg, ii, 1, ddt)
         return (tuple(g[k] * a[k] for k in range(K)),
                 tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u, dbias + ddt)
+
+    def adjoint_pair(t0, slot, db, base, gbase, i0, ps, carry):
+        # bwd_p_pairs: steps i0 + 1, then i0 (even; its a_t h_{t-1} stored in slot ps): the
+        # odd step's p = a_{t+1} h_t from the even step's h_t = p_t + dt_t u_t B_t.
+        tl = base + i0
+        ev = step_inputs(slot, db, tl, t0 + tl)
+        p0 = [h_s[p_at(ps, k, n)] for k, n in enumerate(states)]
+        h0 = [p0[k] + ev[3] * ev[4][k] for k in range(K)]
+        od = step_inputs(slot, db, tl + 1, t0 + tl + 1)
+        carry = adjoint(t0, slot, db, base, gbase, i0 + 1, carry,
+                        given=(od, lambda a: [a[k] * h0[k] for k in range(K)], None))
+        return adjoint(t0, slot, db, base, gbase, i0, carry, given=(ev, lambda a: p0, h0))
 
     def finalize(tg0):
         # W > 1: the group's du, ddt, dz (kind k: warpgroup k % W) from the W partials.
@@ -846,15 +888,29 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         def _():
             issue_state(c - 1)
 
-        jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, db, base, i, h), h_entry,
-                          unroll=cfg.bwd_recompute_unroll)
+        ru = cfg.bwd_recompute_unroll
+        if cfg.bwd_p_pairs:
+            def rec_pair(m, h):
+                h = recompute(t0, slot, db, base, 2 * m, h, m)
+                return recompute(t0, slot, db, base, 2 * m + 1, h, None)
+            jax.lax.fori_loop(0, CH // 2, rec_pair, h_entry, unroll=max(1, ru // 2))
+        else:
+            jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, db, base, i, h, i),
+                              h_entry, unroll=ru)
 
         def group(gq, carry):     # UQ steps, then their dB/dC reduction
             gbase = base + gq * UQ
-            carry = jax.lax.fori_loop(
-                0, UQ, lambda ii, cr: adjoint(t0, slot, db, base, gbase,
-                                              gbase - base + UQ - 1 - ii, cr),
-                carry, unroll=min(cfg.bwd_unroll, UQ))
+            if cfg.bwd_p_pairs:
+                off = gq * UQ + UQ - 2        # the group's last pair's even step in the chunk
+                carry = jax.lax.fori_loop(
+                    0, UQ // 2, lambda m, cr: adjoint_pair(t0, slot, db, base, gbase,
+                                                           off - 2 * m, off // 2 - m, cr),
+                    carry, unroll=min(max(1, cfg.bwd_unroll // 2), UQ // 2))
+            else:
+                carry = jax.lax.fori_loop(
+                    0, UQ, lambda ii, cr: adjoint(t0, slot, db, base, gbase,
+                                                  gbase - base + UQ - 1 - ii, cr),
+                    carry, unroll=min(cfg.bwd_unroll, UQ))
             if gq == 0 and hook is not None:
                 hook()
             reduce_rows(t0 + gbase)
@@ -1003,8 +1059,8 @@ def _bwd_call(cfg, res, dout, dhl):
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
-    states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
-              else (cfg.save_every, np_, WIDTH))
+    slots = cfg.save_every // (1 + int(cfg.bwd_p_pairs))     # stored a_t h_{t-1} per chunk
+    states = (W, slots, WIDTH, np_ // W) if cfg.lane_states else (slots, np_, WIDTH)
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
                 plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem)),
                            f32),                                           # dB/dC terms
@@ -1152,6 +1208,8 @@ def _scan_padded_bwd(cfg, res, cts):
         du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
         dA = dAT.T
     else:
+        if cfg.bwd_bc_f32 and Bm.dtype != jnp.float32:
+            res = (*res[:3], Bm.astype(jnp.float32), Cm.astype(jnp.float32), *res[5:])
         outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
         du, ddt = outs[0], outs[1]
         dz = outs[2] if z is not None else None
@@ -1189,13 +1247,14 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     """Shared memory of the Mosaic backward (scratch of _bwd_call) in bytes."""
     isz = jnp.dtype(u.dtype).itemsize
     seq = 3 * isz + (jnp.dtype(z.dtype).itemsize if z is not None else 0)   # u, dt, dout, z
-    bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
-    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
+    bdt = jnp.dtype(jnp.float32 if bs.bwd_bc_f32 else B.dtype)
+    bc = 2 * np_ * max(bdt.itemsize, 2)
+    staging = 0 if bdt == jnp.float32 else W * tile * np_ * 4 * 2
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * (W + 1) * 4)
     xch += 2 * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
-            + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
+            + bs.bwd_chunk // (1 + int(bs.bwd_p_pairs)) * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
             + 2 * np_ * WIDTH * 4 + xch)
 
 
@@ -1277,7 +1336,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
-               fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2, tcfg=tcfg)
+               fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
+               bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
