@@ -152,12 +152,19 @@ if MGPU:
         "mgpu_pp8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8),
         "mgpu_ppb": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=True),
         "mgpu_ppb8": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=True, bwd_tile=8),
+        # A 16-step backward tile without bwd_p_pairs: f32 B/C, the dt pass at the tile's
+        # start (one dt buffer) and per-warpgroup entry-state slots (mgpu_t16x8: the same
+        # switches at 8-step tiles; mgpu_bbfsw: the entry-state slots alone).
+        "mgpu_t16": MgpuBlockSizes(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True),
+        "mgpu_t16x8": MgpuBlockSizes(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True,
+                                     bwd_tile=8),
+        "mgpu_bbfsw": MgpuBlockSizes(bwd_bc_f32=True, bwd_state_per_wg=True),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
     ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4",
-                    "mgpu_ppb")
+                    "mgpu_ppb", "mgpu_t16")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

@@ -201,6 +201,15 @@ class MgpuBlockSizes:
     # the shared-memory pipe's limit: ncu run 17, 78% of its wavefronts) and half their buffer,
     # for one multiply per state and pair.
     bwd_p_pairs: bool = False
+    # Mosaic backward (with >= 2 stages): the next tile's dt pass inside this tile (two dt
+    # buffers, no barrier of its own; session 7, run mgpu26); False: at the tile's start into
+    # one buffer, then a block barrier (half the dt tile's shared memory).
+    bwd_dt_ahead: bool = True
+    # Mosaic backward: each warpgroup brings its own states' entry state of the next chunk by
+    # TMA into its own single slot (after a warpgroup barrier that orders its reads of the
+    # current one), instead of one warpgroup bringing all of them into two slots: half the
+    # entry states' shared memory.
+    bwd_state_per_wg: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -258,6 +267,8 @@ class _Cfg:
     bwd_sa_log2: bool
     bwd_bc_f32: bool
     bwd_p_pairs: bool
+    bwd_dt_ahead: bool
+    bwd_state_per_wg: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -269,6 +280,11 @@ class _Cfg:
     def zero_dbc(self):
         """The state-saving forward zeroes the backward's dB/dC sums (fwd_zeroes)."""
         return self.mosaic_bwd and self.fwd_zeroes and self.bwd_dbc_atomic
+
+    @property
+    def dt_ahead(self):
+        """The backward's next dt tile computed inside this tile (two dt buffers)."""
+        return self.bwd_dt_tile and self.bwd_stages >= 2 and self.bwd_dt_ahead
 
     @property
     def lane_states(self):
@@ -717,7 +733,12 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     def issue_state(c):
         # The state entering chunk c by TMA into slot c % 2, a chunk ahead of its use
         # (register loads issued a chunk ahead were sunk by the compiler to their use:
-        # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
+        # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd);
+        # bwd_state_per_wg: this warpgroup's states into its own slot.
+        if cfg.bwd_state_per_wg:
+            plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, pl.ds(wi * RP, RP), cols], hst_s.at[wi],
+                                    hbar.at[wi])
+            return
         _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
                                                    hst_s.at[c % 2], hbar.at[c % 2]), lead)
 
@@ -879,11 +900,17 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         # Chunk q of tile k; hook() runs before the chunk's last reduction barrier.
         base = q * CH
         c = k * (T // CH) + q
-        plgpu.barrier_wait(hbar.at[c % 2])
-        h_entry = tuple(hst_s[c % 2, n, :] for n in states)
+        if cfg.bwd_state_per_wg:
+            plgpu.barrier_wait(hbar.at[wi])
+            h_entry = tuple(hst_s[wi, kk, :] for kk in range(K))
+            _barrier()          # every thread of the warpgroup has read its slot
+        else:
+            plgpu.barrier_wait(hbar.at[c % 2])
+            h_entry = tuple(hst_s[c % 2, n, :] for n in states)
 
         # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's start;
-        # every thread has since passed the reduction barriers of chunk c + 1).
+        # every thread has since passed the reduction barriers of chunk c + 1), or
+        # (bwd_state_per_wg) into this warpgroup's slot, just read.
         @pl.when(c > 0)
         def _():
             issue_state(c - 1)
@@ -926,14 +953,14 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     # the next tile's reads (and this buffer's previous reads, two tiles back, before them),
     # so no barrier of its own; the tile's copies are awaited there, once.
     n_tiles, S = cfg.lp // T, cfg.bwd_stages
-    ahead = cfg.bwd_dt_tile and S >= 2
+    ahead = cfg.dt_ahead
     nq = T // CH
 
     def tile_of(i):
         return n_tiles - 1 - i
 
     def tile_iter(i, carry):
-        slot, db = jax.lax.rem(i, S), jax.lax.rem(i, 2)
+        slot, db = jax.lax.rem(i, S), (jax.lax.rem(i, 2) if ahead else 0)
         if not cfg.bwd_lean_sync:
             sync()
         # bwd_lean_sync: no barrier before the refill; every read of the slot (tile i - 1)
@@ -1064,14 +1091,15 @@ def _bwd_call(cfg, res, dout, dhl):
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
                 plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem)),
                            f32),                                           # dB/dC terms
-                plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
+                plgpu.SMEM((W, np_ // W, WIDTH) if cfg.bwd_state_per_wg else (2, np_, WIDTH),
+                           f32)]                                           # entry states
     if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
                     plgpu.SMEM((2, 2, WIDTH // (2 * np_), W, np_ // W, W + 1), f32)]
-    if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile and of the next one
-        scratch += [plgpu.SMEM((2, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
+    if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile [and of the next one]
+        scratch += [plgpu.SMEM((2 if cfg.dt_ahead else 1, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
-                plgpu.Barrier(num_arrivals=1, num_barriers=2)]
+                plgpu.Barrier(num_arrivals=1, num_barriers=W if cfg.bwd_state_per_wg else 2)]
     if W > 1 and cfg.interpret:
         scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
     threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
@@ -1252,10 +1280,11 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     staging = 0 if bdt == jnp.float32 else W * tile * np_ * 4 * 2
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * (W + 1) * 4)
-    xch += 2 * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
+    dt_bufs = 2 if bs.bwd_dt_ahead and bs.bwd_stages >= 2 else 1
+    xch += dt_bufs * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
             + bs.bwd_chunk // (1 + int(bs.bwd_p_pairs)) * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
-            + 2 * np_ * WIDTH * 4 + xch)
+            + (1 if bs.bwd_state_per_wg else 2) * np_ * WIDTH * 4 + xch)
 
 
 def _round_up(x, m):
@@ -1337,7 +1366,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
                fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
-               bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs, tcfg=tcfg)
+               bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs,
+               bwd_dt_ahead=bs.bwd_dt_ahead, bwd_state_per_wg=bs.bwd_state_per_wg, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
