@@ -159,12 +159,16 @@ if MGPU:
         "mgpu_t16x8": MgpuBlockSizes(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True,
                                      bwd_tile=8),
         "mgpu_bbfsw": MgpuBlockSizes(bwd_bc_f32=True, bwd_state_per_wg=True),
+        # The dB/dC tile reduced by the warps that wrote it: a warp barrier instead of a
+        # warpgroup barrier per reduction group (bwd_warp_rows).
+        "mgpu_wr": MgpuBlockSizes(bwd_warp_rows=True),
+        "mgpu_wrb": MgpuBlockSizes(bwd_warp_rows=True, bwd_bc_f32=True),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
     ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4",
-                    "mgpu_ppb", "mgpu_t16")
+                    "mgpu_ppb", "mgpu_t16", "mgpu_wrb")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

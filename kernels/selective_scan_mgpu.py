@@ -210,6 +210,13 @@ class MgpuBlockSizes:
     # current one), instead of one warpgroup bringing all of them into two slots: half the
     # entry states' shared memory.
     bwd_state_per_wg: bool = False
+    # Mosaic backward, four warpgroups: the dB/dC tile laid out per warp (warpgroup, part =
+    # warp, row, column = lane) and reduced by the warp that wrote it (lane l sums row l of
+    # its part), so that reusing the tile for the next reduction group needs only a warp
+    # barrier (bar.warp.sync) instead of a warpgroup barrier; the parts are combined across
+    # the warps as before. Runs mgpu49-50: one warpgroup barrier more or less per 8 steps
+    # moved fwd+bwd at L by 0.7-1.5% (bwd_bc_f32, bwd_state_per_wg).
+    bwd_warp_rows: bool = False
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -269,6 +276,7 @@ class _Cfg:
     bwd_p_pairs: bool
     bwd_dt_ahead: bool
     bwd_state_per_wg: bool
+    bwd_warp_rows: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -285,6 +293,12 @@ class _Cfg:
     def dt_ahead(self):
         """The backward's next dt tile computed inside this tile (two dt buffers)."""
         return self.bwd_dt_tile and self.bwd_stages >= 2 and self.bwd_dt_ahead
+
+    @property
+    def warp_rows(self):
+        """The backward's dB/dC tile reduced by the warps that wrote it: four warpgroups,
+        32 rows (dC | dB, step, state) per reduction group, one per lane."""
+        return self.bwd_warp_rows and self.bwd_warpgroups == 4 and self.bwd_vec_smem
 
     @property
     def lane_states(self):
@@ -335,6 +349,17 @@ def _block_sync(sbar, warpgroups):
                               convergent=True)
 
     bar_sync_all()
+
+
+def _warp_sync():
+    """bar.warp.sync: the warp's shared-memory accesses before it are ordered before those
+    after it (the compiler moves none across it)."""
+    @plgpu.inline_mgpu()
+    def warp_sync(ctx):
+        del ctx
+        mgpu_utils.inline_ptx("bar.warp.sync -1;", has_side_effects=True, convergent=True)
+
+    warp_sync()
 
 
 def _red_add(dst, val):
@@ -808,8 +833,9 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         row = ii * RP                                  # rows (dC | dB, step, state)
         g = [g[k] + cs[k] * dy for k in range(K)]
         for k in range(K):
-            pt_s[wi, row + k, :, pl.ds(0, CP)] = (dy * h[k]).reshape(W, CP)      # dC_t
-            pt_s[wi, UQ * RP + row + k, :, pl.ds(0, CP)] = (g[k] * dtu).reshape(W, CP)  # dB_t
+            for r, val in ((row + k, dy * h[k]), (UQ * RP + row + k, g[k] * dtu)):  # dC, dB
+                at = (wi, slice(None), r) if cfg.warp_rows else (wi, r, slice(None))
+                pt_s[(*at, pl.ds(0, CP))] = val.reshape(W, CP)
         gah = [g[k] * p[k] for k in range(K)]
         # One FMA chain each (session 8, run mgpu34); sa in units of A log2(e) and rescaled
         # (bwd_sa_log2), or of A (A then held in registers too).
@@ -870,13 +896,18 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         # W > 1: group gidx's dB/dC sums (every warpgroup's rows and parts in comb_s, as
         # (dC | dB, step, warpgroup, state of the warpgroup, part + 1 padding: the loads of
         # one part, a stride of W + 1, are free of bank conflicts) added over the parts.
-        tot = comb_s[gidx % 2, :, :, :, :, 0]
+        # warp_rows: (dC | dB, step, state + 4 padding) per part, free of bank conflicts
+        # when written (a stride of 20 floats between steps, 80 between dC and dB).
+        part = ((lambda q: comb_s[gidx % 2, q, :, :, pl.ds(0, NP)]) if cfg.warp_rows else
+                (lambda q: comb_s[gidx % 2, :, :, :, :, q]))
+        tot = part(0)
         for q in range(1, W):
-            tot = tot + comb_s[gidx % 2, :, :, :, :, q]
+            tot = tot + part(q)
         store_dbc(gidx, tot)
 
     def reduce_rows(tg0):
-        # Thread r: part r % W of row r // W ((dC | dB, step, state), steps from tg0).
+        # Thread r: part r % W of row r // W ((dC | dB, step, state), steps from tg0);
+        # warp_rows: lane r % 32 of warp (part) r // 32 of row r % 32.
         sync()
         acc = [pt_s[wi, :, :, k] for k in range(4)]
         for k in range(4, CP):
@@ -890,11 +921,17 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
             # before this group's barrier) combined by the last warpgroup, which finalizes
             # nothing when W = 4 and z is off (the work between two block barriers sets the
             # pace: run mgpu20, combining in a rotating warpgroup cost 3.5% at W = 2).
-            comb_s[gidx % 2, :, :, w, :, pl.ds(0, W)] = tot.reshape(2, UQ, RP, W)
+            if cfg.warp_rows:
+                comb_s[gidx % 2, :, :, :, pl.ds(w * RP, RP)] = tot.reshape(W, 2, UQ, RP)
+            else:
+                comb_s[gidx % 2, :, :, w, :, pl.ds(0, W)] = tot.reshape(2, UQ, RP, W)
             prev = gidx + 1
             pl.when((prev < cfg.lp // UQ) & (w == W - 1))(lambda: combine(prev))
             finalize(tg0)
-        _barrier()
+        if cfg.warp_rows and not cfg.interpret:
+            _warp_sync()      # each warp reads and next writes only its own part
+        else:
+            _barrier()
 
     def chunk(k, t0, slot, db, q, carry, hook):
         # Chunk q of tile k; hook() runs before the chunk's last reduction barrier.
@@ -1089,13 +1126,16 @@ def _bwd_call(cfg, res, dout, dhl):
     slots = cfg.save_every // (1 + int(cfg.bwd_p_pairs))     # stored a_t h_{t-1} per chunk
     states = (W, slots, WIDTH, np_ // W) if cfg.lane_states else (slots, np_, WIDTH)
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
-                plgpu.SMEM((W, WIDTH // W, W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem)),
+                plgpu.SMEM((W, W, WIDTH // W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem))
+                           if cfg.warp_rows else
+                           (W, WIDTH // W, W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem)),
                            f32),                                           # dB/dC terms
                 plgpu.SMEM((W, np_ // W, WIDTH) if cfg.bwd_state_per_wg else (2, np_, WIDTH),
                            f32)]                                           # entry states
     if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
-                    plgpu.SMEM((2, 2, WIDTH // (2 * np_), W, np_ // W, W + 1), f32)]
+                    plgpu.SMEM((2, W, 2, WIDTH // (2 * np_), np_ + 4) if cfg.warp_rows else
+                               (2, 2, WIDTH // (2 * np_), W, np_ // W, W + 1), f32)]
     if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile [and of the next one]
         scratch += [plgpu.SMEM((2 if cfg.dt_ahead else 1, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
@@ -1367,7 +1407,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
                fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
                bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs,
-               bwd_dt_ahead=bs.bwd_dt_ahead, bwd_state_per_wg=bs.bwd_state_per_wg, tcfg=tcfg)
+               bwd_dt_ahead=bs.bwd_dt_ahead, bwd_state_per_wg=bs.bwd_state_per_wg,
+               bwd_warp_rows=bs.bwd_warp_rows, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).
