@@ -140,6 +140,7 @@ if MGPU:
         # Session 10: the dB/dC sums zeroed by the state-saving forward (fwd_zeroes), the
         # ddt term in log2 units (bwd_sa_log2: A not held in registers).
         "mgpu_s9": MgpuBlockSizes(fwd_zeroes=False, bwd_sa_log2=False,   # session 9's
+                                  bwd_warp_rows=False, bwd_bc_f32=False,
                                   bwd_recompute_unroll=2),
         "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False),
         "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False),
@@ -147,22 +148,26 @@ if MGPU:
         # conversion in the backward), a_t h_{t-1} stored for every other step (bwd_p_pairs:
         # half the recomputed states' shared-memory traffic); both together free the shared
         # memory of a 16-step backward tile (mgpu_ppb; mgpu_ppb8 keeps 8).
-        "mgpu_bbf": MgpuBlockSizes(bwd_bc_f32=True),
-        "mgpu_pp": MgpuBlockSizes(bwd_p_pairs=True),                # 16-step tiles fit
-        "mgpu_pp8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8),
-        "mgpu_ppb": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=True),
-        "mgpu_ppb8": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=True, bwd_tile=8),
+        "mgpu_bbf": MgpuBlockSizes(bwd_warp_rows=False),
+        "mgpu_pp": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=False,    # 16-step tiles fit
+                                  bwd_warp_rows=False),
+        "mgpu_pp8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8, bwd_bc_f32=False,
+                                   bwd_warp_rows=False),
+        "mgpu_ppb": MgpuBlockSizes(bwd_p_pairs=True, bwd_warp_rows=False),
+        "mgpu_ppb8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8, bwd_warp_rows=False),
         # A 16-step backward tile without bwd_p_pairs: f32 B/C, the dt pass at the tile's
         # start (one dt buffer) and per-warpgroup entry-state slots (mgpu_t16x8: the same
         # switches at 8-step tiles; mgpu_bbfsw: the entry-state slots alone).
-        "mgpu_t16": MgpuBlockSizes(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True),
-        "mgpu_t16x8": MgpuBlockSizes(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True,
-                                     bwd_tile=8),
-        "mgpu_bbfsw": MgpuBlockSizes(bwd_bc_f32=True, bwd_state_per_wg=True),
+        "mgpu_t16": MgpuBlockSizes(bwd_dt_ahead=False, bwd_state_per_wg=True,
+                                   bwd_warp_rows=False),
+        "mgpu_t16x8": MgpuBlockSizes(bwd_dt_ahead=False, bwd_state_per_wg=True, bwd_tile=8,
+                                     bwd_warp_rows=False),
+        "mgpu_bbfsw": MgpuBlockSizes(bwd_state_per_wg=True, bwd_warp_rows=False),
         # The dB/dC tile reduced by the warps that wrote it: a warp barrier instead of a
         # warpgroup barrier per reduction group (bwd_warp_rows).
-        "mgpu_wr": MgpuBlockSizes(bwd_warp_rows=True),
-        "mgpu_wrb": MgpuBlockSizes(bwd_warp_rows=True, bwd_bc_f32=True),
+        "mgpu_wr": MgpuBlockSizes(bwd_bc_f32=False),
+        "mgpu_wrb": MgpuBlockSizes(),          # run mgpu51; the default since
+        "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False),   # session 10's
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -191,9 +191,10 @@ class MgpuBlockSizes:
     # instructions; run mgpu42: fwd+bwd 2.304 vs 2.311 / 2.314 ms at L.
     bwd_sa_log2: bool = True
     # Mosaic backward: B and C converted to float32 by XLA for the backward only (the forward
-    # still reads the caller's bf16 tiles): no per-tile conversion pass and barrier in each
-    # warpgroup, and no staging tiles (W bwd_tile Np 8 bytes) in its shared memory.
-    bwd_bc_f32: bool = False
+    # still reads the caller's bf16 tiles): no per-tile conversion pass and warpgroup barrier
+    # in each warpgroup, and no staging tiles (W bwd_tile Np 8 bytes) in its shared memory.
+    # Session 11, runs mgpu49-51, fwd+bwd at L: 2.287-2.291 vs 2.298-2.315 ms.
+    bwd_bc_f32: bool = True
     # Mosaic backward: the recompute stores a_t h_{t-1} (p_t) of the even steps of a chunk
     # only; the adjoint runs the steps in pairs (odd, then even) and derives the odd step's
     # from the even one's, p_{t+1} = a_{t+1} (p_t + dt_t u_t B_t), whose h_t the even step
@@ -216,7 +217,7 @@ class MgpuBlockSizes:
     # barrier (bar.warp.sync) instead of a warpgroup barrier; the parts are combined across
     # the warps as before. Runs mgpu49-50: one warpgroup barrier more or less per 8 steps
     # moved fwd+bwd at L by 0.7-1.5% (bwd_bc_f32, bwd_state_per_wg).
-    bwd_warp_rows: bool = False
+    bwd_warp_rows: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:

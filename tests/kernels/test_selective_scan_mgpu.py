@@ -42,7 +42,7 @@ CASES = [
     (29, 24, 16, 3, jnp.bfloat16, dict(), True,
      MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1,
                     bwd_dt_tile=False, bwd_dbc_atomic=False, bwd_sa_log2=False,
-                    bwd_p_pairs=True, **MOSAIC)),
+                    bwd_p_pairs=True, bwd_bc_f32=False, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
                     bwd_recompute_unroll=4, bwd_p_pairs=True, bwd_bc_f32=True, **W2,
@@ -62,7 +62,7 @@ CASES = [
     # states per warpgroup, 3 of them padding in the second), float32, groups, no z, no
     # softplus (the dt tile's ddt factor is the length mask alone).
     (45, 136, 16, None, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False, **W2)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False, bwd_bc_f32=False, **W2)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **W2)),
     # One stage: the dt tile computed at the tile's start (not inside the tile before), and
