@@ -168,6 +168,7 @@ if MGPU:
         "mgpu_wr": MgpuBlockSizes(bwd_bc_f32=False),
         "mgpu_wrb": MgpuBlockSizes(),          # run mgpu51; the default since
         "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False),   # session 10's
+        "mgpu_ppw": MgpuBlockSizes(bwd_p_pairs=True),       # the default + pairs: 16-step tiles
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
