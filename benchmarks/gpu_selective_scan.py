@@ -167,7 +167,8 @@ if MGPU:
         # warpgroup barrier per reduction group (bwd_warp_rows).
         "mgpu_wr": MgpuBlockSizes(bwd_bc_f32=False),
         "mgpu_wrb": MgpuBlockSizes(),          # run mgpu51; the default since
-        "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False),   # session 10's
+        "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False,   # session 10's
+                                   bwd_recompute_unroll=2),                 # (its L unroll)
         "mgpu_ppw": MgpuBlockSizes(bwd_p_pairs=True),       # the default + pairs: 16-step tiles
         "pallas": "pallas",
         "xla": "xla",

@@ -116,11 +116,10 @@ class MgpuBlockSizes:
     bwd_unroll: int = 1
     # Mosaic backward: steps per iteration of the chunk's recompute loop (divides bwd_chunk;
     # the adjoint's is bwd_unroll). Run mgpu11: 2 (168 registers, no spills) -2.1% fwd+bwd
-    # at L against 1; 4 and 8 no better than 1. None: by the padded length, 8 up to 1024
-    # steps, else 2 (session 10, runs mgpu45 and mgpu47, fwd+bwd: 8 is 1% faster at S,
-    # 0.592-0.595 against 0.598-0.602 ms, and 0.5% slower at L, 2.319-2.321 against
-    # 2.299-2.321; lengths between the two shapes were not measured).
-    bwd_recompute_unroll: int | None = None
+    # at L against 1; 4 and 8 no better than 1. Session 10 (runs mgpu45, mgpu47): 8 1% faster
+    # at S, 0.5% slower at L (then the default by length). Session 11, with bwd_warp_rows and
+    # bwd_bc_f32 (run mgpu53): 8 faster at L too, 2.242 / 2.243 against 2.255 / 2.255 ms.
+    bwd_recompute_unroll: int = 8
     # False (default): bf16 B/C tiles are staged and converted per tile in the kernel, no XLA
     # pass; True: B and C are converted to float32 by XLA before the kernel, which then
     # stages f32 tiles. Run mgpu4 (32-step tiles): True faster, 0.472 vs 0.517 ms forward at
@@ -235,7 +234,7 @@ class MgpuBlockSizes:
         if self.bwd_unroll < 1 or 4 % self.bwd_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_unroll={self.bwd_unroll} must divide 4")
         ru = self.bwd_recompute_unroll
-        if ru is not None and (ru < 1 or self.bwd_chunk % ru):
+        if ru < 1 or self.bwd_chunk % ru:
             raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
                              f" must divide bwd_chunk={self.bwd_chunk}")
         if self.bwd_warpgroups not in (1, 2, 4):
@@ -1402,7 +1401,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                softplus=bool(delta_softplus), has_z=z is not None,
                interpret=bool(interpret), mosaic_bwd=mosaic_bwd, bwd_tile=bwd_tile,
                bwd_stages=bs.bwd_stages, bwd_unroll=bs.bwd_unroll,
-               bwd_recompute_unroll=bs.bwd_recompute_unroll or (8 if lp <= 1024 else 2),
+               bwd_recompute_unroll=bs.bwd_recompute_unroll,
                bwd_warpgroups=bwd_wgs, bwd_dt_tile=bs.bwd_dt_tile,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
