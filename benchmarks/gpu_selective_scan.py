@@ -170,14 +170,12 @@ if MGPU:
         "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False,   # session 10's
                                    bwd_recompute_unroll=2),                 # (its L unroll)
         "mgpu_ppw": MgpuBlockSizes(bwd_p_pairs=True),       # the default + pairs: 16-step tiles
-        # The forward as two warpgroups, half the states each (fwd_warpgroups).
-        "mgpu_f2": MgpuBlockSizes(fwd_warpgroups=2),
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
     ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4",
-                    "mgpu_ppb", "mgpu_t16", "mgpu_wrb", "mgpu_f2")
+                    "mgpu_ppb", "mgpu_t16", "mgpu_wrb")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

@@ -217,12 +217,6 @@ class MgpuBlockSizes:
     # the warps as before. Runs mgpu49-50: one warpgroup barrier more or less per 8 steps
     # moved fwd+bwd at L by 0.7-1.5% (bwd_bc_f32, bwd_state_per_wg).
     bwd_warp_rows: bool = True
-    # Forward: warpgroups per block (1 or 2). 2: each runs half the states of the same 128
-    # channels (two warps per scheduler for the SFU-bound recurrence, which one warp per
-    # scheduler leaves ~35% idle: session 5's profile) and writes its partial y_t of a tile to
-    # shared memory (double-buffered); after one block barrier per tile each warpgroup adds
-    # and stores half the tile's rows. The step size (softplus) is computed in both.
-    fwd_warpgroups: int = 1
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -243,9 +237,6 @@ class MgpuBlockSizes:
         if ru < 1 or self.bwd_chunk % ru:
             raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
                              f" must divide bwd_chunk={self.bwd_chunk}")
-        if self.fwd_warpgroups not in (1, 2):
-            raise ValueError(f"MgpuBlockSizes.fwd_warpgroups={self.fwd_warpgroups} must be 1 "
-                             f"or 2")
         if self.bwd_warpgroups not in (1, 2, 4):
             raise ValueError(f"MgpuBlockSizes.bwd_warpgroups={self.bwd_warpgroups} must be 1, "
                              f"2 or 4")
@@ -286,7 +277,6 @@ class _Cfg:
     bwd_dt_ahead: bool
     bwd_state_per_wg: bool
     bwd_warp_rows: bool
-    fwd_warpgroups: int
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -403,22 +393,18 @@ def _params():
         unsafe_no_auto_barriers=True)
 
 
-def _ring(n_tiles, stages, issue, bar, body, carry, sync=None):
+def _ring(n_tiles, stages, issue, bar, body, carry):
     """Tiles 0..n_tiles-1 through a `stages`-deep ring of shared-memory slots filled by TMA
     (the forward; the backward runs its own ring, in reverse): `issue(tile, slot)` starts the
     copies of a tile (arriving on bar[slot]), `body(tile, slot, carry)` consumes it. One
-    barrier per tile (`sync`, a warpgroup barrier by default; False: none, the body's own
-    barriers order them) orders the reads of tile i - 1 before the copy that refills its
-    slot."""
+    warpgroup barrier per tile orders the reads of tile i - 1 before the copy that refills
+    its slot."""
     for i in range(min(stages - 1, n_tiles)):
         issue(i, i)
 
     def it(i, carry):
         slot = jax.lax.rem(i, stages)
-        if sync is None:
-            _barrier()
-        elif sync:
-            sync()
+        _barrier()
         nxt = i + stages - 1
 
         @pl.when(nxt < n_tiles)
@@ -467,21 +453,17 @@ def _leader(w, fn, lead=0):
         pl.when(w == lead)(fn)
 
 
-def _load_params(ins, refs, smem, pbar, cols, states, lead=lambda fn: fn()):
+def _load_params(ins, refs, smem, pbar, cols, states):
     """TMA of the per-channel parameters (the forward); returns a2 (A log2(e) of the
     `states`), D, bias rows. (Read straight from global memory instead, as the backward does
     for want of shared memory, the forward measured 3-5% slower: session 7, run mgpu25.)"""
     a_ref, d_ref, bias_ref = refs
     a_s, d_s, bias_s = smem
-
-    def copies():     # (`lead`: by one warpgroup of several; all of them wait)
-        plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
-        if ins.d:
-            plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
-        if ins.bias:
-            plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
-
-    lead(copies)
+    plgpu.copy_gmem_to_smem(a_ref.at[cols, :], a_s, pbar)
+    if ins.d:
+        plgpu.copy_gmem_to_smem(d_ref.at[cols], d_s, pbar)
+    if ins.bias:
+        plgpu.copy_gmem_to_smem(bias_ref.at[cols], bias_s, pbar)
     plgpu.barrier_wait(pbar)
     # Column n of the (128, Np) tile: thread d reads A[d, n] (a strided load, once).
     a2 = [a_s[pl.ds(0, WIDTH), n] * _LOG2E for n in states]
@@ -533,13 +515,8 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     the backward's dB/dC sums zeroed, (2, B, G, Lp Np / 128, 128): the rows of a (batch,
     group) split between the group's blocks, a few per tile]]
     SMEM scratch: u, dt, [z]: (stages, tile, 128)  B, C: (stages, tile, Np)
-    [B, C float32 staging: (tile, Np), per warpgroup]  A: (128, Np)  D, bias: (128,)
-    [h0: (Np, 128)]  [W > 1: partial y, (2, W, tile, 128)]; barriers: one per stage, one
-    for the parameters [, interpret mode with W > 1: the block barrier's].
-    With W = fwd_warpgroups > 1, warpgroup w runs states [w Np / W, (w + 1) Np / W) (the
-    padded ones are zero) and writes its partial y_t (D u_t in warpgroup 0's) to shared
-    memory; after the tile's block barrier warpgroup w adds the partials of rows
-    [w T / W, (w + 1) T / W), applies the z gate and stores them.
+    [B, C float32 staging: (tile, Np)]  A: (128, Np)  D, bias: (128,)  [h0: (Np, 128)];
+    barriers: one per stage, one for the parameters.
     """
     it = iter(refs)
     nseq = 4 + int(ins.z)
@@ -553,52 +530,27 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     stage = None if ins.bc_f32 else (next(it), next(it))
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     h0_s = next(it) if ins.h0 else None
-    W = cfg.fwd_warpgroups
-    yp_s = next(it) if W > 1 else None
     bar, pbar = next(it), next(it)
-    sbar = next(it) if W > 1 and cfg.interpret else None
 
     bi = jax.lax.axis_index("b")
     j = jax.lax.axis_index("d")
     grp = j // cfg.blocks_per_group
     cols = pl.ds(j * WIDTH, WIDTH)
     T, N, CH = cfg.tile, cfg.n_state, cfg.save_every
-    if W == 1:
-        w, wi = None, 0
-        states = list(range(N))      # the true states only
-    else:
-        w = wi = jax.lax.axis_index("wg")
-        RP = cfg.np_ // W
-        states = [w * RP + k for k in range(RP)]
-    K = len(states)
 
-    tile_issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
-
-    def issue(k, slot):
-        _leader(w, lambda: tile_issue(k, slot))
+    issue = _tile_copies(seq_refs, seq_smem, bar, bi, grp, cols, T)
 
     if ins.h0:
-        _leader(w, lambda: plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar))
-    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, states,
-                                   lead=lambda fn: _leader(w, fn))
-    if ins.d and W > 1:
-        dskip = dskip * jnp.where(w == 0, 1.0, 0.0)  # D u: in warpgroup 0's partial y
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, :, cols], h0_s, pbar)
+    a2, dskip, bias = _load_params(ins, par_refs, par_smem, pbar, cols, range(N))
     zero = _zeros()
-    h = tuple(h0_s[n, :] if ins.h0 else zero for n in states)
+    h = tuple(h0_s[n, :] if ins.h0 else zero for n in range(N))
     u_s, dt_s = seq_smem[0], seq_smem[1]
     z_s = seq_smem[2] if ins.z else None
-    if stage is not None and W > 1:                   # each warpgroup converts its own copy
-        stage = (stage[0].at[w], stage[1].at[w])
     bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     masked = cfg.lp != cfg.length
 
-    def gate(y, slot, t):
-        if ins.z:
-            zt = z_s[slot, t, :].astype(jnp.float32)
-            y = y * zt * _sigmoid(zt)
-        return y
-
-    def step(t0, slot, buf, t, h):
+    def step(t0, slot, t, h):
         x = dt_s[slot, t, :].astype(jnp.float32)
         if ins.bias:
             x = x + bias
@@ -609,25 +561,13 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         dtu = dt * u
         # B read inline (16 scalar loads): loading the B and C rows first (8 vector loads, 12
         # fewer instructions per step) measured 3-4% slower (run mgpu8).
-        out = [jnp.exp2(dt * a2[k]) * h[k] + dtu * bval(slot, t, n)
-               for k, n in enumerate(states)]
-        y = _dot(out, [cval(slot, t, n) for n in states], dskip * u if ins.d else None)
-        if W == 1:
-            y_ref[bi, t0 + t, cols] = gate(y, slot, t).astype(y_ref.dtype)
-        else:
-            yp_s[buf, wi, t, :] = y
+        out = [jnp.exp2(dt * a2[n]) * h[n] + dtu * bval(slot, t, n) for n in range(N)]
+        y = _dot(out, [cval(slot, t, n) for n in range(N)], dskip * u if ins.d else None)
+        if ins.z:
+            zt = z_s[slot, t, :].astype(jnp.float32)
+            y = y * zt * _sigmoid(zt)
+        y_ref[bi, t0 + t, cols] = y.astype(y_ref.dtype)
         return tuple(out)
-
-    def finalize(t0, slot, buf):
-        # W > 1, after the tile's block barrier: rows [w T / W, (w + 1) T / W) of y.
-        def row(i, _):
-            t = wi * (T // W) + i
-            y = yp_s[buf, 0, t, :]
-            for v in range(1, W):
-                y = y + yp_s[buf, v, t, :]
-            y_ref[bi, t0 + t, cols] = gate(y, slot, t).astype(y_ref.dtype)
-            return _
-        jax.lax.fori_loop(0, T // W, row, 0, unroll=2)
 
     # Saving states: loops of CH steps, the state stored before each; else one loop per tile
     # (run mgpu5: 8-step loops cost the primal 9% at L).
@@ -654,41 +594,23 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         if convert is not None:
             convert(slot)
         t0 = k * T
-        buf = jax.lax.rem(k, 2)
         if zd_ref is not None:
-            _leader(w, lambda: zero_rows(k))
+            zero_rows(k)
 
         def chunk(q, h):
             if save_states:
                 c = k * (T // CH) + q
-                for kk, n in enumerate(states):
-                    hs_ref[bi, c, n, cols] = h[kk]
-                if W == 1:
-                    for n in range(N, cfg.np_):
-                        hs_ref[bi, c, n, cols] = zero
-            return jax.lax.fori_loop(0, CH, lambda i, h: step(t0, slot, buf, q * CH + i, h),
-                                     h, unroll=min(cfg.unroll, CH))
+                for n in range(cfg.np_):
+                    hs_ref[bi, c, n, cols] = h[n] if n < N else zero
+            return jax.lax.fori_loop(0, CH, lambda i, h: step(t0, slot, q * CH + i, h), h,
+                                     unroll=min(cfg.unroll, CH))
 
         # The chunks as a loop (one copy of their code; run mgpu13).
-        h = jax.lax.fori_loop(0, T // CH, chunk, h) if T // CH > 1 else chunk(0, h)
-        if W > 1:
-            # The block barrier orders every warpgroup's partials (and its reads of the slot
-            # and of its B/C staging) before the finalize, which reads the partials of
-            # buffer k % 2 while the next tile writes the other one.
-            _block_sync(sbar, W)
-            finalize(t0, slot, buf)
-        return h
+        return jax.lax.fori_loop(0, T // CH, chunk, h) if T // CH > 1 else chunk(0, h)
 
-    # W > 1: no barrier of the ring's own but with z (the finalize reads the z tile): the
-    # tile's block barrier orders every other read of a slot before its refill.
-    ring_sync = None if W == 1 else (functools.partial(_block_sync, sbar, W) if ins.z
-                                     else False)
-    h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h, sync=ring_sync)
-    for kk, n in enumerate(states):
-        hl_ref[bi, n, cols] = h[kk]
-    if W == 1:
-        for n in range(N, cfg.np_):
-            hl_ref[bi, n, cols] = zero
+    h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
+    for n in range(cfg.np_):
+        hl_ref[bi, n, cols] = h[n] if n < N else zero
 
 
 def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
@@ -1169,22 +1091,17 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
     if save_states and cfg.zero_dbc:   # (Lp: a multiple of 16, Np of 8: whole 128-wide rows)
         groups = dp // (WIDTH * cfg.blocks_per_group)
         out_type.append(jax.ShapeDtypeStruct((2, b, groups, lp * np_ // WIDTH, WIDTH), f32))
-    W = cfg.fwd_warpgroups
-    scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
+    scratch = _common_scratch(ins, seq, T, S, np_, Bm)
     scratch += [plgpu.SMEM((WIDTH, np_), f32)]
     scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
     scratch += [plgpu.SMEM((np_, WIDTH), f32)] if ins.h0 else []
-    scratch += [plgpu.SMEM((2, W, T, WIDTH), f32)] if W > 1 else []     # partial y
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=_par_count(ins) + int(ins.h0))]
-    if W > 1 and cfg.interpret:
-        scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
-    threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
         functools.partial(_fwd_kernel, cfg=cfg, ins=ins, save_states=save_states),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, dp // WIDTH), grid_names=("b", "d"), interpret=_interpret(cfg),
-        kernel_name="selective_scan_mgpu_fwd", **threads)
+        kernel_name="selective_scan_mgpu_fwd")
     return kern(*seq, *pars, *([h0] if ins.h0 else []))
 
 
@@ -1386,14 +1303,12 @@ _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd, symbolic_zeros=True)
 SMEM_LIMIT = 225 * 1024    # H100: 227 KB per block; Pallas adds ~1 KB (seen: +1056 bytes)
 
 
-def _fwd_smem_bytes(stages, tile, np_, u, z, B, W=1):
+def _fwd_smem_bytes(stages, tile, np_, u, z, B):
     """Shared memory of the Mosaic forward (scratch of _fwd_call) in bytes."""
     seq = 2 * jnp.dtype(u.dtype).itemsize + (jnp.dtype(z.dtype).itemsize if z is not None else 0)
     bc = 2 * np_ * max(jnp.dtype(B.dtype).itemsize, 2)
-    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else W * tile * np_ * 4 * 2
-    partial_y = 0 if W == 1 else 2 * W * tile * WIDTH * 4
-    return (stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
-            + partial_y)
+    staging = 0 if jnp.dtype(B.dtype) == jnp.float32 else tile * np_ * 4 * 2
+    return stages * tile * (WIDTH * seq + bc) + staging + 2 * WIDTH * np_ * 4 + 2 * WIDTH * 4
 
 
 def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
@@ -1457,8 +1372,8 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                   and _bwd_smem_bytes(bs, bwd_tile, bwd_wgs, np_, u, z, B) <= SMEM_LIMIT)
     save_every = bs.bwd_chunk if mosaic_bwd else TRITON_CHUNK
     # Likewise the forward's ring (f32 inputs, long tiles): fewer stages, then shorter tiles.
-    stages, tile, fwd_wgs = bs.stages, bs.tile, bs.fwd_warpgroups
-    while _fwd_smem_bytes(stages, tile, np_, u, z, B, fwd_wgs) > SMEM_LIMIT:
+    stages, tile = bs.stages, bs.tile
+    while _fwd_smem_bytes(stages, tile, np_, u, z, B) > SMEM_LIMIT:
         if stages > 2:
             stages -= 1
         elif tile > 16 and (tile // 2) % save_every == 0:
@@ -1493,7 +1408,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
                bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs,
                bwd_dt_ahead=bs.bwd_dt_ahead, bwd_state_per_wg=bs.bwd_state_per_wg,
-               bwd_warp_rows=bs.bwd_warp_rows, fwd_warpgroups=fwd_wgs, tcfg=tcfg)
+               bwd_warp_rows=bs.bwd_warp_rows, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

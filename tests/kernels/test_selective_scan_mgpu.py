@@ -48,8 +48,7 @@ CASES = [
                     bwd_recompute_unroll=4, bwd_p_pairs=True, bwd_bc_f32=True, **W2,
                     **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
-     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, fwd_warpgroups=2, **W2,
-                    **MOSAIC)),
+     MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **W2, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_warpgroups=1,
                     bwd_fused_sums=False, fwd_zeroes=False, bwd_bc_f32=True,
@@ -63,8 +62,7 @@ CASES = [
     # states per warpgroup, 3 of them padding in the second), float32, groups, no z, no
     # softplus (the dt tile's ddt factor is the length mask alone).
     (45, 136, 16, None, jnp.bfloat16, dict(), True,
-     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False, bwd_bc_f32=False, fwd_warpgroups=2,
-                    **W2)),
+     MgpuBlockSizes(tile=16, bwd_tile=16, bwd_dt_tile=False, bwd_bc_f32=False, **W2)),
     (27, 40, 5, 2, jnp.float32, dict(z=False), False,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, **W2)),
     # One stage: the dt tile computed at the tile's start (not inside the tile before), and
@@ -130,8 +128,7 @@ def test_mgpu_grad_of_one_output_only(backward):
     (4, True, dict(bwd_dbc_atomic=False)), (2, True, dict(bwd_fused_sums=False)),
     (4, True, dict(fwd_zeroes=False)), (4, True, dict(bwd_p_pairs=True, bwd_bc_f32=True)),
     (4, True, dict(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True)),
-    (4, True, dict(bwd_warp_rows=True)), (2, True, dict(fwd_warpgroups=2)),
-    (4, True, dict(fwd_warpgroups=2, bc_f32=True))])
+    (4, True, dict(bwd_warp_rows=True))])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
