@@ -568,12 +568,10 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
             bf_s, cf_s = stage
             bf_s[...] = b_s[slot].astype(jnp.float32)
             cf_s[...] = c_s[slot].astype(jnp.float32)
-            pub = j % cfg.blocks_per_group == 0
-            pl.when(jnp.logical_not(pub))(_barrier)
+            plgpu.commit_smem()         # a fence for the copies, and a warpgroup barrier
 
-            @pl.when(pub)
+            @pl.when(j % cfg.blocks_per_group == 0)
             def _():
-                plgpu.commit_smem()     # a fence for the copies, and a warpgroup barrier
                 rows = pl.ds(t0, T)
                 plgpu.copy_smem_to_gmem(bf_s, b32_ref.at[bi, rows, grp, :])
                 plgpu.copy_smem_to_gmem(cf_s, c32_ref.at[bi, rows, grp, :])
