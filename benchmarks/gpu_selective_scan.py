@@ -171,7 +171,6 @@ if MGPU:
         "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False,   # session 10's
                                    bwd_recompute_unroll=2),                 # (its L unroll)
         "mgpu_ppw": MgpuBlockSizes(bwd_p_pairs=True),       # the default + pairs: 16-step tiles
-        "mgpu_nbo": MgpuBlockSizes(fwd_bc_out=False),       # f32 B/C by XLA converts (run 55)
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",

@@ -217,10 +217,6 @@ class MgpuBlockSizes:
     # the warps as before. Runs mgpu49-50: one warpgroup barrier more or less per 8 steps
     # moved fwd+bwd at L by 0.7-1.5% (bwd_bc_f32, bwd_state_per_wg).
     bwd_warp_rows: bool = True
-    # With bwd_bc_f32: the state-saving forward writes the float32 B and C the backward reads
-    # (its staging tiles, by TMA from one block per batch and group) instead of two XLA
-    # converts before the backward (ncu at S, session 11: 4.4 us each).
-    fwd_bc_out: bool = True
 
     def __post_init__(self):
         if self.tile < 16 or self.tile % 16:
@@ -281,7 +277,6 @@ class _Cfg:
     bwd_dt_ahead: bool
     bwd_state_per_wg: bool
     bwd_warp_rows: bool
-    fwd_bc_out: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
     @property
@@ -298,11 +293,6 @@ class _Cfg:
     def dt_ahead(self):
         """The backward's next dt tile computed inside this tile (two dt buffers)."""
         return self.bwd_dt_tile and self.bwd_stages >= 2 and self.bwd_dt_ahead
-
-    @property
-    def bc_out(self):
-        """The state-saving forward writes float32 B, C for the backward (bf16 inputs)."""
-        return self.mosaic_bwd and self.bwd_bc_f32 and self.fwd_bc_out
 
     @property
     def warp_rows(self):
@@ -536,8 +526,6 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     y_ref, hl_ref = next(it), next(it)
     hs_ref = next(it) if save_states else None
     zd_ref = next(it) if save_states and cfg.zero_dbc else None
-    bc_out = save_states and cfg.bc_out and not ins.bc_f32
-    b32_ref, c32_ref = (next(it), next(it)) if bc_out else (None, None)
     seq_smem = [next(it) for _ in range(nseq)]
     stage = None if ins.bc_f32 else (next(it), next(it))
     par_smem = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
@@ -561,20 +549,6 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     z_s = seq_smem[2] if ins.z else None
     bval, cval, convert = _bc_reader(ins, seq_smem[-2], seq_smem[-1], stage)
     masked = cfg.lp != cfg.length
-    if bc_out:
-        def convert(slot, t0, b_s=seq_smem[-2], c_s=seq_smem[-1]):
-            # The float32 tiles, also published for the backward by the group's first block
-            # (the ring's barrier waits for the copies' reads before the next conversion).
-            bf_s, cf_s = stage
-            bf_s[...] = b_s[slot].astype(jnp.float32)
-            cf_s[...] = c_s[slot].astype(jnp.float32)
-            plgpu.commit_smem()         # a fence for the copies, and a warpgroup barrier
-
-            @pl.when(j % cfg.blocks_per_group == 0)
-            def _():
-                rows = pl.ds(t0, T)
-                plgpu.copy_smem_to_gmem(bf_s, b32_ref.at[bi, rows, grp, :])
-                plgpu.copy_smem_to_gmem(cf_s, c32_ref.at[bi, rows, grp, :])
 
     def step(t0, slot, t, h):
         x = dt_s[slot, t, :].astype(jnp.float32)
@@ -617,11 +591,9 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
                     zd_ref[1, bi, grp, r, :] = zero
 
     def tile_body(k, slot, h):
-        t0 = k * T
-        if bc_out:
-            convert(slot, t0)
-        elif convert is not None:
+        if convert is not None:
             convert(slot)
+        t0 = k * T
         if zd_ref is not None:
             zero_rows(k)
 
@@ -639,8 +611,6 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
     h = _ring(cfg.lp // T, cfg.stages, issue, bar, tile_body, h)
     for n in range(cfg.np_):
         hl_ref[bi, n, cols] = h[n] if n < N else zero
-    if bc_out:
-        plgpu.wait_smem_to_gmem(0)      # the last tile's B, C copies
 
 
 def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
@@ -1121,8 +1091,6 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
     if save_states and cfg.zero_dbc:   # (Lp: a multiple of 16, Np of 8: whole 128-wide rows)
         groups = dp // (WIDTH * cfg.blocks_per_group)
         out_type.append(jax.ShapeDtypeStruct((2, b, groups, lp * np_ // WIDTH, WIDTH), f32))
-    if save_states and cfg.bc_out and not ins.bc_f32:     # float32 B, C for the backward
-        out_type += [jax.ShapeDtypeStruct(Bm.shape, f32)] * 2
     scratch = _common_scratch(ins, seq, T, S, np_, Bm)
     scratch += [plgpu.SMEM((WIDTH, np_), f32)]
     scratch += [plgpu.SMEM((WIDTH,), f32)] * (int(ins.d) + int(ins.bias))
@@ -1282,15 +1250,13 @@ def _scan_padded(cfg, u, dt, z, Bm, Cm, A, D, bias, h0):
 def _scan_padded_fwd(cfg, *args):
     # symbolic_zeros: the arguments come as CustomVJPPrimal records.
     u, dt, z, Bm, Cm, A, D, bias, h0 = custom_vjp_primal_tree_values(args)
-    y, hl, hs, *extra = _fwd_call(cfg, True, u, dt, z, Bm, Cm, A, D, bias, h0)
-    zeroed = extra.pop(0) if cfg.zero_dbc else None   # the dB/dC sums
-    bc32 = tuple(extra) if extra else None            # float32 B, C (cfg.bc_out, bf16 B)
-    return (y, hl), (u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed, bc32)
+    y, hl, hs, *zeroed = _fwd_call(cfg, True, u, dt, z, Bm, Cm, A, D, bias, h0)
+    zeroed = zeroed[0] if zeroed else None           # the dB/dC sums (cfg.zero_dbc)
+    return (y, hl), (u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed)
 
 
 def _scan_padded_bwd(cfg, res, cts):
-    u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed, bc32 = res
-    res = res[:-1]
+    u, dt, z, Bm, Cm, A, D, bias, h0, hs, _ = res
     dy, dhl = cts
     # Symbolic zeros (symbolic_zeros=True): the final state's cotangent is a SymbolicZero
     # whenever the caller uses y only (jax.grad of a loss on y): the Mosaic backward then
@@ -1310,9 +1276,7 @@ def _scan_padded_bwd(cfg, res, cts):
         du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
         dA = dAT.T
     else:
-        if bc32 is not None:                     # written by the forward (cfg.bc_out)
-            res = (*res[:3], *bc32, *res[5:])
-        elif cfg.bwd_bc_f32 and Bm.dtype != jnp.float32:
+        if cfg.bwd_bc_f32 and Bm.dtype != jnp.float32:
             res = (*res[:3], Bm.astype(jnp.float32), Cm.astype(jnp.float32), *res[5:])
         outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
         du, ddt = outs[0], outs[1]
@@ -1444,7 +1408,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
                bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs,
                bwd_dt_ahead=bs.bwd_dt_ahead, bwd_state_per_wg=bs.bwd_state_per_wg,
-               bwd_warp_rows=bs.bwd_warp_rows, fwd_bc_out=bs.fwd_bc_out, tcfg=tcfg)
+               bwd_warp_rows=bs.bwd_warp_rows, tcfg=tcfg)
 
     def chan(x, axis=-1):
         # Pad each group's channels along `axis` to cgp (no op when cg == cgp).

@@ -51,7 +51,7 @@ CASES = [
      MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **W2, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_warpgroups=1,
-                    bwd_fused_sums=False, fwd_zeroes=False, bwd_bc_f32=True, fwd_bc_out=False,
+                    bwd_fused_sums=False, fwd_zeroes=False, bwd_bc_f32=True,
                     bwd_dt_ahead=False, bwd_state_per_wg=True, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
