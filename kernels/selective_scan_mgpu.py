@@ -613,7 +613,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, ins: _Ins, save_states: bool):
         hl_ref[bi, n, cols] = h[n] if n < N else zero
 
 
-def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool, stacked_bc: bool = False):
+def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     """Backward of one (batch, 128-channel block), one channel per thread: tiles and chunks
     in reverse, each chunk's states recomputed from the state saved at its entry.
 
@@ -640,12 +640,7 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool, stacked_bc: bool = F
     """
     it = iter(refs)
     nseq = 5 + int(ins.z)
-    if stacked_bc:                                   # B, C as one (2, B, Lp, G, Np) array
-        seq_refs = [next(it) for _ in range(nseq - 2)]
-        bc_ref = next(it)
-        seq_refs += [bc_ref.at[0], bc_ref.at[1]]
-    else:
-        seq_refs = [next(it) for _ in range(nseq)]   # u, dt, [z], dout, B, C
+    seq_refs = [next(it) for _ in range(nseq)]       # u, dt, [z], dout, B, C
     par_refs = (next(it), next(it) if ins.d else None, next(it) if ins.bias else None)
     hs_ref = next(it)
     dhl_ref = next(it) if has_dhl else None
@@ -1110,12 +1105,9 @@ def _fwd_call(cfg, save_states, u, dt, z, Bm, Cm, A, D, bias, h0):
     return kern(*seq, *pars, *([h0] if ins.h0 else []))
 
 
-def _bwd_call(cfg, res, dout, dhl, bc=None):
-    """The Mosaic backward; dhl None: the final state's cotangent is zero (not read); bc: B
-    and C stacked, (2, B, Lp, G, Np), read instead of res' B and C (one XLA convert)."""
+def _bwd_call(cfg, res, dout, dhl):
+    """The Mosaic backward; dhl None: the final state's cotangent is zero (not read)."""
     u, dt, z, Bm, Cm, A, D, bias, h0, hs, zeroed = res     # zeroed: cfg.zero_dbc, else None
-    if bc is not None:
-        Bm = Cm = jax.ShapeDtypeStruct(bc.shape[1:], bc.dtype)
     ins = _ins(z, Bm, D, bias, h0)
     b, lp, dp = u.shape
     np_, T, S, W = cfg.np_, cfg.bwd_tile, cfg.bwd_stages, cfg.bwd_warpgroups
@@ -1146,16 +1138,13 @@ def _bwd_call(cfg, res, dout, dhl, bc=None):
                                (2, 2, WIDTH // (2 * np_), W, np_ // W, W + 1), f32)]
     if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile [and of the next one]
         scratch += [plgpu.SMEM((2 if cfg.dt_ahead else 1, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
-    scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),    # a copy per array
+    scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
                 plgpu.Barrier(num_arrivals=1, num_barriers=W if cfg.bwd_state_per_wg else 2)]
-    if bc is not None:
-        seq = seq[:-2] + [bc]
     if W > 1 and cfg.interpret:
         scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
     threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
     kern = plgpu.kernel(
-        functools.partial(_bwd_kernel, cfg=cfg, ins=ins, has_dhl=dhl is not None,
-                          stacked_bc=bc is not None),
+        functools.partial(_bwd_kernel, cfg=cfg, ins=ins, has_dhl=dhl is not None),
         out_type=tuple(out_type), scratch_types=scratch, compiler_params=_params(),
         grid=(b, n_blocks), grid_names=("b", "d"), interpret=_interpret(cfg),
         kernel_name="selective_scan_mgpu_bwd", **threads)
@@ -1287,11 +1276,9 @@ def _scan_padded_bwd(cfg, res, cts):
         du, ddt, dz, dB, dC, dAT, dD, dbias, dh0 = _triton._scan_padded_bwd(cfg.tcfg, tres, cts)
         dA = dAT.T
     else:
-        # bwd_bc_f32: B and C stacked and converted in one XLA fusion (two converts: 4.4 us
-        # each at S, ncu run 22).
-        bc = (jnp.stack([Bm, Cm]).astype(jnp.float32)
-              if cfg.bwd_bc_f32 and Bm.dtype != jnp.float32 else None)
-        outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl, bc)
+        if cfg.bwd_bc_f32 and Bm.dtype != jnp.float32:
+            res = (*res[:3], Bm.astype(jnp.float32), Cm.astype(jnp.float32), *res[5:])
+        outs = _bwd_call(cfg, res, dy, None if isinstance(dhl, SymbolicZero) else dhl)
         du, ddt = outs[0], outs[1]
         dz = outs[2] if z is not None else None
         dbc, dat, ddb, dh0 = outs[-4:]
