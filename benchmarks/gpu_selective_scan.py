@@ -146,37 +146,20 @@ if MGPU:
         "mgpu_fz": MgpuBlockSizes(bwd_sa_log2=False),
         "mgpu_sa2": MgpuBlockSizes(fwd_zeroes=False),
         # Session 11: B/C converted to f32 by XLA for the backward (bwd_bc_f32: no per-tile
-        # conversion in the backward), a_t h_{t-1} stored for every other step (bwd_p_pairs:
-        # half the recomputed states' shared-memory traffic); both together free the shared
-        # memory of a 16-step backward tile (mgpu_ppb; mgpu_ppb8 keeps 8).
+        # conversion, nor its warpgroup barrier, in the backward) and the dB/dC tile reduced
+        # by the warps that wrote it (bwd_warp_rows: a warp barrier per reduction group
+        # instead of a warpgroup barrier). Both on: the default since run mgpu52. (Measured
+        # and removed, the notes have them: a_t h_{t-1} stored every other step, per-warpgroup
+        # entry-state slots, the state-saving forward writing f32 B/C, a two-warpgroup forward.)
         "mgpu_bbf": MgpuBlockSizes(bwd_warp_rows=False),
-        "mgpu_pp": MgpuBlockSizes(bwd_p_pairs=True, bwd_bc_f32=False,    # 16-step tiles fit
-                                  bwd_warp_rows=False),
-        "mgpu_pp8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8, bwd_bc_f32=False,
-                                   bwd_warp_rows=False),
-        "mgpu_ppb": MgpuBlockSizes(bwd_p_pairs=True, bwd_warp_rows=False),
-        "mgpu_ppb8": MgpuBlockSizes(bwd_p_pairs=True, bwd_tile=8, bwd_warp_rows=False),
-        # A 16-step backward tile without bwd_p_pairs: f32 B/C, the dt pass at the tile's
-        # start (one dt buffer) and per-warpgroup entry-state slots (mgpu_t16x8: the same
-        # switches at 8-step tiles; mgpu_bbfsw: the entry-state slots alone).
-        "mgpu_t16": MgpuBlockSizes(bwd_dt_ahead=False, bwd_state_per_wg=True,
-                                   bwd_warp_rows=False),
-        "mgpu_t16x8": MgpuBlockSizes(bwd_dt_ahead=False, bwd_state_per_wg=True, bwd_tile=8,
-                                     bwd_warp_rows=False),
-        "mgpu_bbfsw": MgpuBlockSizes(bwd_state_per_wg=True, bwd_warp_rows=False),
-        # The dB/dC tile reduced by the warps that wrote it: a warp barrier instead of a
-        # warpgroup barrier per reduction group (bwd_warp_rows).
         "mgpu_wr": MgpuBlockSizes(bwd_bc_f32=False),
-        "mgpu_wrb": MgpuBlockSizes(),          # run mgpu51; the default since
         "mgpu_s10": MgpuBlockSizes(bwd_warp_rows=False, bwd_bc_f32=False,   # session 10's
                                    bwd_recompute_unroll=2),                 # (its L unroll)
-        "mgpu_ppw": MgpuBlockSizes(bwd_p_pairs=True),       # the default + pairs: 16-step tiles
         "pallas": "pallas",
         "xla": "xla",
         "peer": "peer",
     }
-    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4",
-                    "mgpu_ppb", "mgpu_t16", "mgpu_wrb")
+    ODD_VARIANTS = ("v5", "mgpu", "mgpu_tbwd", "mgpu_w1", "mgpu_wg2", "mgpu_dtt", "mgpu_wg4")
 ONLY = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 if ONLY:
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in ONLY}

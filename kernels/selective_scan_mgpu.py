@@ -192,30 +192,23 @@ class MgpuBlockSizes:
     # Mosaic backward: B and C converted to float32 by XLA for the backward only (the forward
     # still reads the caller's bf16 tiles): no per-tile conversion pass and warpgroup barrier
     # in each warpgroup, and no staging tiles (W bwd_tile Np 8 bytes) in its shared memory.
-    # Session 11, runs mgpu49-51, fwd+bwd at L: 2.287-2.291 vs 2.298-2.315 ms.
+    # Session 11, runs mgpu49-51, fwd+bwd at L: 2.287-2.291 vs 2.298-2.315 ms alone; with
+    # bwd_warp_rows see there.
     bwd_bc_f32: bool = True
-    # Mosaic backward: the recompute stores a_t h_{t-1} (p_t) of the even steps of a chunk
-    # only; the adjoint runs the steps in pairs (odd, then even) and derives the odd step's
-    # from the even one's, p_{t+1} = a_{t+1} (p_t + dt_t u_t B_t), whose h_t the even step
-    # reuses: half the shared-memory traffic of the recomputed states (the backward is near
-    # the shared-memory pipe's limit: ncu run 17, 78% of its wavefronts) and half their buffer,
-    # for one multiply per state and pair.
-    bwd_p_pairs: bool = False
     # Mosaic backward (with >= 2 stages): the next tile's dt pass inside this tile (two dt
     # buffers, no barrier of its own; session 7, run mgpu26); False: at the tile's start into
-    # one buffer, then a block barrier (half the dt tile's shared memory).
+    # one buffer, then a block barrier (half the dt tile's shared memory; session 11, run
+    # mgpu50: with the entry states' memory halved too, a 16-step tile fit, and was no faster
+    # than 8 steps with both as they are: 2.310 vs 2.305 ms).
     bwd_dt_ahead: bool = True
-    # Mosaic backward: each warpgroup brings its own states' entry state of the next chunk by
-    # TMA into its own single slot (after a warpgroup barrier that orders its reads of the
-    # current one), instead of one warpgroup bringing all of them into two slots: half the
-    # entry states' shared memory.
-    bwd_state_per_wg: bool = False
     # Mosaic backward, four warpgroups: the dB/dC tile laid out per warp (warpgroup, part =
     # warp, row, column = lane) and reduced by the warp that wrote it (lane l sums row l of
     # its part), so that reusing the tile for the next reduction group needs only a warp
     # barrier (bar.warp.sync) instead of a warpgroup barrier; the parts are combined across
-    # the warps as before. Runs mgpu49-50: one warpgroup barrier more or less per 8 steps
-    # moved fwd+bwd at L by 0.7-1.5% (bwd_bc_f32, bwd_state_per_wg).
+    # the warps as before. With bwd_bc_f32 (whose per-tile conversion ends with the other
+    # warpgroup barrier) the warps of a warpgroup no longer meet between block barriers:
+    # session 11, runs mgpu52-55, fwd+bwd at L 2.244-2.259 ms with both, 2.296-2.299 with
+    # this alone, 2.298-2.311 with neither; S 0.587-0.590 against 0.591-0.606.
     bwd_warp_rows: bool = True
 
     def __post_init__(self):
@@ -273,9 +266,7 @@ class _Cfg:
     fwd_zeroes: bool
     bwd_sa_log2: bool
     bwd_bc_f32: bool
-    bwd_p_pairs: bool
     bwd_dt_ahead: bool
-    bwd_state_per_wg: bool
     bwd_warp_rows: bool
     tcfg: object           # the Triton backward's _Cfg (kernels/selective_scan_triton.py) or None
 
@@ -758,31 +749,24 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
     def issue_state(c):
         # The state entering chunk c by TMA into slot c % 2, a chunk ahead of its use
         # (register loads issued a chunk ahead were sunk by the compiler to their use:
-        # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd);
-        # bwd_state_per_wg: this warpgroup's states into its own slot.
-        if cfg.bwd_state_per_wg:
-            plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, pl.ds(wi * RP, RP), cols], hst_s.at[wi],
-                                    hbar.at[wi])
-            return
+        # Nsight Compute put 5.5% of the stall samples there; run mgpu10: -4.5% fwd+bwd).
         _leader(w, lambda: plgpu.copy_gmem_to_smem(hs_ref.at[bi, c, :, cols],
                                                    hst_s.at[c % 2], hbar.at[c % 2]), lead)
 
-    def p_at(ps, k, n):
-        # Where the a_t h_{t-1} of state n (k-th of this warpgroup) stored in slot ps (the
-        # step in the chunk; bwd_p_pairs: half the even step) lives in h_s.
-        return (wi, ps, slice(None), k) if cfg.lane_states else (ps, n, slice(None))
+    def p_at(i, k, n):
+        # Where step i's a_t h_{t-1} of state n (k-th of this warpgroup) lives in h_s.
+        return (wi, i, slice(None), k) if cfg.lane_states else (i, n, slice(None))
 
-    def recompute(t0, slot, db, base, i, h, ps):
+    def recompute(t0, slot, db, base, i, h):
         # Store p_t = a_t h_{t-1} (what step t's gradient needs: h_t = p_t + dt u B_t, and
-        # g a_t h_{t-1} = g p_t) in slot ps (None: not stored), then advance to h_t.
+        # g a_t h_{t-1} = g p_t), then advance to h_t.
         tl = base + i
         _, dt = step_size(slot, db, tl, t0 + tl)
         dtu = dt * u_s[slot, tl, :].astype(f32)
         bs = [bval(slot, tl, n) for n in states]      # before the stores: vector loads (mgpu7)
         p = [jnp.exp2(dt * a2[k]) * h[k] for k in range(K)]
-        if ps is not None:
-            for k, n in enumerate(states):   # lane_states: one 16-byte store (adjacent k)
-                h_s[p_at(ps, k, n)] = p[k]
+        for k, n in enumerate(states):       # lane_states: one 16-byte store (adjacent k)
+            h_s[p_at(i, k, n)] = p[k]
         return tuple(p[k] + dtu * bs[k] for k in range(K))
 
     def put(ref, tg, ii, kind, val):
@@ -793,35 +777,20 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         else:
             xch_s[(tg // UQ) % 2, w, kind, ii, :] = val
 
-    def step_inputs(slot, db, tl, tg):
-        x, dt = step_size(slot, db, tl, tg)
-        u = u_s[slot, tl, :].astype(f32)
-        return x, dt, u, dt * u, [bval(slot, tl, n) for n in states]
-
-    def adjoint(t0, slot, db, base, gbase, i, carry, given=None):
+    def adjoint(t0, slot, db, base, gbase, i, carry):
         # Step base + i of the tile (i: index in the chunk), in the reduction group at gbase.
-        # given (bwd_p_pairs): the step's inputs, p as a function of a_t, and h_t or None.
         g, dat, dd, dbias = carry
         tl, tg = base + i, t0 + base + i
         ii = base + i - gbase
-        if given is None:
-            x, dt = step_size(slot, db, tl, tg)
-            u = u_s[slot, tl, :].astype(f32)
-        else:
-            (x, dt, u, dtu, bs), p_of, h = given
+        x, dt = step_size(slot, db, tl, tg)
+        u = u_s[slot, tl, :].astype(f32)
         dout = do_s[slot, tl, :].astype(f32)
-        if given is None:
-            dtu = dt * u
-            bs = [bval(slot, tl, n) for n in states]
+        dtu = dt * u
+        bs = [bval(slot, tl, n) for n in states]
         cs = [cval(slot, tl, n) for n in states]
-        if given is None:
-            p = [h_s[p_at(i, k, n)] for k, n in enumerate(states)]    # a_t h_{t-1}
-            a = [jnp.exp2(dt * a2[k]) for k in range(K)]
-            h = [p[k] + dtu * bs[k] for k in range(K)]
-        else:
-            a = [jnp.exp2(dt * a2[k]) for k in range(K)]
-            p = p_of(a)
-            h = h or [p[k] + dtu * bs[k] for k in range(K)]
+        p = [h_s[p_at(i, k, n)] for k, n in enumerate(states)]        # a_t h_{t-1}
+        a = [jnp.exp2(dt * a2[k]) for k in range(K)]
+        h = [p[k] + dtu * bs[k] for k in range(K)]
         if ins.z:
             zt = z_s[slot, tl, :].astype(f32)
             sig = _sigmoid(zt)
@@ -849,18 +818,6 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         put(ddt_ref, tg, ii, 1, ddt)
         return (tuple(g[k] * a[k] for k in range(K)),
                 tuple(dat[k] + gah[k] * dt for k in range(K)), dd + dy * u, dbias + ddt)
-
-    def adjoint_pair(t0, slot, db, base, gbase, i0, ps, carry):
-        # bwd_p_pairs: steps i0 + 1, then i0 (even; its a_t h_{t-1} stored in slot ps): the
-        # odd step's p = a_{t+1} h_t from the even step's h_t = p_t + dt_t u_t B_t.
-        tl = base + i0
-        ev = step_inputs(slot, db, tl, t0 + tl)
-        p0 = [h_s[p_at(ps, k, n)] for k, n in enumerate(states)]
-        h0 = [p0[k] + ev[3] * ev[4][k] for k in range(K)]
-        od = step_inputs(slot, db, tl + 1, t0 + tl + 1)
-        carry = adjoint(t0, slot, db, base, gbase, i0 + 1, carry,
-                        given=(od, lambda a: [a[k] * h0[k] for k in range(K)], None))
-        return adjoint(t0, slot, db, base, gbase, i0, carry, given=(ev, lambda a: p0, h0))
 
     def finalize(tg0):
         # W > 1: the group's du, ddt, dz (kind k: warpgroup k % W) from the W partials.
@@ -937,44 +894,24 @@ def _bwd_kernel(*refs, cfg: _Cfg, ins: _Ins, has_dhl: bool):
         # Chunk q of tile k; hook() runs before the chunk's last reduction barrier.
         base = q * CH
         c = k * (T // CH) + q
-        if cfg.bwd_state_per_wg:
-            plgpu.barrier_wait(hbar.at[wi])
-            h_entry = tuple(hst_s[wi, kk, :] for kk in range(K))
-            _barrier()          # every thread of the warpgroup has read its slot
-        else:
-            plgpu.barrier_wait(hbar.at[c % 2])
-            h_entry = tuple(hst_s[c % 2, n, :] for n in states)
+        plgpu.barrier_wait(hbar.at[c % 2])
+        h_entry = tuple(hst_s[c % 2, n, :] for n in states)
 
         # Chunk c - 1's entry state into the other slot (last read at chunk c + 1's start;
-        # every thread has since passed the reduction barriers of chunk c + 1), or
-        # (bwd_state_per_wg) into this warpgroup's slot, just read.
+        # every thread has since passed the reduction barriers of chunk c + 1).
         @pl.when(c > 0)
         def _():
             issue_state(c - 1)
 
-        ru = cfg.bwd_recompute_unroll
-        if cfg.bwd_p_pairs:
-            def rec_pair(m, h):
-                h = recompute(t0, slot, db, base, 2 * m, h, m)
-                return recompute(t0, slot, db, base, 2 * m + 1, h, None)
-            jax.lax.fori_loop(0, CH // 2, rec_pair, h_entry, unroll=max(1, ru // 2))
-        else:
-            jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, db, base, i, h, i),
-                              h_entry, unroll=ru)
+        jax.lax.fori_loop(0, CH, lambda i, h: recompute(t0, slot, db, base, i, h), h_entry,
+                          unroll=cfg.bwd_recompute_unroll)
 
         def group(gq, carry):     # UQ steps, then their dB/dC reduction
             gbase = base + gq * UQ
-            if cfg.bwd_p_pairs:
-                off = gq * UQ + UQ - 2        # the group's last pair's even step in the chunk
-                carry = jax.lax.fori_loop(
-                    0, UQ // 2, lambda m, cr: adjoint_pair(t0, slot, db, base, gbase,
-                                                           off - 2 * m, off // 2 - m, cr),
-                    carry, unroll=min(max(1, cfg.bwd_unroll // 2), UQ // 2))
-            else:
-                carry = jax.lax.fori_loop(
-                    0, UQ, lambda ii, cr: adjoint(t0, slot, db, base, gbase,
-                                                  gbase - base + UQ - 1 - ii, cr),
-                    carry, unroll=min(cfg.bwd_unroll, UQ))
+            carry = jax.lax.fori_loop(
+                0, UQ, lambda ii, cr: adjoint(t0, slot, db, base, gbase,
+                                              gbase - base + UQ - 1 - ii, cr),
+                carry, unroll=min(cfg.bwd_unroll, UQ))
             if gq == 0 and hook is not None:
                 hook()
             reduce_rows(t0 + gbase)
@@ -1123,15 +1060,14 @@ def _bwd_call(cfg, res, dout, dhl):
                    jax.ShapeDtypeStruct((b, W, 2, dp), f32),
                    jax.ShapeDtypeStruct((b, np_, dp), f32)])
     scratch = _common_scratch(ins, seq, T, S, np_, Bm, W)
-    slots = cfg.save_every // (1 + int(cfg.bwd_p_pairs))     # stored a_t h_{t-1} per chunk
-    states = (W, slots, WIDTH, np_ // W) if cfg.lane_states else (slots, np_, WIDTH)
+    states = ((W, cfg.save_every, WIDTH, np_ // W) if cfg.lane_states
+              else (cfg.save_every, np_, WIDTH))
     scratch += [plgpu.SMEM(states, f32),                                   # a_t h_{t-1}
                 plgpu.SMEM((W, W, WIDTH // W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem))
                            if cfg.warp_rows else
                            (W, WIDTH // W, W, WIDTH // W + _pt_pad(cfg.bwd_vec_smem)),
                            f32),                                           # dB/dC terms
-                plgpu.SMEM((W, np_ // W, WIDTH) if cfg.bwd_state_per_wg else (2, np_, WIDTH),
-                           f32)]                                           # entry states
+                plgpu.SMEM((2, np_, WIDTH), f32)]                          # entry states
     if W > 1:     # partial du, ddt, [dz] and dB/dC parts of a group, double-buffered
         scratch += [plgpu.SMEM((2, W, 2 + int(ins.z), WIDTH // (2 * np_), WIDTH), f32),
                     plgpu.SMEM((2, W, 2, WIDTH // (2 * np_), np_ + 4) if cfg.warp_rows else
@@ -1139,7 +1075,7 @@ def _bwd_call(cfg, res, dout, dhl):
     if cfg.bwd_dt_tile:   # dt [and sigmoid(x)] of the tile [and of the next one]
         scratch += [plgpu.SMEM((2 if cfg.dt_ahead else 1, T, WIDTH), f32)] * (1 + int(cfg.has_sg))
     scratch += [plgpu.Barrier(num_arrivals=len(seq), num_barriers=S),
-                plgpu.Barrier(num_arrivals=1, num_barriers=W if cfg.bwd_state_per_wg else 2)]
+                plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if W > 1 and cfg.interpret:
         scratch.append(plgpu.Barrier(num_arrivals=W))     # _block_sync in interpret mode
     threads = dict(num_threads=W, thread_name="wg") if W > 1 else {}
@@ -1323,8 +1259,8 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     dt_bufs = 2 if bs.bwd_dt_ahead and bs.bwd_stages >= 2 else 1
     xch += dt_bufs * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
-            + bs.bwd_chunk // (1 + int(bs.bwd_p_pairs)) * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
-            + (1 if bs.bwd_state_per_wg else 2) * np_ * WIDTH * 4 + xch)
+            + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
+            + 2 * np_ * WIDTH * 4 + xch)
 
 
 def _round_up(x, m):
@@ -1406,8 +1342,7 @@ def selective_scan_mgpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                bwd_vec_smem=bs.bwd_vec_smem, bwd_lean_sync=bs.bwd_lean_sync,
                bwd_fused_sums=bs.bwd_fused_sums, bwd_dbc_atomic=bs.bwd_dbc_atomic,
                fwd_zeroes=bs.fwd_zeroes, bwd_sa_log2=bs.bwd_sa_log2,
-               bwd_bc_f32=bs.bwd_bc_f32, bwd_p_pairs=bs.bwd_p_pairs,
-               bwd_dt_ahead=bs.bwd_dt_ahead, bwd_state_per_wg=bs.bwd_state_per_wg,
+               bwd_bc_f32=bs.bwd_bc_f32, bwd_dt_ahead=bs.bwd_dt_ahead,
                bwd_warp_rows=bs.bwd_warp_rows, tcfg=tcfg)
 
     def chan(x, axis=-1):

@@ -42,17 +42,16 @@ CASES = [
     (29, 24, 16, 3, jnp.bfloat16, dict(), True,
      MgpuBlockSizes(tile=16, stages=2, unroll=2, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1,
                     bwd_dt_tile=False, bwd_dbc_atomic=False, bwd_sa_log2=False,
-                    bwd_p_pairs=True, bwd_bc_f32=False, **MOSAIC)),
+                    bwd_bc_f32=False, **MOSAIC)),
     (33, 40, 3, 2, jnp.float32, dict(D=False, z=False, bias=False, h0=False), False,
      MgpuBlockSizes(tile=16, stages=1, unroll=8, bwd_chunk=16, bwd_unroll=1,
-                    bwd_recompute_unroll=4, bwd_p_pairs=True, bwd_bc_f32=True, **W2,
-                    **MOSAIC)),
+                    bwd_recompute_unroll=4, **W2, **MOSAIC)),
     (40, 136, 12, None, jnp.float32, dict(h0=False), True,
      MgpuBlockSizes(bwd_stages=3, bwd_recompute_unroll=8, unroll=16, **W2, **MOSAIC)),
     (19, 128, 8, None, jnp.bfloat16, dict(D=False, bias=False, h0=False, z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_recompute_unroll=1, bwd_warpgroups=1,
                     bwd_fused_sums=False, fwd_zeroes=False, bwd_bc_f32=True,
-                    bwd_dt_ahead=False, bwd_state_per_wg=True, **MOSAIC)),
+                    bwd_dt_ahead=False, **MOSAIC)),
     (64, 128, 16, None, jnp.float32, dict(z=False), True,
      MgpuBlockSizes(stages=2, backward="triton")),
     (48, 128, 16, None, jnp.bfloat16, dict(z=False), True,
@@ -69,7 +68,7 @@ CASES = [
     # session 6's shared-memory layouts and barriers (bwd_vec_smem, bwd_lean_sync off).
     (31, 128, 16, None, jnp.bfloat16, dict(z=False), True,
      MgpuBlockSizes(tile=16, bwd_tile=16, bwd_stages=1, bwd_warpgroups=1, bwd_vec_smem=False,
-                    bwd_lean_sync=False, bwd_state_per_wg=True, **MOSAIC)),
+                    bwd_lean_sync=False, **MOSAIC)),
     # Four warpgroups (4 states each; the backward tile shrinks to 8 steps to fit). Interpret
     # mode runs each simulated warpgroup as a CPU thread whose barrier waits block inside
     # XLA's CPU thread pool: with 4 of them on fewer than 8 CPU threads the pool can run dry
@@ -126,8 +125,7 @@ def test_mgpu_grad_of_one_output_only(backward):
     (1, False, {}), (1, True, {}), (2, False, {}), (2, True, {}), (4, True, {}),
     (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False)),
     (4, True, dict(bwd_dbc_atomic=False)), (2, True, dict(bwd_fused_sums=False)),
-    (4, True, dict(fwd_zeroes=False)), (4, True, dict(bwd_p_pairs=True, bwd_bc_f32=True)),
-    (4, True, dict(bwd_bc_f32=True, bwd_dt_ahead=False, bwd_state_per_wg=True)),
+    (4, True, dict(fwd_zeroes=False)), (4, True, dict(bwd_dt_ahead=False)),
     (4, True, dict(bwd_warp_rows=True))])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
