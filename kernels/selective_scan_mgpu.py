@@ -28,11 +28,14 @@ warpgroups (`bwd_warpgroups`; two where shared memory is short: z, 4-byte inputs
 running a quarter of the states of the same 128 channels (the per-state recurrences are
 independent; the outputs that sum over states are exchanged as partial sums), with the
 tile's dt computed once into shared memory (`bwd_dt_tile`, the next tile's inside this one)
-and 16-byte shared-memory layouts (`bwd_vec_smem`). H100, run mgpu48: fwd+bwd 2.28 / 0.59 ms
-at L / S (2.42 / 0.62 in session 6; 2.61 / 0.67 with one warpgroup). The sums over channels
-(dB_t, dC_t: 2N per step) go through a padded shared tile per warpgroup: each thread writes
-its terms as rows, and after 64 / Np steps the threads sum the rows (warp shuffles instead
-were 2% slower: session 8, run mgpu31) and add the sums into the group's with
+and 16-byte shared-memory layouts (`bwd_vec_smem`); B and C reach it as float32 (one XLA
+convert each, `bwd_bc_f32`). H100, run mgpu55: fwd+bwd 2.24 / 0.59 ms at L / S (2.42 / 0.62
+in session 6; 2.61 / 0.67 with one warpgroup). The sums over channels (dB_t, dC_t: 2N per
+step) go through a padded shared tile per warpgroup: each thread writes its terms as rows,
+and after 64 / Np steps the rows are summed (with four warpgroups each warp sums the rows of
+its own 32 channels, lane l row l, so that only a warp barrier guards the tile's reuse:
+`bwd_warp_rows`; warp shuffles instead were 2% slower: session 8, run mgpu31); the warps'
+parts are added by one warpgroup, which adds the sums into the group's with
 `red.global.add` (`bwd_dbc_atomic`; zeroed by the state-saving forward, `fwd_zeroes`); the
 sums across blocks left (dA, dD, dbias over the batch) and the casts run in one Triton
 launch after it (`bwd_fused_sums`). Where the time went with one warpgroup (Nsight Compute

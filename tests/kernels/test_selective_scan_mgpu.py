@@ -32,7 +32,11 @@ pytestmark = pytest.mark.skipif(
 # second, the XLA sums (bwd_fused_sums=False) and the sums zeroed by XLA (fwd_zeroes=False)
 # in the fifth; the others add dB / dC into one array zeroed by the state-saving forward
 # (red.global.add compiled; here, where blocks run one at a time, a read-add-write) and sum
-# across blocks in one Triton kernel.
+# across blocks in one Triton kernel. The backward reads bf16 B / C as float32 converted by
+# XLA (bwd_bc_f32, the default) but in the second and the ninth (staged per tile in the
+# kernel); the fifth computes dt at the tile's start (bwd_dt_ahead=False). The four-warpgroup
+# case reduces the dB/dC tile per warp (bwd_warp_rows, the default; fewer warpgroups keep
+# the warpgroup-wide layout).
 MOSAIC = dict(backward="mosaic")
 H100 = jax.sharding.AbstractMesh(     # the target of cross-lowering (Triton needs a GPU kind)
     (1,), ("x",), abstract_device=jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "gpu"))
