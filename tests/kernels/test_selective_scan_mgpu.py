@@ -78,7 +78,7 @@ CASES = [
     # XLA's CPU thread pool: with 4 of them on fewer than 8 CPU threads the pool can run dry
     # and the run hang (seen on 2 cores), so the case needs 8.
     pytest.param(35, 128, 16, None, jnp.bfloat16, dict(z=False), True,
-                 MgpuBlockSizes(tile=16, bwd_warpgroups=4, bwd_warp_rows=True),
+                 MgpuBlockSizes(tile=16, bwd_warpgroups=4),
                  marks=pytest.mark.skipif((os.cpu_count() or 1) < 8,
                                           reason="4 simulated warpgroups need 8 CPU threads")),
 ]
@@ -130,7 +130,7 @@ def test_mgpu_grad_of_one_output_only(backward):
     (4, True, dict(bwd_vec_smem=False, bwd_lean_sync=False)),
     (4, True, dict(bwd_dbc_atomic=False)), (2, True, dict(bwd_fused_sums=False)),
     (4, True, dict(fwd_zeroes=False)), (4, True, dict(bwd_dt_ahead=False)),
-    (4, True, dict(bwd_warp_rows=True))])
+    (4, True, dict(bwd_warp_rows=False, bwd_bc_f32=False))])
 def test_mgpu_lowers_to_mosaic_gpu_without_gpu(warpgroups, dt_tile, extra):
     # Cross-lowering runs the whole Mosaic GPU lowering (layouts, TMA descriptors, barriers)
     # on CPU: what interpret mode cannot check short of the GPU compile itself. The forward
