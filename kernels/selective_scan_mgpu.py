@@ -229,8 +229,7 @@ class MgpuBlockSizes:
                              f"must be multiples of bwd_chunk={self.bwd_chunk}")
         if self.bwd_unroll < 1 or 4 % self.bwd_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_unroll={self.bwd_unroll} must divide 4")
-        ru = self.bwd_recompute_unroll
-        if ru < 1 or self.bwd_chunk % ru:
+        if self.bwd_recompute_unroll < 1 or self.bwd_chunk % self.bwd_recompute_unroll:
             raise ValueError(f"MgpuBlockSizes.bwd_recompute_unroll={self.bwd_recompute_unroll}"
                              f" must divide bwd_chunk={self.bwd_chunk}")
         if self.bwd_warpgroups not in (1, 2, 4):
@@ -1259,7 +1258,7 @@ def _bwd_smem_bytes(bs, tile, W, np_, u, z, B):
     staging = 0 if bdt == jnp.float32 else W * tile * np_ * 4 * 2
     xch = 0 if W == 1 else (2 * W * (2 + int(z is not None)) * WIDTH // (2 * np_) * WIDTH * 4
                             + 2 * WIDTH * (W + 1) * 4)
-    dt_bufs = 2 if bs.bwd_dt_ahead and bs.bwd_stages >= 2 else 1
+    dt_bufs = 2 if bs.bwd_dt_ahead and bs.bwd_stages >= 2 else 1     # as _Cfg.dt_ahead
     xch += dt_bufs * 2 * tile * WIDTH * 4 if bs.bwd_dt_tile else 0
     return (bs.bwd_stages * tile * (WIDTH * seq + bc) + staging
             + bs.bwd_chunk * np_ * WIDTH * 4 + WIDTH * (WIDTH + W * _pt_pad(bs.bwd_vec_smem)) * 4
